@@ -235,7 +235,7 @@ class _Tile:
             return self._zero_diagonal(self.gs.sub_(self.gt)).pow_(2).sum(dim=1) / self.n_other
         if kind == "pearson":
             cs, ct = self._centered()
-            r = (cs * ct).sum(dim=1) / torch.sqrt(cs.pow(2).sum(dim=1) * ct.pow(2).sum(dim=1)).clamp_min(EPS)
+            r = (cs * ct).sum(dim=1) / (cs.pow(2).sum(dim=1) * ct.pow(2).sum(dim=1)).clamp_min(EPS**2).sqrt()
             return 1 - r
         log_p, log_q = self._kl_logs(scale)
         terms, _ = self._kl_terms(log_p, log_q)
@@ -249,11 +249,11 @@ class _Tile:
         if kind == "pearson":
             cs, ct = self._centered()
             var_s, var_t = cs.pow(2).sum(dim=1), ct.pow(2).sum(dim=1)
-            denom = torch.sqrt(var_s * var_t)
-            unclamped = denom > EPS
+            product = var_s * var_t
+            unclamped = product > EPS**2
             g_r = -grad  # loss_i = 1 − r_i
             r = 1 - row_loss
-            inv_d = g_r / denom.clamp_min(EPS)
+            inv_d = g_r / product.clamp_min(EPS**2).sqrt()
             zero = torch.zeros_like(r)
             coef_s = torch.where(unclamped, g_r * r / var_s, zero)
             coef_t = torch.where(unclamped, g_r * r / var_t, zero)

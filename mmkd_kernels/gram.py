@@ -66,7 +66,7 @@ def gram_forward(x, y, kind: str, n_total: int, reduce=_identity) -> torch.Tenso
         return rows / (n_total - 1)
     xc, yc, ac, bc, cc = _pearson_statistics(x, y, n_total, reduce)
     _, _, cov, var_s, var_t = _pearson_rows(x, y, xc, yc, ac, bc, cc, n_total)
-    return 1 - cov / torch.sqrt(var_s * var_t).clamp_min(EPS)
+    return 1 - cov / (var_s * var_t).clamp_min(EPS**2).sqrt()
 
 
 def gram_backward(grad, x, y, kind: str, n_total: int, need_x: bool, need_y: bool, reduce=_identity):
@@ -100,11 +100,12 @@ def _pearson_backward(g_r, x, y, n_total, need_x, need_y, reduce):
     """g_r: gradient with respect to r_i (the loss is 1 − r_i)."""
     xc, yc, ac, bc, cc = _pearson_statistics(x, y, n_total, reduce)
     u, v, cov, var_s, var_t = _pearson_rows(x, y, xc, yc, ac, bc, cc, n_total)
-    denom = torch.sqrt(var_s * var_t)
-    unclamped = denom > EPS
-    r = cov / denom.clamp_min(EPS)
+    product = var_s * var_t
+    unclamped = product > EPS**2
+    denom = product.clamp_min(EPS**2).sqrt()
+    r = cov / denom
     zero = torch.zeros_like(r)
-    g_cov = g_r / denom.clamp_min(EPS)
+    g_cov = g_r / denom
     g_var_s = torch.where(unclamped, -0.5 * g_r * r / var_s, zero)
     g_var_t = torch.where(unclamped, -0.5 * g_r * r / var_t, zero)
     kappa = 1 + 1 / (n_total - 1)

@@ -77,7 +77,8 @@ def structure_rows(
         ct = gt - gt.mean(dim=1, keepdim=True)
         cov = (cs * ct).sum(dim=1)
         var_s, var_t = cs.pow(2).sum(dim=1), ct.pow(2).sum(dim=1)
-        r = cov / torch.sqrt(var_s * var_t).clamp_min(EPS)
+        # sqrt(max(v, eps²)) = max(sqrt(v), eps), without sqrt's infinite slope at 0.
+        r = cov / (var_s * var_t).clamp_min(EPS**2).sqrt()
         return 1 - r
     if kind == "kl":
         log_p = torch.log_softmax(gt / temperature, dim=1)

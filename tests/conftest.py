@@ -1,0 +1,66 @@
+"""Shared test helpers: fresh inputs, the float64 ground truth, relative errors, tolerances.
+
+Every test runs with uninitialized memory poisoned: under ``torch.use_deterministic_algorithms``
+PyTorch fills each ``torch.empty`` with NaN, so a kernel that leaves part of an output unwritten
+fails its comparison instead of passing on leftover memory.
+"""
+
+import pytest
+import torch
+
+import mmkd_kernels as mk
+
+# DESIGN §4: relative error ‖out − ref‖ / ‖ref‖ against float64 on the same rounded inputs.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+# Every backend that can run here, but the reference (the ground truth itself).
+FAST_BACKENDS = [b for b in mk.available_backends() if b != "reference"]
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-5) -> float:
+    """‖out − ref‖ / max(‖ref‖, floor) in float64; NaN anywhere gives inf.
+
+    The floor keeps an exactly-zero truth (D = 1 with normalization has zero gradient) from turning
+    a rounding residue of 1e-32 into a relative error of 1."""
+    out, ref = out.detach().double(), ref.detach().double()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    if not torch.isfinite(out).all():
+        return float("inf")
+    diff = torch.linalg.vector_norm(out - ref).item()
+    scale = torch.linalg.vector_norm(ref).item()
+    return diff / max(scale, floor)
+
+
+def randn(*shape, seed: int, dtype=torch.float32, layout: str = "contiguous", shift: float = 0.0) -> torch.Tensor:
+    """Fresh random rows (N, D) of ``dtype``; ``layout`` "transposed" or "strided" gives a
+    non-contiguous view with the same values' distribution. ``shift`` adds a common offset to every
+    row (real embeddings share a large mean direction)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, d = shape
+    if layout == "transposed":
+        x = torch.randn(d, n, generator=gen).T
+    elif layout == "strided":
+        x = torch.randn(n, 2 * d, generator=gen)[:, ::2]
+    else:
+        x = torch.randn(n, d, generator=gen)
+    x = x + shift
+    return x.to(dtype)
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    """A leaf view of x that records gradients (keeps x's strides)."""
+    return x.detach().requires_grad_(True)
+
+
+def grads_of(value: torch.Tensor, inputs, grad_output: torch.Tensor | None = None):
+    """Gradients of value (scalar, or weighted by grad_output) with respect to each input."""
+    grads = torch.autograd.grad(value, inputs, grad_outputs=grad_output, allow_unused=True)
+    return [g for g in grads]

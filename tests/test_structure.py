@@ -1,0 +1,116 @@
+"""structure_loss on every fast backend and algorithm against the float64 reference (DESIGN §4)."""
+
+import pytest
+import torch
+
+import mmkd_kernels as mk
+from conftest import FAST_BACKENDS, TOLERANCE, grads_of, leaf, randn, rel_err
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# (N, Ds, Dt): the smallest N each kind allows, odd sizes, widths that differ, N = 1000.
+SHAPES = [(2, 7, 1), (3, 1, 7), (17, 64, 7), (17, 384, 384), (1000, 64, 48), (257, 384, 96)]
+CASES = [("mse", "tile"), ("mse", "gram"), ("pearson", "tile"), ("pearson", "gram"), ("kl", "tile")]
+
+
+def _check(backend, s, t, **kwargs):
+    tol = TOLERANCE[s.dtype]
+    inputs = [x for x in (s, t) if x.requires_grad]
+    out = mk.structure_loss(s, t, backend=backend, **kwargs)
+    s64 = leaf(s.double()) if s.requires_grad else s.double()
+    t64 = leaf(t.double()) if t.requires_grad else t.double()
+    ref = mk.structure_loss(s64, t64, backend="reference", **{k: v for k, v in kwargs.items() if k != "algorithm"})
+    assert out.dim() == 0 and out.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
+    assert rel_err(out, ref) <= tol, f"loss: {rel_err(out, ref):.2e} > {tol:.0e}"
+    # Half-precision gradients of a mean over N² pairs underflow fp16 (~1e-7 at N = 1000): scale the
+    # loss as AMP's GradScaler does, and compare the scaled gradients.
+    loss_scale = 2.0**12 if s.dtype in (torch.float16, torch.bfloat16) else 1.0
+    grads = grads_of(out * loss_scale, inputs)
+    grads_ref = grads_of(ref * loss_scale, [x for x in (s64, t64) if x.requires_grad])
+    for name, a, b in zip(("ds", "dt"), grads, grads_ref):
+        assert a.dtype == s.dtype and a.shape == b.shape
+        assert rel_err(a, b) <= tol, f"{name}: {rel_err(a, b):.2e} > {tol:.0e}"
+
+
+# Each kind at the sizes it is defined for (N < MIN_ROWS raises; test_errors.py checks that).
+# Pearson at N = 3 correlates two points, r = ±1 whatever the inputs: its gradient is exactly zero,
+# which no relative error can check; test_pearson_of_two_points does that case.
+DEFINED = [(kind, algorithm, *shape) for kind, algorithm in CASES for shape in SHAPES
+           if shape[0] >= mk.functional.MIN_ROWS[kind] and not (kind == "pearson" and shape[0] == 3)]
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("kind,algorithm,n,ds,dt", DEFINED)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_reference(backend, kind, algorithm, n, ds, dt, dtype, seed):
+    s = leaf(randn(n, ds, seed=seed, dtype=dtype))
+    t = leaf(randn(n, dt, seed=seed + 100, dtype=dtype))
+    _check(backend, s, t, kind=kind, algorithm=algorithm, temperature=0.1)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("algorithm", ["tile", "gram"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pearson_of_two_points(backend, algorithm, dtype):
+    """N = 3: each row has two others, so r_i = ±1, the loss is 0 or 1 or 2 per row, the gradient 0."""
+    s, t = leaf(randn(3, 7, seed=5, dtype=dtype)), leaf(randn(3, 5, seed=6, dtype=dtype))
+    out = mk.structure_loss(s, t, kind="pearson", algorithm=algorithm, backend=backend)
+    ref = mk.structure_loss(s.double(), t.double(), kind="pearson", backend="reference")
+    assert rel_err(out, ref) <= TOLERANCE[dtype]
+    for g in torch.autograd.grad(out, (s, t)):
+        assert torch.linalg.vector_norm(g.double()) <= 1e-5 if dtype != torch.float64 else 1e-12
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("kind,algorithm", CASES)
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+@pytest.mark.parametrize("seed", [2, 3])
+def test_options(backend, kind, algorithm, layout, seed):
+    """normalize=False, a frozen teacher, a common offset in the rows, non-contiguous views."""
+    s = leaf(randn(41, 24, seed=seed, layout=layout))
+    t = leaf(randn(41, 13, seed=seed + 100, layout=layout, shift=0.5))
+    _check(backend, s * 0.3, t * 0.2, kind=kind, algorithm=algorithm, normalize=False, temperature=0.5)
+    _check(backend, s, t.detach(), kind=kind, algorithm=algorithm, temperature=1.0)
+    offset = leaf(randn(41, 24, seed=seed + 200, layout=layout, shift=3.0))
+    _check(backend, offset, t, kind=kind, algorithm=algorithm, temperature=0.2)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+@pytest.mark.parametrize("kind", ["mse", "pearson", "kl"])
+def test_nan_and_inf_inputs_give_nan(backend, kind):
+    s, t = randn(9, 8, seed=6), randn(9, 5, seed=7)
+    s[3, 2] = float("nan")
+    assert torch.isnan(mk.structure_loss(s, t, kind=kind, backend=backend))
+    s[3, 2] = float("inf")
+    assert torch.isnan(mk.structure_loss(s, t, kind=kind, backend=backend))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("kind,algorithm", CASES)
+def test_gradcheck_float64(backend, kind, algorithm):
+    s = leaf(randn(6, 4, seed=8, dtype=torch.float64))
+    t = leaf(randn(6, 3, seed=9, dtype=torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda a, b: mk.structure_loss(a, b, kind=kind, algorithm=algorithm, temperature=0.5, backend=backend),
+        (s, t),
+    )
+
+
+def test_auto_algorithm_counts_flops():
+    choose = mk.functional.choose_algorithm
+    assert choose("pearson", "auto", 32768, 384, 384) == "gram"
+    assert choose("mse", "auto", 100, 384, 384) == "tile"
+    assert choose("kl", "auto", 32768, 384, 384) == "tile"
+    assert choose("pearson", "tile", 32768, 384, 384) == "tile"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mse", "pearson"])
+def test_gram_and_tile_agree_at_large_n(kind):
+    """N = 8192, float32: gram vs tile vs float64 reference ≤ 1e-5 (cancellation is real)."""
+    s = randn(8192, 384, seed=11, shift=0.2)
+    t = randn(8192, 384, seed=12, shift=0.2)
+    ref = mk.structure_loss(s.double(), t.double(), kind=kind, backend="reference")
+    for algorithm in ("gram", "tile"):
+        out = mk.structure_loss(s, t, kind=kind, algorithm=algorithm, backend="chunked")
+        assert rel_err(out, ref) <= 1e-5, f"{algorithm}: {rel_err(out, ref):.2e}"
