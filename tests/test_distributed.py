@@ -1,0 +1,125 @@
+"""Across ranks: 2 gloo processes on CPU give the loss and gradients of one process on the
+concatenated batch (DESIGN §2 ``process_group``). Rank r returns L_r with mean_r L_r = L, and its
+gradient is W·∂L/∂(its rows), so that DDP's averaging gives ∇L."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mmkd_kernels as mk
+from conftest import rel_err
+
+WORLD = 2
+N_LOCAL, M_LOCAL, D, DT = 6, 9, 8, 5
+
+CONTRASTIVE_CASES = [
+    {},
+    {"targets": True, "temperature": 0.2},
+    {"symmetric": True},
+    {"reduction": "sum"},
+    {"reduction": "none", "targets": True},
+]
+STRUCTURE_CASES = [("mse", "tile"), ("mse", "gram"), ("pearson", "tile"), ("pearson", "gram"), ("kl", "tile")]
+BACKENDS = [b for b in mk.available_backends() if b in ("reference", "chunked")]
+
+
+def _global_inputs(seed):
+    """The global batch (float64): student, teacher (M_LOCAL per rank), local targets, structure pair."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(WORLD * N_LOCAL, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(WORLD * M_LOCAL, D, generator=gen, dtype=torch.float64)
+    local_targets = torch.randint(0, M_LOCAL, (WORLD, N_LOCAL), generator=gen)
+    s = torch.randn(WORLD * N_LOCAL, D, generator=gen, dtype=torch.float64)
+    t = torch.randn(WORLD * N_LOCAL, DT, generator=gen, dtype=torch.float64)
+    weights = torch.rand(WORLD * N_LOCAL, generator=gen, dtype=torch.float64) + 0.5
+    return q, k, local_targets, s, t, weights
+
+
+def _contrastive(q, k, targets, case, backend, rank, process_group):
+    kwargs = {key: value for key, value in case.items() if key != "targets"}
+    if case.get("symmetric"):
+        k = k[: q.shape[0]] if process_group is None else k[:N_LOCAL]
+    if case.get("targets"):
+        kwargs["targets"] = targets
+    return mk.contrastive_loss(q, k, backend=backend, process_group=process_group, **kwargs)
+
+
+def _run_rank(rank, port, results):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    q, k, local_targets, s, t, weights = _global_inputs(seed=0)
+    rows, cols = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL), slice(rank * M_LOCAL, (rank + 1) * M_LOCAL)
+    out = {}
+    for backend in BACKENDS:
+        for i, case in enumerate(CONTRASTIVE_CASES):
+            ql, kl = q[rows].clone().requires_grad_(), k[cols].clone().requires_grad_()
+            value = _contrastive(ql, kl, local_targets[rank], case, backend, rank, dist.group.WORLD)
+            objective = (value * weights[rows]).sum() if case.get("reduction") == "none" else value
+            dq, dk = torch.autograd.grad(objective, (ql, kl))
+            out[("contrastive", backend, i)] = (value.detach(), dq, dk)
+        for kind, algorithm in STRUCTURE_CASES:
+            sl, tl = s[rows].clone().requires_grad_(), t[rows].clone().requires_grad_()
+            value = mk.structure_loss(sl, tl, kind=kind, algorithm=algorithm, temperature=0.3, backend=backend,
+                                      process_group=dist.group.WORLD)
+            ds, dt = torch.autograd.grad(value, (sl, tl))
+            out[("structure", backend, kind, algorithm)] = (value.detach(), ds, dt)
+    results[rank] = out
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results():
+    manager = mp.get_context("spawn").Manager()
+    results = manager.dict()
+    mp.start_processes(_run_rank, args=(_free_port(), results), nprocs=WORLD, start_method="spawn")
+    return dict(results)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case_index", range(len(CONTRASTIVE_CASES)))
+def test_contrastive_across_ranks_equals_one_process(rank_results, backend, case_index):
+    case = CONTRASTIVE_CASES[case_index]
+    q, k, local_targets, _, _, weights = _global_inputs(seed=0)
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    global_targets = (local_targets + torch.arange(WORLD)[:, None] * M_LOCAL).flatten()
+    if case.get("symmetric"):
+        # Column j's positive is student row j: the teacher rows of the symmetric case are the first
+        # N_LOCAL of each rank's block.
+        k_sym = torch.cat([k[r * M_LOCAL : r * M_LOCAL + N_LOCAL] for r in range(WORLD)])
+        value = mk.contrastive_loss(q, k_sym, backend=backend, symmetric=True)
+    else:
+        kwargs = {key: v for key, v in case.items() if key != "targets"}
+        value = mk.contrastive_loss(q, k, backend=backend, targets=global_targets if case.get("targets") else
+                                    torch.cat([torch.arange(N_LOCAL) + r * M_LOCAL for r in range(WORLD)]), **kwargs)
+    none = case.get("reduction") == "none"
+    objective = (value * weights).sum() if none else value
+    dq, dk = torch.autograd.grad(objective, (q, k))
+    per_rank = [rank_results[r][("contrastive", backend, case_index)] for r in range(WORLD)]
+    if none:
+        assert rel_err(torch.cat([v for v, _, _ in per_rank]), value) <= 1e-6
+    else:
+        assert rel_err(torch.stack([v for v, _, _ in per_rank]).mean(), value) <= 1e-6
+    scale = 1 if none else WORLD  # each rank's gradient is W·∂L/∂(its rows); DDP averages
+    assert rel_err(torch.cat([g for _, g, _ in per_rank]) / scale, dq) <= 1e-6
+    assert rel_err(torch.cat([g for _, _, g in per_rank]) / scale, dk) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,algorithm", STRUCTURE_CASES)
+def test_structure_across_ranks_equals_one_process(rank_results, backend, kind, algorithm):
+    _, _, _, s, t, _ = _global_inputs(seed=0)
+    s, t = s.clone().requires_grad_(), t.clone().requires_grad_()
+    value = mk.structure_loss(s, t, kind=kind, algorithm=algorithm, temperature=0.3, backend=backend)
+    ds, dt = torch.autograd.grad(value, (s, t))
+    per_rank = [rank_results[r][("structure", backend, kind, algorithm)] for r in range(WORLD)]
+    assert rel_err(torch.stack([v for v, _, _ in per_rank]).mean(), value) <= 1e-6
+    assert rel_err(torch.cat([g for _, g, _ in per_rank]) / WORLD, ds) <= 1e-6
+    assert rel_err(torch.cat([g for _, _, g in per_rank]) / WORLD, dt) <= 1e-6

@@ -1,0 +1,78 @@
+"""Every bad input of DESIGN §2 raises ValueError/TypeError naming the argument and what it got."""
+
+import pytest
+import torch
+
+import mmkd_kernels as mk
+from conftest import randn
+
+Q, K = randn(8, 16, seed=0), randn(8, 16, seed=1)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: mk.contrastive_loss(Q, randn(8, 12, seed=2)), ValueError, r"same width D.*\(8, 16\).*\(8, 12\)"),
+    (lambda: mk.contrastive_loss(Q[0], K), ValueError, r"student must be 2-D.*\(16,\)"),
+    (lambda: mk.contrastive_loss(Q, K[None]), ValueError, r"teacher must be 2-D.*\(1, 8, 16\)"),
+    (lambda: mk.contrastive_loss(Q[:0], K), ValueError, r"student must have at least one row.*\(0, 16\)"),
+    (lambda: mk.contrastive_loss(Q, K, temperature=0.0), ValueError, r"temperature must be a finite number > 0, got 0.0"),
+    (lambda: mk.contrastive_loss(Q, K, temperature=-1), ValueError, r"temperature .* got -1"),
+    (lambda: mk.contrastive_loss(Q, K, temperature=float("inf")), ValueError, r"temperature .* got inf"),
+    (lambda: mk.contrastive_loss(Q, K, temperature=torch.tensor(0.1)), TypeError, r"temperature must be a Python number, got Tensor"),
+    (lambda: mk.contrastive_loss(Q, K, targets=torch.tensor([0, 1, 2, 3, 4, 5, 6, 8])), ValueError, r"targets must lie in \[0, 8\).*\[0, 8\]"),
+    (lambda: mk.contrastive_loss(Q, K, targets=torch.tensor([0, 1, 2, 3, 4, 5, 6, -1])), ValueError, r"targets must lie in \[0, 8\).*\[-1, 6\]"),
+    (lambda: mk.contrastive_loss(Q, K, targets=torch.arange(7)), ValueError, r"targets must have shape \(8,\).*\(7,\)"),
+    (lambda: mk.contrastive_loss(Q, K, targets=torch.zeros(8)), TypeError, r"targets must be an integer tensor.*float32"),
+    (lambda: mk.contrastive_loss(Q, K, targets=[0] * 8), TypeError, r"targets must be a torch.Tensor.*list"),
+    (lambda: mk.contrastive_loss(Q, K[:5]), ValueError, r"at least as many rows.*student 8 rows and teacher 5 rows"),
+    (lambda: mk.contrastive_loss(Q, randn(9, 16, seed=3), symmetric=True), ValueError, r"symmetric=True needs .* N=8 and M=9"),
+    (lambda: mk.contrastive_loss(Q, K, symmetric=True, targets=torch.arange(8)), ValueError, r"symmetric=True .* targets must be None"),
+    (lambda: mk.contrastive_loss(Q, K, reduction="avg"), ValueError, r"reduction must be one of 'mean', 'sum', 'none', got 'avg'"),
+    (lambda: mk.contrastive_loss(Q.long(), K), TypeError, r"student must be a floating-point tensor, got dtype torch.int64"),
+    (lambda: mk.contrastive_loss(Q, K.int()), TypeError, r"teacher must be a floating-point tensor, got dtype torch.int32"),
+    (lambda: mk.contrastive_loss(Q.numpy(), K), TypeError, r"student must be a torch.Tensor, got ndarray"),
+    (lambda: mk.contrastive_loss(Q, K.to("meta")), ValueError, r"one device, got cpu and meta"),
+    (lambda: mk.contrastive_loss(Q, K, backend="cuda"), ValueError, r"backend must be one of .*got 'cuda'"),
+    (lambda: mk.contrastive_loss(Q, K, backend=3), TypeError, r"backend must be a str, got int"),
+    (lambda: mk.contrastive_loss(Q, K, process_group=object()), ValueError, r"torch.distributed is not initialized"),
+    (lambda: mk.structure_loss(Q, randn(7, 16, seed=4)), ValueError, r"same number of rows N.*\(8, 16\).*\(7, 16\)"),
+    (lambda: mk.structure_loss(Q, K[:, :3].unsqueeze(0)), ValueError, r"teacher must be 2-D"),
+    (lambda: mk.structure_loss(Q[:2], K[:2]), ValueError, r"kind='pearson' needs at least 3 rows.*N=2"),
+    (lambda: mk.structure_loss(Q[:1], K[:1], kind="kl"), ValueError, r"kind='kl' needs at least 2 rows.*N=1"),
+    (lambda: mk.structure_loss(Q[:1], K[:1], kind="mse"), ValueError, r"kind='mse' needs at least 2 rows.*N=1"),
+    (lambda: mk.structure_loss(Q, K, kind="cosine"), ValueError, r"kind must be one of 'pearson', 'mse', 'kl', got 'cosine'"),
+    (lambda: mk.structure_loss(Q, K, algorithm="fft"), ValueError, r"algorithm must be one of .*got 'fft'"),
+    (lambda: mk.structure_loss(Q, K, kind="kl", algorithm="gram"), ValueError, r"algorithm='gram' exists for kind='mse' and kind='pearson' only"),
+    (lambda: mk.structure_loss(Q, K, kind="kl", temperature=0), ValueError, r"temperature must be a finite number > 0"),
+    (lambda: mk.structure_loss(Q.half().long(), K), TypeError, r"student must be a floating-point tensor"),
+    (lambda: mk.structure_loss(Q, K.to("meta")), ValueError, r"one device, got cpu and meta"),
+    (lambda: mk.segment_mean(Q, torch.zeros(8)), TypeError, r"segment_ids must be an integer torch.Tensor, got torch.float32"),
+    (lambda: mk.segment_mean(Q.long(), torch.zeros(8, dtype=torch.long)), TypeError, r"hidden must be a floating-point"),
+    (lambda: mk.segment_mean(Q, torch.zeros(7, dtype=torch.long)), ValueError, r"segment_ids its leading shape.*\(8, 16\).*\(7,\)"),
+    (lambda: mk.segment_mean(Q, torch.arange(8), num_segments=4), ValueError, r"segment_ids must be < num_segments=4, got max 7"),
+    (lambda: mk.segment_mean(Q, torch.arange(8), num_segments=-1), ValueError, r"num_segments must be an int >= 0, got -1"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("name", ["triton", "native"])
+def test_unavailable_backend_says_why(name):
+    if name in mk.available_backends():
+        return  # available here: nothing to refuse (the backend's own tests cover it)
+    with pytest.raises(ValueError, match=f"backend='{name}' is not"):
+        mk.contrastive_loss(Q, K, backend=name)
+    with pytest.raises(ValueError, match=f"backend='{name}' is not"):
+        mk.structure_loss(Q, K, backend=name)
+
+
+def test_available_backends_lists_the_pure_pytorch_ones():
+    backends = mk.available_backends()
+    assert backends[:2] == ["reference", "chunked"]
+    assert set(backends) <= {"reference", "chunked", "triton", "native"}
+
+
+def test_auto_never_picks_the_reference():
+    from mmkd_kernels import backends
+
+    assert backends.resolve("auto", torch.device("cpu")) != "reference"

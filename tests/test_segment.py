@@ -1,0 +1,60 @@
+"""segment_mean: sub-word states -> word vectors."""
+
+import pytest
+import torch
+
+import mmkd_kernels as mk
+from conftest import leaf, randn
+
+
+def _loop_mean(hidden, ids, num_segments):
+    out = torch.zeros(num_segments, hidden.shape[-1], dtype=hidden.dtype)
+    for w in range(num_segments):
+        rows = hidden[ids == w]
+        if len(rows):
+            out[w] = rows.mean(dim=0)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_matches_a_plain_loop(seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = leaf(randn(53, 7, seed=seed, dtype=dtype))
+    ids = torch.randint(-1, 20, (53,), generator=gen)  # -1: padding / special tokens
+    out = mk.segment_mean(hidden, ids, num_segments=23)  # 20..22 are empty words
+    torch.testing.assert_close(out, _loop_mean(hidden.detach(), ids, 23))
+    weights = torch.randn(23, 7, generator=gen, dtype=dtype)
+    (grad,) = torch.autograd.grad((out * weights).sum(), hidden)
+    h64 = leaf(hidden.detach().double())
+    (grad_ref,) = torch.autograd.grad((_loop_mean_autograd(h64, ids, 23) * weights.double()).sum(), h64)
+    torch.testing.assert_close(grad.double(), grad_ref)
+
+
+def _loop_mean_autograd(hidden, ids, num_segments):
+    rows = [hidden[ids == w].mean(dim=0) if (ids == w).any() else hidden.new_zeros(hidden.shape[1])
+            for w in range(num_segments)]
+    return torch.stack(rows)
+
+
+def test_batched_input_and_default_count():
+    hidden = randn(2 * 5, 3, seed=3).view(2, 5, 3)
+    ids = torch.tensor([[0, 0, 1, -1, -1], [2, 3, 3, 3, -1]])
+    out = mk.segment_mean(hidden, ids)
+    assert out.shape == (4, 3)
+    torch.testing.assert_close(out[3], hidden[1, 1:4].mean(dim=0))
+
+
+def test_ignored_rows_never_leak_nan():
+    hidden = randn(6, 4, seed=4)
+    hidden[5] = float("nan")
+    out = mk.segment_mean(hidden, torch.tensor([0, 0, 1, 1, 2, -1]))
+    assert torch.isfinite(out).all()
+    hidden[1, 0] = float("nan")
+    assert torch.isnan(mk.segment_mean(hidden, torch.tensor([0, 0, 1, 1, 2, -1]))[0, 0])
+
+
+def test_compiles_with_a_given_count():
+    f = torch.compile(lambda h, i: mk.segment_mean(h, i, num_segments=5), fullgraph=True, backend="aot_eager")
+    hidden, ids = randn(12, 3, seed=5), torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, -1, -1, 1])
+    torch.testing.assert_close(f(hidden, ids), _loop_mean(hidden, ids, 5))
