@@ -70,25 +70,20 @@ def _check_group(group, **local_sizes: int) -> int:
     return world
 
 
-def _scaled_reduce(rows: torch.Tensor, reduction: str, world: int, n_global: int) -> torch.Tensor:
-    if reduction == "none":
-        return rows
-    total = rows.sum() * world
-    return total if reduction == "sum" else total / n_global
-
-
-def contrastive_loss(q, k, targets, temperature, symmetric, normalize, reduction, backend, group, rows_fn):
-    """Local rows against every rank's teacher rows; ``rows_fn`` is functional.contrastive_rows."""
+def contrastive_loss(q, k, targets, symmetric, reduction, group, local):
+    """Local rows against every rank's teacher rows. ``local(q, k, targets, symmetric)`` is the
+    one-process loss: per-row losses for reduction "none", else their sum."""
     world = _check_group(group, student_rows=q.shape[0], teacher_rows=k.shape[0])
     rank = dist.get_rank(group)
     n, m = q.shape[0], k.shape[0]
-    k_all = all_gather_with_grad(k, group)
-    rows = rows_fn(q, k_all, targets + rank * m, temperature, False, normalize, backend)
+    value = local(q, all_gather_with_grad(k, group), targets + rank * m, False)
     if symmetric:
-        q_all = all_gather_with_grad(q, group)
         own = torch.arange(n, device=q.device) + rank * n
-        rows = (rows + rows_fn(k, q_all, own, temperature, False, normalize, backend)) / 2
-    return _scaled_reduce(rows, reduction, world, world * n)
+        value = (value + local(k, all_gather_with_grad(q, group), own, False)) / 2
+    if reduction == "none":
+        return value
+    total = value * world
+    return total if reduction == "sum" else total / (world * n)
 
 
 class _GramAcrossRanks(torch.autograd.Function):
@@ -126,4 +121,4 @@ def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group
         s_all, t_all = all_gather_with_grad(s, group), all_gather_with_grad(t, group)
         rows = rows_fn(s_all, t_all, kind, temperature, normalize, "tile", backend,
                        row_start=dist.get_rank(group) * n, row_count=n)
-    return _scaled_reduce(rows, "mean", world, n_total)
+    return rows.sum() * world / n_total

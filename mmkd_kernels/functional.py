@@ -78,12 +78,6 @@ def _check_targets(targets, n: int, m: int, device: torch.device) -> torch.Tenso
     return targets.long()
 
 
-def _reduce(rows: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return rows
-    return rows.sum() if reduction == "sum" else rows.mean()
-
-
 # --------------------------------------------------------------------------------------------------
 # Contrastive loss
 # --------------------------------------------------------------------------------------------------
@@ -96,6 +90,20 @@ def contrastive_rows(q, k, targets, temperature: float, symmetric: bool, normali
     op = getattr(torch.ops, backends.NAMESPACES[backend]).contrastive_forward
     row_loss, col_loss, _, _ = op(q, k, targets, 1.0 / temperature, normalize, symmetric)
     return (row_loss + col_loss) / 2 if symmetric else row_loss
+
+
+def contrastive_sum(q, k, targets, temperature: float, symmetric: bool, normalize: bool, backend: str):
+    """The sum of the per-row losses.
+
+    When autograd will need gradients of a one-directional loss, a fused backend computes them inside
+    the forward (DESIGN §5): the backward is then a scale, and no row block is computed twice.
+    """
+    wants_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if backend != "reference" and not symmetric and wants_grad:
+        op = getattr(torch.ops, backends.NAMESPACES[backend]).contrastive_forward_with_grad
+        loss_sum, _, _ = op(q, k, targets, 1.0 / temperature, normalize, q.requires_grad, k.requires_grad)
+        return loss_sum
+    return contrastive_rows(q, k, targets, temperature, symmetric, normalize, backend).sum()
 
 
 def contrastive_loss(
@@ -138,12 +146,16 @@ def contrastive_loss(
             raise ValueError(f"symmetric=True needs as many teacher rows as student rows, got N={n} and M={m}")
     targets = _check_targets(targets, n, m, student.device)
     name = backends.resolve(backend, student.device)
+
+    def local(q, k, targets, symmetric):
+        if reduction == "none":
+            return contrastive_rows(q, k, targets, temperature, symmetric, normalize, name)
+        return contrastive_sum(q, k, targets, temperature, symmetric, normalize, name)
+
     if process_group is not None:
-        return distributed.contrastive_loss(
-            student, teacher, targets, temperature, symmetric, normalize, reduction, name, process_group,
-            contrastive_rows,
-        )
-    return _reduce(contrastive_rows(student, teacher, targets, temperature, symmetric, normalize, name), reduction)
+        return distributed.contrastive_loss(student, teacher, targets, symmetric, reduction, process_group, local)
+    value = local(student, teacher, targets, symmetric)
+    return value / n if reduction == "mean" else value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """torch.library registrations: each fused backend's kernels as custom ops with autograd and fake.
 
-Every hand-written backend exposes the same six ops in its own namespace (``mmkd_chunked`` here;
+Every hand-written backend exposes the same seven ops in its own namespace (``mmkd_chunked`` here;
 ``mmkd_triton`` and ``mmkd_native`` define theirs with these schemas), and this module gives all of
 them one autograd formula and one fake (shape) function, so ``torch.compile`` traces through any
 backend without graph breaks and ``torch.library.opcheck`` can check each op.
@@ -24,6 +24,10 @@ SCHEMAS = {
         "(Tensor grad_row, Tensor grad_col, Tensor q, Tensor k, Tensor targets, Tensor row_lse,"
         " Tensor col_lse, float scale, bool normalize, bool symmetric, bool need_q, bool need_k)"
         " -> (Tensor dq, Tensor dk)"
+    ),
+    "contrastive_forward_with_grad": (
+        "(Tensor q, Tensor k, Tensor targets, float scale, bool normalize, bool need_q, bool need_k)"
+        " -> (Tensor loss_sum, Tensor dq, Tensor dk)"
     ),
     "structure_tile_forward": (
         "(Tensor s, Tensor t, str kind, float scale, bool normalize, int row_start, int row_count)"
@@ -66,6 +70,13 @@ def _fake_contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_l
     return _grad_like(q, need_q), _grad_like(k, need_k)
 
 
+def _fake_contrastive_forward_with_grad(q, k, targets, scale, normalize, need_q, need_k):
+    acc = accumulation_dtype(q, k)
+    dq = q.new_empty(q.shape, dtype=acc) if need_q else q.new_empty(0, dtype=acc)
+    dk = k.new_empty(k.shape, dtype=acc) if need_k else k.new_empty(0, dtype=acc)
+    return q.new_empty((), dtype=acc), dq, dk
+
+
 def _fake_structure_tile_forward(s, t, kind, scale, normalize, row_start, row_count):
     return s.new_empty(row_count, dtype=accumulation_dtype(s, t))
 
@@ -86,6 +97,7 @@ def _fake_structure_gram_backward(grad, row_loss, s, t, kind, normalize, need_s,
 FAKES = {
     "contrastive_forward": _fake_contrastive_forward,
     "contrastive_backward": _fake_contrastive_backward,
+    "contrastive_forward_with_grad": _fake_contrastive_forward_with_grad,
     "structure_tile_forward": _fake_structure_tile_forward,
     "structure_tile_backward": _fake_structure_tile_backward,
     "structure_gram_forward": _fake_structure_gram_forward,
@@ -119,6 +131,20 @@ def _register_autograd(namespace: str) -> None:
         )
         return dq if need_q else None, dk if need_k else None, None, None, None, None
 
+    def with_grad_setup(ctx, inputs, output):
+        q, k = inputs[0], inputs[1]
+        ctx.q_dtype, ctx.k_dtype = q.dtype, k.dtype
+        ctx.save_for_backward(output[1], output[2])
+
+    def with_grad_backward(ctx, grad, _grad_dq, _grad_dk):
+        dq, dk = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        return (
+            (dq * grad).to(ctx.q_dtype) if need_q else None,
+            (dk * grad).to(ctx.k_dtype) if need_k else None,
+            None, None, None, None, None,
+        )
+
     def tile_setup(ctx, inputs, output):
         s, t, ctx.kind, ctx.scale, ctx.normalize, ctx.row_start, ctx.row_count = inputs
         ctx.save_for_backward(s, t, output)
@@ -144,6 +170,8 @@ def _register_autograd(namespace: str) -> None:
 
     torch.library.register_autograd(f"{namespace}::contrastive_forward", contrastive_backward,
                                     setup_context=contrastive_setup)
+    torch.library.register_autograd(f"{namespace}::contrastive_forward_with_grad", with_grad_backward,
+                                    setup_context=with_grad_setup)
     torch.library.register_autograd(f"{namespace}::structure_tile_forward", tile_backward,
                                     setup_context=tile_setup)
     torch.library.register_autograd(f"{namespace}::structure_gram_forward", gram_backward_,
@@ -151,7 +179,7 @@ def _register_autograd(namespace: str) -> None:
 
 
 def register_backend(namespace: str, impls: dict | None = None) -> None:
-    """Give the six ops of ``namespace`` their fake functions and autograd.
+    """Give the seven ops of ``namespace`` their fake functions and autograd.
 
     ``impls`` (op name -> Python function) defines the ops as Python custom ops; without it the ops
     must already exist (defined in C++ by ``TORCH_LIBRARY``, as the native extension does).
@@ -172,6 +200,7 @@ def register_backend(namespace: str, impls: dict | None = None) -> None:
 CHUNKED_IMPLS = {
     "contrastive_forward": chunked.contrastive_forward,
     "contrastive_backward": chunked.contrastive_backward,
+    "contrastive_forward_with_grad": chunked.contrastive_forward_with_grad,
     "structure_tile_forward": chunked.structure_tile_forward,
     "structure_tile_backward": chunked.structure_tile_backward,
     "structure_gram_forward": chunked.structure_gram_forward,

@@ -93,8 +93,23 @@ def test_gradcheck_float64(backend):
         lambda a, b: mk.contrastive_loss(a, b, targets=targets, temperature=0.3, reduction="none", backend=backend),
         (q, k),
     )
+    # A mean computes its gradients inside the forward (ops.contrastive_forward_with_grad).
+    assert torch.autograd.gradcheck(
+        lambda a, b: mk.contrastive_loss(a, b, targets=targets, temperature=0.3, backend=backend), (q, k)
+    )
     kq = leaf(randn(5, 4, seed=10, dtype=torch.float64))
     assert torch.autograd.gradcheck(
         lambda a, b: mk.contrastive_loss(a, b, symmetric=True, temperature=0.3, reduction="none", backend=backend),
         (q, kq),
     )
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_no_grad_forward_equals_the_forward_with_gradients(backend):
+    """Under no_grad the loss takes the plain forward; with gradients wanted, the fused one."""
+    q, k = leaf(randn(45, 12, seed=11)), randn(60, 12, seed=12)
+    with torch.no_grad():
+        plain = mk.contrastive_loss(q, k, backend=backend)
+    fused = mk.contrastive_loss(q, k, backend=backend)
+    assert fused.requires_grad and not plain.requires_grad
+    assert rel_err(plain, fused) <= 1e-6

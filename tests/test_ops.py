@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mmkd_kernels as mk
-from mmkd_kernels import backends
+from mmkd_kernels import backends, ops
 from conftest import FAST_BACKENDS, leaf, randn, rel_err
 
 
@@ -21,6 +21,8 @@ def _sample_args(namespace):
         (ops.contrastive_forward, (q, k, targets, 20.0, True, False)),
         (ops.contrastive_forward, (q, kq, torch.arange(7), 10.0, True, True)),
         (ops.contrastive_forward, (q.double(), k.double(), targets, 2.0, False, False)),
+        (ops.contrastive_forward_with_grad, (q, k, targets, 20.0, True, True, True)),
+        (ops.contrastive_forward_with_grad, (q, k.detach(), targets, 20.0, False, True, False)),
         (ops.contrastive_backward, (g, g, q.detach(), kq.detach(), torch.arange(7), row_lse.detach(),
                                     col_lse.detach(), 10.0, True, True, True, False)),
     ]
@@ -45,7 +47,7 @@ def test_opcheck_every_op(backend):
     for op, args in _sample_args(namespace):
         torch.library.opcheck(op, args)
         checked.add(op._qualified_op_name)
-    assert len(checked) == 6, checked
+    assert checked == {f"{namespace}::{name}" for name in ops.SCHEMAS}, checked
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
