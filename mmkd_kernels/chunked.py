@@ -154,52 +154,52 @@ def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, 
 # --------------------------------------------------------------------------------------------------
 
 
-def structure_tile_forward(s, t, kind: str, scale: float, normalize: bool, row_start: int, row_count: int):
-    """s: (N, Ds), t: (N, Dt). Returns the (row_count,) per-row losses (reference.structure_rows)."""
-    acc = accumulation_dtype(s, t)
-    x, _ = _prepare(s, normalize, acc)
-    y, _ = _prepare(t, normalize, acc)
-    n = x.shape[0]
-    out = x.new_empty(row_count)
-    block = row_block(n)
-    for start in range(row_start, row_start + row_count, block):
-        stop = min(start + block, row_start + row_count)
-        tile = _Tile(x, y, start, stop)
-        out[start - row_start : stop - row_start] = tile.loss(kind, scale)
-    return out
+def _tile_pass(s, t, kind, scale, normalize, row_start, row_count, grad, need_s, need_t):
+    """One pass over the row blocks: per-row losses (row_count,), and with ``grad`` (row_count,)
+    the gradients of Σ_i grad_i·loss_i in the accumulation dtype (None where not needed).
 
-
-def structure_tile_backward(
-    grad, row_loss, s, t, kind: str, scale: float, normalize: bool,
-    row_start: int, row_count: int, need_s: bool, need_t: bool,
-):
-    """Gradients of Σ_i grad_i·row_loss_i for the rows computed by ``structure_tile_forward``.
-
-    Each block's dG^S, dG^T reach both the rows (dG x) and the columns (dGᵀ x_block), since
-    G = x xᵀ. Returns (ds, dt) in the inputs' dtypes, (0,) where no gradient is needed.
+    Each block's dG^S, dG^T reach both its rows (dG x) and all columns (dGᵀ x_block): G = x xᵀ.
     """
     acc = accumulation_dtype(s, t)
     x, s_norms = _prepare(s, normalize, acc)
     y, t_norms = _prepare(t, normalize, acc)
-    grad, row_loss = grad.to(acc), row_loss.to(acc)
-    n = x.shape[0]
-    dx = torch.zeros_like(x) if need_s else None
-    dy = torch.zeros_like(y) if need_t else None
-    block = row_block(n)
-    for start in range(row_start, row_start + row_count, block):
-        stop = min(start + block, row_start + row_count)
+    losses = x.new_empty(row_count)
+    dx = torch.zeros_like(x) if grad is not None and need_s else None
+    dy = torch.zeros_like(y) if grad is not None and need_t else None
+    for start in range(row_start, row_start + row_count, row_block(x.shape[0])):
+        stop = min(start + row_block(x.shape[0]), row_start + row_count)
         local = slice(start - row_start, stop - row_start)
         tile = _Tile(x, y, start, stop)
-        dgs, dgt = tile.loss_backward(kind, scale, grad[local], row_loss[local])
-        if need_s:
+        if grad is None:
+            losses[local] = tile.loss(kind, scale)
+            continue
+        losses[local], dgs, dgt = tile.loss_and_grads(kind, scale, grad[local].to(acc))
+        if dx is not None:
             dx[start:stop] += dgs @ x
             dx.addmm_(dgs.T, x[start:stop])
-        if need_t:
+        if dy is not None:
             dy[start:stop] += dgt @ y
             dy.addmm_(dgt.T, y[start:stop])
-    ds = _to_input_grad(normalize_backward(dx, x, s_norms), s) if need_s else s.new_empty(0)
-    dt = _to_input_grad(normalize_backward(dy, y, t_norms), t) if need_t else t.new_empty(0)
-    return ds, dt
+    dx = normalize_backward(dx, x, s_norms) if dx is not None else None
+    dy = normalize_backward(dy, y, t_norms) if dy is not None else None
+    return losses, dx, dy
+
+
+def structure_tile_forward(s, t, kind: str, scale: float, normalize: bool, row_start: int, row_count: int):
+    """s: (N, Ds), t: (N, Dt). The per-row losses (row_count,) of rows row_start.. against all N
+    columns, as reference.structure_rows, in the accumulation dtype."""
+    losses, _, _ = _tile_pass(s, t, kind, scale, normalize, row_start, row_count, None, False, False)
+    return losses
+
+
+def structure_tile_forward_with_grad(s, t, kind: str, scale: float, normalize: bool, row_start: int,
+                                     row_count: int, need_s: bool, need_t: bool):
+    """The summed loss over the rows and its gradients in one pass (the structure loss is a mean,
+    so its row gradients are uniform). Returns (loss_sum (), ds, dt) in the accumulation dtype."""
+    ones = s.new_ones(row_count, dtype=accumulation_dtype(s, t))
+    losses, dx, dy = _tile_pass(s, t, kind, scale, normalize, row_start, row_count, ones, need_s, need_t)
+    empty = losses.new_empty(0)
+    return losses.sum(), dx if need_s else empty, dy if need_t else empty
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,21 +215,28 @@ def structure_gram_forward(s, t, kind: str, normalize: bool):
     return gram.gram_forward(x, y, kind, x.shape[0])
 
 
-def structure_gram_backward(grad, row_loss, s, t, kind: str, normalize: bool, need_s: bool, need_t: bool):
-    """Gradients (ds, dt) of Σ_i grad_i·row_loss_i; (0,) where no gradient is needed."""
+def structure_gram_forward_with_grad(s, t, kind: str, normalize: bool, need_s: bool, need_t: bool):
+    """The summed loss and its gradients, sharing the D×D statistics. (loss_sum (), ds, dt), acc dtype."""
+    ones = s.new_ones(s.shape[0], dtype=accumulation_dtype(s, t))
+    losses, dx, dy = _gram_with_grad(s, t, kind, normalize, ones, need_s, need_t)
+    empty = losses.new_empty(0)
+    return losses.sum(), dx if need_s else empty, dy if need_t else empty
+
+
+def _gram_with_grad(s, t, kind, normalize, grad, need_s, need_t):
     acc = accumulation_dtype(s, t)
     x, s_norms = normalize_forward(s.to(acc), normalize)
     y, t_norms = normalize_forward(t.to(acc), normalize)
-    dx, dy = gram.gram_backward(grad.to(acc), x, y, kind, x.shape[0], need_s, need_t)
-    ds = normalize_backward(dx, x, s_norms).to(s.dtype).contiguous() if need_s else s.new_empty(0)
-    dt = normalize_backward(dy, y, t_norms).to(t.dtype).contiguous() if need_t else t.new_empty(0)
-    return ds, dt
+    losses, dx, dy = gram.gram_backward(grad.to(acc), x, y, kind, x.shape[0], need_s, need_t)
+    dx = normalize_backward(dx, x, s_norms) if need_s else None
+    dy = normalize_backward(dy, y, t_norms) if need_t else None
+    return losses, dx, dy
 
 
 class _Tile:
-    """Rows start..stop of both similarity matrices, with the per-row math of each kind.
+    """Rows start..stop of both similarity matrices (block × N), with the per-row math of each kind.
 
-    Every row is whole here (block × N), so per-row statistics come from the tile itself; the
+    Every row is whole here, so per-row statistics come from the tile itself (two-pass, stable);
     backward recomputes the tile instead of saving it.
     """
 
@@ -252,56 +259,51 @@ class _Tile:
             centered.append(self._zero_diagonal(g.sub_(mean[:, None])))
         return centered
 
+    def _pearson(self):
+        cs, ct = self._centered()
+        var_s, var_t = cs.pow(2).sum(dim=1), ct.pow(2).sum(dim=1)
+        product = var_s * var_t
+        denom = product.clamp_min(EPS**2).sqrt()  # max(sqrt(v), eps) without sqrt's slope at 0
+        return cs, ct, var_s, var_t, product > EPS**2, (cs * ct).sum(dim=1) / denom, denom
+
     def _kl_logs(self, scale):
         """log P (teacher) and log Q (student) over j ≠ i; the diagonal is −inf in both."""
-        minus_inf = float("-inf")
         a = self.gt.mul_(scale)
         b = self.gs.mul_(scale)
-        a[self.rows, self.diag] = minus_inf
-        b[self.rows, self.diag] = minus_inf
+        a[self.rows, self.diag] = float("-inf")
+        b[self.rows, self.diag] = float("-inf")
         log_p = a.sub_(torch.logsumexp(a, dim=1, keepdim=True))
         log_q = b.sub_(torch.logsumexp(b, dim=1, keepdim=True))
-        return log_p, log_q
-
-    def _kl_terms(self, log_p, log_q):
-        """P (log P − log Q) with the diagonal zeroed (0·(−inf + inf) would be NaN)."""
-        ratio = self._zero_diagonal(log_p - log_q)
-        return log_p.exp() * ratio, ratio
+        terms = log_p.exp() * self._zero_diagonal(log_p - log_q)  # 0·(−inf + inf) would be NaN
+        return log_p, log_q, terms
 
     def loss(self, kind, scale):
+        """Per-row losses (block,)."""
         if kind == "mse":
             return self._zero_diagonal(self.gs.sub_(self.gt)).pow_(2).sum(dim=1) / self.n_other
         if kind == "pearson":
-            cs, ct = self._centered()
-            r = (cs * ct).sum(dim=1) / (cs.pow(2).sum(dim=1) * ct.pow(2).sum(dim=1)).clamp_min(EPS**2).sqrt()
-            return 1 - r
-        log_p, log_q = self._kl_logs(scale)
-        terms, _ = self._kl_terms(log_p, log_q)
-        return terms.sum(dim=1)
+            return 1 - self._pearson()[5]
+        return self._kl_logs(scale)[2].sum(dim=1)
 
-    def loss_backward(self, kind, scale, grad, row_loss):
-        """(dG^S, dG^T) for the block's rows, each (block × N), diagonal zero."""
+    def loss_and_grads(self, kind, scale, grad):
+        """Per-row losses and (dG^S, dG^T) of Σ_i grad_i·loss_i, each (block × N), diagonal zero."""
         if kind == "mse":
-            dgs = self._zero_diagonal(self.gs.sub_(self.gt)).mul_((2 * grad / self.n_other)[:, None])
-            return dgs, -dgs
+            diff = self._zero_diagonal(self.gs.sub_(self.gt))
+            losses = diff.pow(2).sum(dim=1) / self.n_other
+            dgs = diff.mul_((2 * grad / self.n_other)[:, None])
+            return losses, dgs, -dgs
         if kind == "pearson":
-            cs, ct = self._centered()
-            var_s, var_t = cs.pow(2).sum(dim=1), ct.pow(2).sum(dim=1)
-            product = var_s * var_t
-            unclamped = product > EPS**2
+            cs, ct, var_s, var_t, unclamped, r, denom = self._pearson()
             g_r = -grad  # loss_i = 1 − r_i
-            r = 1 - row_loss
-            inv_d = g_r / product.clamp_min(EPS**2).sqrt()
             zero = torch.zeros_like(r)
-            coef_s = torch.where(unclamped, g_r * r / var_s, zero)
-            coef_t = torch.where(unclamped, g_r * r / var_t, zero)
-            dgs = ct * inv_d[:, None] - cs * coef_s[:, None]
-            dgt = cs * inv_d[:, None] - ct * coef_t[:, None]
-            return dgs, dgt
-        log_p, log_q = self._kl_logs(scale)
-        terms, ratio = self._kl_terms(log_p, log_q)
+            inv_d = (g_r / denom)[:, None]
+            coef_s = torch.where(unclamped, g_r * r / var_s, zero)[:, None]
+            coef_t = torch.where(unclamped, g_r * r / var_t, zero)[:, None]
+            return 1 - r, ct * inv_d - cs * coef_s, cs * inv_d - ct * coef_t
+        log_p, log_q, terms = self._kl_logs(scale)
+        losses = terms.sum(dim=1)
         p = log_p.exp_()
         g = (grad * scale)[:, None]
         dgs = self._zero_diagonal(log_q.exp_().sub_(p)).mul_(g)
-        dgt = terms.sub_(p * row_loss[:, None]).mul_(g)
-        return dgs, dgt
+        dgt = terms.sub_(p * losses[:, None]).mul_(g)
+        return losses, dgs, dgt

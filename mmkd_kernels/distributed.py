@@ -99,15 +99,15 @@ class _GramAcrossRanks(torch.autograd.Function):
     def backward(ctx, grad):
         x, y = ctx.saved_tensors
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dx, dy = gram.gram_backward(
+        _, dx, dy = gram.gram_backward(
             grad, x, y, ctx.kind, ctx.n_total, need_x, need_y, lambda v: all_reduce_sum(v, ctx.group)
         )
         return dx, dy, None, None, None
 
 
-def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group, rows_fn):
+def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group, sum_fn):
     """The global-batch structure loss from local rows, ``algorithm`` resolved ("tile" or "gram");
-    ``rows_fn`` is functional.structure_rows."""
+    ``sum_fn`` is functional.structure_sum."""
     world = _check_group(group, rows=s.shape[0])
     n = s.shape[0]
     n_total = world * n
@@ -116,9 +116,9 @@ def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group
         x, y = s.to(acc), t.to(acc)
         if normalize:
             x, y = l2_normalize(x), l2_normalize(y)
-        rows = _GramAcrossRanks.apply(x, y, kind, n_total, group)
+        total = _GramAcrossRanks.apply(x, y, kind, n_total, group).sum()
     else:
         s_all, t_all = all_gather_with_grad(s, group), all_gather_with_grad(t, group)
-        rows = rows_fn(s_all, t_all, kind, temperature, normalize, "tile", backend,
+        total = sum_fn(s_all, t_all, kind, temperature, normalize, "tile", backend,
                        row_start=dist.get_rank(group) * n, row_count=n)
-    return rows.sum() * world / n_total
+    return total * world / n_total

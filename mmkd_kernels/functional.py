@@ -188,6 +188,24 @@ def structure_rows(s, t, kind: str, temperature: float, normalize: bool, algorit
     return ops_.structure_tile_forward(s, t, kind, 1.0 / temperature, normalize, row_start, row_count)
 
 
+def structure_sum(s, t, kind: str, temperature: float, normalize: bool, algorithm: str, backend: str,
+                  row_start: int = 0, row_count: int | None = None):
+    """The sum of ``structure_rows``; with gradients wanted, a fused backend computes them inside the
+    forward (the loss is a mean, so every row's gradient weight is the same)."""
+    wants_grad = torch.is_grad_enabled() and (s.requires_grad or t.requires_grad)
+    if backend == "reference" or not wants_grad:
+        return structure_rows(s, t, kind, temperature, normalize, algorithm, backend, row_start, row_count).sum()
+    ops_ = getattr(torch.ops, backends.NAMESPACES[backend])
+    if algorithm == "gram":
+        loss_sum, _, _ = ops_.structure_gram_forward_with_grad(s, t, kind, normalize, s.requires_grad, t.requires_grad)
+        return loss_sum
+    row_count = s.shape[0] - row_start if row_count is None else row_count
+    loss_sum, _, _ = ops_.structure_tile_forward_with_grad(
+        s, t, kind, 1.0 / temperature, normalize, row_start, row_count, s.requires_grad, t.requires_grad
+    )
+    return loss_sum
+
+
 def structure_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -229,9 +247,9 @@ def structure_loss(
     algorithm = choose_algorithm(kind, algorithm, n_total, student.shape[1], teacher.shape[1])
     if process_group is not None:
         return distributed.structure_loss(
-            student, teacher, kind, temperature, normalize, algorithm, name, process_group, structure_rows
+            student, teacher, kind, temperature, normalize, algorithm, name, process_group, structure_sum
         )
-    return structure_rows(student, teacher, kind, temperature, normalize, algorithm, name).mean()
+    return structure_sum(student, teacher, kind, temperature, normalize, algorithm, name) / n_total
 
 
 def _world_size(process_group) -> int:

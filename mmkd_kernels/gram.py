@@ -70,19 +70,23 @@ def gram_forward(x, y, kind: str, n_total: int, reduce=_identity) -> torch.Tenso
 
 
 def gram_backward(grad, x, y, kind: str, n_total: int, need_x: bool, need_y: bool, reduce=_identity):
-    """Gradients (dx, dy) of Σ_i grad_i·row_loss_i; None for an input that needs none.
+    """(per-row losses, dx, dy): the gradients of Σ_i grad_i·row_loss_i, None where not needed.
+
+    The per-row losses come for free from the statistics the gradients need, so a caller that
+    wants both (a forward with gradients) makes one call.
 
     With ``reduce`` an all-reduce, each rank gets the gradient of the sum of every rank's losses
     with respect to its own rows: the D×D statistics' gradients are summed over ranks.
     """
     if kind == "mse":
-        return _mse_backward(grad / (n_total - 1), x, y, need_x, need_y, reduce)
+        return _mse_backward(grad / (n_total - 1), x, y, n_total, need_x, need_y, reduce)
     return _pearson_backward(-grad, x, y, n_total, need_x, need_y, reduce)
 
 
-def _mse_backward(h, x, y, need_x, need_y, reduce):
+def _mse_backward(h, x, y, n_total, need_x, need_y, reduce):
     a, b, c = _mse_statistics(x, y, reduce)
     diag = (x * x).sum(dim=1) - (y * y).sum(dim=1)
+    rows = _quadratic(x, a, x) + _quadratic(y, b, y) - 2 * _quadratic(x, c, y) - diag * diag
     hx, hy = x * h[:, None], y * h[:, None]
     ds, dt = x.shape[1], y.shape[1]
     mats = reduce(torch.cat([(x.T @ hx).flatten(), (y.T @ hy).flatten(), (x.T @ hy).flatten()]))
@@ -93,7 +97,7 @@ def _mse_backward(h, x, y, need_x, need_y, reduce):
         dx = 2 * (hx @ a - hy @ c.T) - 4 * (h * diag)[:, None] * x + 2 * (x @ da) + y @ dc.T
     if need_y:
         dy = 2 * (hy @ b - hx @ c) + 4 * (h * diag)[:, None] * y + 2 * (y @ db) + x @ dc
-    return dx, dy
+    return rows / (n_total - 1), dx, dy
 
 
 def _pearson_backward(g_r, x, y, n_total, need_x, need_y, reduce):
@@ -125,4 +129,4 @@ def _pearson_backward(g_r, x, y, n_total, need_x, need_y, reduce):
         dy_direct = g_cov[:, None] * (x @ cc) + 2 * (gy_t @ bc) + g_v[:, None] * yc
         dyc = g_v[:, None] * y + 2 * (yc @ d_bc) + xc @ d_cc
         dy = dy_direct + dyc - reduce(dyc.sum(dim=0)) / n_total
-    return dx, dy
+    return 1 - r, dx, dy

@@ -5,9 +5,14 @@ Every hand-written backend exposes the same seven ops in its own namespace (``mm
 them one autograd formula and one fake (shape) function, so ``torch.compile`` traces through any
 backend without graph breaks and ``torch.library.opcheck`` can check each op.
 
-Outputs are per-row losses in the accumulation dtype (float32, or float64 for float64 inputs);
-the reduction to a scalar happens in ``functional.py``, outside the ops. An input that needs no
-gradient gets an empty (0,) tensor from the backward ops.
+Two ways through each loss:
+- ``*_forward_with_grad`` returns the summed loss and its gradients at once, for a caller that will
+  backpropagate a sum or mean (uniform row gradients): its backward only scales them (DESIGN §5).
+  The structure loss is always a mean, so this is its only differentiable path.
+- ``*_forward`` returns per-row losses: the forward under ``no_grad``, and for the contrastive loss
+  with ``reduction="none"`` or ``symmetric``, whose ``contrastive_backward`` recomputes z.
+Results are in the accumulation dtype (float32, or float64 for float64 inputs); an input that needs
+no gradient gets an empty (0,) tensor.
 """
 
 import torch
@@ -33,14 +38,14 @@ SCHEMAS = {
         "(Tensor s, Tensor t, str kind, float scale, bool normalize, int row_start, int row_count)"
         " -> Tensor"
     ),
-    "structure_tile_backward": (
-        "(Tensor grad, Tensor row_loss, Tensor s, Tensor t, str kind, float scale, bool normalize,"
-        " int row_start, int row_count, bool need_s, bool need_t) -> (Tensor ds, Tensor dt)"
+    "structure_tile_forward_with_grad": (
+        "(Tensor s, Tensor t, str kind, float scale, bool normalize, int row_start, int row_count,"
+        " bool need_s, bool need_t) -> (Tensor loss_sum, Tensor ds, Tensor dt)"
     ),
     "structure_gram_forward": "(Tensor s, Tensor t, str kind, bool normalize) -> Tensor",
-    "structure_gram_backward": (
-        "(Tensor grad, Tensor row_loss, Tensor s, Tensor t, str kind, bool normalize,"
-        " bool need_s, bool need_t) -> (Tensor ds, Tensor dt)"
+    "structure_gram_forward_with_grad": (
+        "(Tensor s, Tensor t, str kind, bool normalize, bool need_s, bool need_t)"
+        " -> (Tensor loss_sum, Tensor ds, Tensor dt)"
     ),
 }
 
@@ -70,43 +75,38 @@ def _fake_contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_l
     return _grad_like(q, need_q), _grad_like(k, need_k)
 
 
-def _fake_contrastive_forward_with_grad(q, k, targets, scale, normalize, need_q, need_k):
-    acc = accumulation_dtype(q, k)
-    dq = q.new_empty(q.shape, dtype=acc) if need_q else q.new_empty(0, dtype=acc)
-    dk = k.new_empty(k.shape, dtype=acc) if need_k else k.new_empty(0, dtype=acc)
-    return q.new_empty((), dtype=acc), dq, dk
+def _fake_with_grad(a, b, *args):
+    """Every ``*_forward_with_grad`` op: (loss_sum (), da, db) in the accumulation dtype; its last two
+    arguments say which of the first two inputs need a gradient."""
+    acc = accumulation_dtype(a, b)
+    need_a, need_b = args[-2], args[-1]
+    da = a.new_empty(a.shape, dtype=acc) if need_a else a.new_empty(0, dtype=acc)
+    db = b.new_empty(b.shape, dtype=acc) if need_b else b.new_empty(0, dtype=acc)
+    return a.new_empty((), dtype=acc), da, db
 
 
 def _fake_structure_tile_forward(s, t, kind, scale, normalize, row_start, row_count):
     return s.new_empty(row_count, dtype=accumulation_dtype(s, t))
 
 
-def _fake_structure_tile_backward(grad, row_loss, s, t, kind, scale, normalize, row_start, row_count,
-                                  need_s, need_t):
-    return _grad_like(s, need_s), _grad_like(t, need_t)
-
-
 def _fake_structure_gram_forward(s, t, kind, normalize):
     return s.new_empty(s.shape[0], dtype=accumulation_dtype(s, t))
-
-
-def _fake_structure_gram_backward(grad, row_loss, s, t, kind, normalize, need_s, need_t):
-    return _grad_like(s, need_s), _grad_like(t, need_t)
 
 
 FAKES = {
     "contrastive_forward": _fake_contrastive_forward,
     "contrastive_backward": _fake_contrastive_backward,
-    "contrastive_forward_with_grad": _fake_contrastive_forward_with_grad,
+    "contrastive_forward_with_grad": _fake_with_grad,
+    "structure_tile_forward_with_grad": _fake_with_grad,
+    "structure_gram_forward_with_grad": _fake_with_grad,
     "structure_tile_forward": _fake_structure_tile_forward,
-    "structure_tile_backward": _fake_structure_tile_backward,
     "structure_gram_forward": _fake_structure_gram_forward,
-    "structure_gram_backward": _fake_structure_gram_backward,
 }
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd: the forward op saves its inputs and per-row statistics; the backward op recomputes.
+# Autograd: contrastive_forward saves its inputs and log-sum-exps and contrastive_backward recomputes;
+# the *_forward_with_grad ops carry their gradients, which the backward scales.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -132,50 +132,23 @@ def _register_autograd(namespace: str) -> None:
         return dq if need_q else None, dk if need_k else None, None, None, None, None
 
     def with_grad_setup(ctx, inputs, output):
-        q, k = inputs[0], inputs[1]
-        ctx.q_dtype, ctx.k_dtype = q.dtype, k.dtype
+        ctx.dtypes, ctx.n_inputs = (inputs[0].dtype, inputs[1].dtype), len(inputs)
+        ctx.computed = inputs[-2:]  # need_a, need_b: which gradients the forward computed
         ctx.save_for_backward(output[1], output[2])
 
-    def with_grad_backward(ctx, grad, _grad_dq, _grad_dk):
-        dq, dk = ctx.saved_tensors
-        need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        return (
-            (dq * grad).to(ctx.q_dtype) if need_q else None,
-            (dk * grad).to(ctx.k_dtype) if need_k else None,
-            None, None, None, None, None,
-        )
-
-    def tile_setup(ctx, inputs, output):
-        s, t, ctx.kind, ctx.scale, ctx.normalize, ctx.row_start, ctx.row_count = inputs
-        ctx.save_for_backward(s, t, output)
-
-    def tile_backward(ctx, grad):
-        s, t, row_loss = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ds, dt = ops.structure_tile_backward(
-            grad, row_loss, s, t, ctx.kind, ctx.scale, ctx.normalize, ctx.row_start, ctx.row_count,
-            need_s, need_t,
-        )
-        return ds if need_s else None, dt if need_t else None, None, None, None, None, None
-
-    def gram_setup(ctx, inputs, output):
-        s, t, ctx.kind, ctx.normalize = inputs
-        ctx.save_for_backward(s, t, output)
-
-    def gram_backward_(ctx, grad):
-        s, t, row_loss = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ds, dt = ops.structure_gram_backward(grad, row_loss, s, t, ctx.kind, ctx.normalize, need_s, need_t)
-        return ds if need_s else None, dt if need_t else None, None, None
+    def with_grad_backward(ctx, grad, _grad_da, _grad_db):
+        """The gradients were computed in the forward: scale them by the scalar's grad_output."""
+        grads = [
+            (g * grad).to(dtype) if computed else None
+            for g, dtype, computed in zip(ctx.saved_tensors, ctx.dtypes, ctx.computed)
+        ]
+        return (*grads, *([None] * (ctx.n_inputs - 2)))
 
     torch.library.register_autograd(f"{namespace}::contrastive_forward", contrastive_backward,
                                     setup_context=contrastive_setup)
-    torch.library.register_autograd(f"{namespace}::contrastive_forward_with_grad", with_grad_backward,
-                                    setup_context=with_grad_setup)
-    torch.library.register_autograd(f"{namespace}::structure_tile_forward", tile_backward,
-                                    setup_context=tile_setup)
-    torch.library.register_autograd(f"{namespace}::structure_gram_forward", gram_backward_,
-                                    setup_context=gram_setup)
+    for name in ("contrastive_forward_with_grad", "structure_tile_forward_with_grad",
+                 "structure_gram_forward_with_grad"):
+        torch.library.register_autograd(f"{namespace}::{name}", with_grad_backward, setup_context=with_grad_setup)
 
 
 def register_backend(namespace: str, impls: dict | None = None) -> None:
@@ -202,9 +175,9 @@ CHUNKED_IMPLS = {
     "contrastive_backward": chunked.contrastive_backward,
     "contrastive_forward_with_grad": chunked.contrastive_forward_with_grad,
     "structure_tile_forward": chunked.structure_tile_forward,
-    "structure_tile_backward": chunked.structure_tile_backward,
+    "structure_tile_forward_with_grad": chunked.structure_tile_forward_with_grad,
     "structure_gram_forward": chunked.structure_gram_forward,
-    "structure_gram_backward": chunked.structure_gram_backward,
+    "structure_gram_forward_with_grad": chunked.structure_gram_forward_with_grad,
 }
 
 register_backend("mmkd_chunked", CHUNKED_IMPLS)

@@ -27,16 +27,12 @@ def _sample_args(namespace):
                                     col_lse.detach(), 10.0, True, True, True, False)),
     ]
     for kind in ("mse", "pearson", "kl"):
-        samples.append((ops.structure_tile_forward, (s, t, kind, 2.0, True, 0, 11)))
-        samples.append((ops.structure_tile_forward, (s, t, kind, 2.0, True, 3, 5)))
-        row = ops.structure_tile_forward(s, t, kind, 2.0, True, 0, 11)
-        samples.append((ops.structure_tile_backward, (torch.rand(11), row.detach(), s.detach(), t.detach(),
-                                                      kind, 2.0, True, 0, 11, True, True)))
+        samples.append((ops.structure_tile_forward, (s.detach(), t.detach(), kind, 2.0, True, 0, 11)))
+        samples.append((ops.structure_tile_forward, (s.detach(), t.detach(), kind, 2.0, True, 3, 5)))
+        samples.append((ops.structure_tile_forward_with_grad, (s, t.detach(), kind, 2.0, True, 2, 7, True, False)))
     for kind in ("mse", "pearson"):
-        samples.append((ops.structure_gram_forward, (s, t, kind, True)))
-        row = ops.structure_gram_forward(s, t, kind, True)
-        samples.append((ops.structure_gram_backward, (torch.rand(11), row.detach(), s.detach(), t.detach(),
-                                                      kind, True, False, True)))
+        samples.append((ops.structure_gram_forward, (s.detach(), t.detach(), kind, True)))
+        samples.append((ops.structure_gram_forward_with_grad, (s, t, kind, False, True, True)))
     return samples
 
 
