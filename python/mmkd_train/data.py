@@ -1,0 +1,270 @@
+"""Parallel pairs (English source, target-language translation): Django's catalogs, TSV, JSONL.
+
+Every reader yields ``Pair`` records; ``split_pairs`` then holds out evaluation pairs by a hash of
+the English side, so the same English sentences are held out in every language and no held-out
+sentence is ever trained on, whatever the order of the files or the set of languages.
+
+File formats (plain or ``.gz``):
+
+- TSV (``.tsv``, ``.txt``): one pair a line, ``src<TAB>tgt``; blank lines are skipped.
+- JSONL (``.jsonl``, ``.json``): one object a line, ``{"src": "...", "tgt": "..."}``, optionally
+  ``"lang": "de"`` to override the file's language.
+
+A file's language is given as ``LANG=PATH``, or else is its name up to the first dot
+(``de.tsv.gz`` -> ``de``).
+"""
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import json
+import os
+import re
+
+# printf-style (%s, %(name)s, %d, %%) and str.format-style ({0}, {name}) placeholders: a pair that
+# has them teaches the model to align format codes, not words.
+PLACEHOLDER = re.compile(r"%(\([^)]*\))?[-#0 +]*\d*(\.\d+)?[sdifrxXeEgGcu%]|\{[^{}]*\}")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file (and line) or the language."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    src: str
+    tgt: str
+    lang: str
+
+
+# --------------------------------------------------------------------------------------------------
+# Django's .po catalogs
+# --------------------------------------------------------------------------------------------------
+
+
+def django_catalogs() -> dict[str, list[str]]:
+    """Language code -> the django.po files of that language in the installed ``django`` package
+    (django/conf/locale and every contrib app's locale directory)."""
+    import django
+
+    root = os.path.dirname(django.__file__)
+    patterns = ("conf/locale/*/LC_MESSAGES/django.po", "contrib/*/locale/*/LC_MESSAGES/django.po")
+    catalogs: dict[str, list[str]] = {}
+    for pattern in patterns:
+        for path in sorted(glob.glob(os.path.join(root, pattern))):
+            lang = path.split(os.sep)[-3]
+            catalogs.setdefault(lang, []).append(path)
+    catalogs.pop("en", None)  # English to English: not a translation
+    return catalogs
+
+
+def _usable(msgid: str, msgstr: str) -> bool:
+    return bool(msgid.strip() and msgstr.strip()) and msgid != msgstr and not (
+        PLACEHOLDER.search(msgid) or PLACEHOLDER.search(msgstr)
+    )
+
+
+def read_po(path: str, lang: str) -> list[Pair]:
+    """Pairs of (msgid, msgstr) from one catalog: untranslated, fuzzy, obsolete and plural entries,
+    entries with placeholders and entries left in English are dropped."""
+    import polib
+
+    pairs = []
+    for entry in polib.pofile(path):
+        if entry.obsolete or entry.fuzzy or entry.msgid_plural or not _usable(entry.msgid, entry.msgstr):
+            continue
+        pairs.append(Pair(" ".join(entry.msgid.split()), " ".join(entry.msgstr.split()), lang))
+    return pairs
+
+
+def read_django(languages: list[str]) -> list[Pair]:
+    """Pairs of the given Django languages; DataError for a language Django does not ship."""
+    catalogs = django_catalogs()
+    unknown = [lang for lang in languages if lang not in catalogs]
+    if unknown:
+        raise DataError(
+            f"unknown language(s) {', '.join(unknown)} for --data django; available: {', '.join(sorted(catalogs))}"
+        )
+    return [pair for lang in languages for path in catalogs[lang] for pair in read_po(path, lang)]
+
+
+# --------------------------------------------------------------------------------------------------
+# TSV and JSONL files
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_source(spec: str) -> tuple[str, str]:
+    """``LANG=PATH`` or ``PATH`` -> (lang, path); the language defaults to the name before its first dot."""
+    lang, sep, path = spec.partition("=")
+    if not sep:
+        path, lang = spec, os.path.basename(spec).split(".")[0]
+    if not lang:
+        raise DataError(f"{spec}: cannot tell the language of this file; write it as LANG=PATH")
+    return lang, path
+
+
+def _open_text(path: str):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such data file")
+    opener = gzip.open if path.endswith(".gz") else open
+    return opener(path, "rt", encoding="utf-8")
+
+
+def _parse_tsv(line: str) -> tuple[str, str]:
+    fields = line.split("\t")
+    if len(fields) != 2:
+        raise ValueError(f"expected 'src<TAB>tgt' (2 fields), got {len(fields)} field(s)")
+    return fields[0], fields[1]
+
+
+def _parse_jsonl(line: str) -> tuple[str, str, str | None]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f'expected a JSON object {{"src": ..., "tgt": ...}}, got {type(record).__name__}')
+    for key in ("src", "tgt"):
+        if not isinstance(record.get(key), str):
+            raise ValueError(f'expected a string at key "{key}", got {record.get(key)!r}')
+    lang = record.get("lang")
+    if lang is not None and not isinstance(lang, str):
+        raise ValueError(f'expected a string at key "lang", got {lang!r}')
+    return record["src"], record["tgt"], lang
+
+
+def read_file(path: str, lang: str, skip_bad_lines: bool = False) -> tuple[list[Pair], int]:
+    """Pairs of one TSV or JSONL file (gz too) and the number of bad lines skipped.
+
+    A malformed line (wrong field count, bad JSON, missing key, an empty side) raises DataError
+    naming file and line, unless ``skip_bad_lines``, which counts it instead.
+    """
+    name = path[:-3] if path.endswith(".gz") else path
+    is_json = name.endswith((".jsonl", ".json"))
+    pairs, bad = [], 0
+    with _open_text(path) as lines:
+        try:
+            for number, line in enumerate(lines, start=1):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                try:
+                    if is_json:
+                        src, tgt, line_lang = _parse_jsonl(line)
+                    else:
+                        (src, tgt), line_lang = _parse_tsv(line), None
+                    src, tgt = " ".join(src.split()), " ".join(tgt.split())
+                    if not src or not tgt:
+                        raise ValueError("empty source or target")
+                except ValueError as error:
+                    if not skip_bad_lines:
+                        raise DataError(f"{path}:{number}: {error} (use --skip-bad-lines to skip such lines)") from None
+                    bad += 1
+                    continue
+                pairs.append(Pair(src, tgt, line_lang or lang))
+        except (UnicodeDecodeError, OSError, EOFError) as error:
+            raise DataError(f"{path}: cannot read ({error})") from None
+    return pairs, bad
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out split
+# --------------------------------------------------------------------------------------------------
+
+
+def holdout_score(src: str) -> float:
+    """A fixed pseudo-random number in [0, 1) for an English sentence (its SHA-1)."""
+    return int.from_bytes(hashlib.sha1(src.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def split_pairs(pairs: list[Pair], eval_fraction: float, eval_size: int) -> tuple[list[Pair], dict[str, list[Pair]]]:
+    """(training pairs, held-out pairs per language).
+
+    A pair is held out when its English side scores below ``eval_fraction``; per language the
+    ``eval_size`` lowest-scoring such pairs with distinct sources and targets are kept (retrieval
+    needs one right answer). Training pairs are deduplicated and never share an English side with
+    a held-out pair of any language.
+    """
+    train, held = [], {}
+    seen = set()
+    for pair in pairs:
+        if (pair.src, pair.tgt, pair.lang) in seen:
+            continue
+        seen.add((pair.src, pair.tgt, pair.lang))
+        if holdout_score(pair.src) < eval_fraction:
+            held.setdefault(pair.lang, []).append(pair)
+        else:
+            train.append(pair)
+    evaluation = {}
+    for lang, candidates in held.items():
+        chosen, srcs, tgts = [], set(), set()
+        for pair in sorted(candidates, key=lambda p: (holdout_score(p.src), p.tgt)):
+            if pair.src not in srcs and pair.tgt not in tgts and len(chosen) < eval_size:
+                chosen.append(pair)
+                srcs.add(pair.src)
+                tgts.add(pair.tgt)
+        evaluation[lang] = chosen
+    return train, evaluation
+
+
+# --------------------------------------------------------------------------------------------------
+# The corpus of a run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Training pairs of the trained languages and held-out pairs of every evaluated language."""
+
+    train: list[Pair]
+    evaluation: dict[str, list[Pair]]
+    skipped_lines: int = 0
+
+
+def load_corpus(
+    data: list[str],
+    languages: list[str] | None,
+    eval_languages: list[str],
+    *,
+    skip_bad_lines: bool = False,
+    eval_fraction: float = 0.2,
+    eval_size: int = 200,
+) -> Corpus:
+    """Read ``data`` (``["django"]`` or file specs), keep the training pairs of ``languages`` (all the
+    files' languages when None) and the held-out pairs of those and of ``eval_languages``.
+
+    DataError, before any model loads, for an unknown language, a missing file, a malformed line,
+    no training pair left, or an evaluated language without held-out pairs.
+    """
+    if data == ["django"]:
+        if not languages:
+            raise DataError("--data django needs --languages (for example de,fr)")
+        pairs, skipped = read_django(list(dict.fromkeys(languages + eval_languages))), 0
+    else:
+        if "django" in data:
+            raise DataError("--data takes either 'django' or data files, not both")
+        pairs, skipped = [], 0
+        for spec in data:
+            lang, path = parse_source(spec)
+            file_pairs, bad = read_file(path, lang, skip_bad_lines)
+            if not file_pairs:
+                raise DataError(f"{path}: no pairs in this file")
+            pairs += file_pairs
+            skipped += bad
+        present = sorted({pair.lang for pair in pairs})
+        unknown = [lang for lang in (languages or []) + eval_languages if lang not in present]
+        if unknown:
+            raise DataError(f"unknown language(s) {', '.join(unknown)}: the data files hold {', '.join(present)}")
+        languages = languages or present
+    train, held = split_pairs(pairs, eval_fraction, eval_size)
+    train = [pair for pair in train if pair.lang in languages]
+    if not train:
+        raise DataError(f"empty corpus: no training pairs for language(s) {', '.join(languages)}")
+    evaluated = list(dict.fromkeys(languages + eval_languages))
+    missing = [lang for lang in evaluated if not held.get(lang)]
+    if missing and eval_size > 0:
+        raise DataError(
+            f"no held-out pairs for language(s) {', '.join(missing)} (raise --eval-fraction or add data)"
+        )
+    return Corpus(train, {lang: held.get(lang, []) for lang in evaluated} if eval_size > 0 else {}, skipped)

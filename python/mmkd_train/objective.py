@@ -1,0 +1,198 @@
+"""The MMKD objective (DESIGN §1.3) composed from mmkd_kernels' ops.
+
+    L = w_sentence·L_sentence + w_word·L_word + w_token·L_token + w_structure·L_structure
+
+With B pairs (x English, y target), the student's token states S (2B, L, D) of [y; x], the
+teacher's T (B, Lt, D) of x (the student's are already projected to the teacher's width D):
+
+- sentence: pooled s(y), s(x), t(x) (B, D); ``contrastive``: C(s(y), t(x)) + C(s(x), t(x)), or
+  ``mse``: MSE(s(y), t(x)) + MSE(s(x), t(x)) (sentence-transformers' multilingual distillation).
+- word: word vectors (mean of sub-words, mk.segment_mean) of t(x) and s(y); mutual-argmax pairs
+  (align.py); C over all aligned pairs of the batch.
+- token: ``contrastive`` (needs one tokenizer): student vs teacher states on x, position by position,
+  C + structure over all non-padding tokens of the batch; ``tlm``: the student's masked-LM loss on
+  the masked pair (x, y); ``both``: their sum.
+- structure: structure(s(y), t(x)) on sentence vectors, kind kl | pearson | mse.
+
+Across ranks (torch.distributed up, world > 1): the sentence levels pass the default group to
+mmkd_kernels (every rank holds the same B); word and token counts differ by rank, so their rows are
+gathered here (padded to the largest rank) and the values scaled as mmkd_kernels does, so that
+DDP's gradient averaging gives the gradient of the global-batch loss.
+"""
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import mmkd_kernels as mk
+from mmkd_kernels.distributed import all_gather_with_grad
+
+from .align import align_batch
+
+LEVELS = ("sentence", "word", "token", "structure")
+
+
+@dataclasses.dataclass
+class Objective:
+    """What to compute: the levels switched on, their weights, and each level's form."""
+
+    levels: tuple = LEVELS
+    weights: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(LEVELS, 1.0))
+    sentence_loss: str = "contrastive"  # contrastive | mse
+    structure_kind: str = "pearson"  # kl | pearson | mse
+    token_loss: str = "contrastive"  # contrastive | tlm | both
+    temperature: float = 0.05  # contrastive
+    structure_temperature: float = 0.1  # kl
+    pooling: str = "mean"  # mean | cls
+    backend: str = "auto"
+
+
+def default_group():
+    """The default process group when running data parallel (world > 1), else None."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Units: sentences, words, tokens
+# --------------------------------------------------------------------------------------------------
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(B, L, D) states, (B, L) mask -> (B, D) sentence vectors: masked mean or the first token."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def words(hidden: torch.Tensor, word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, D) states, (B, L) word ids (−1: none) -> (W, D) word vectors of the whole batch,
+    sentence by sentence, and (B,) words per sentence."""
+    count = (word_ids.max(dim=1).values + 1).clamp_min(0)
+    offset = torch.cumsum(count, 0) - count
+    segments = torch.where(word_ids >= 0, word_ids + offset[:, None], -1)
+    return mk.segment_mean(hidden, segments, num_segments=int(count.sum())), count
+
+
+def tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, D), (B, L) -> (N, D) the non-padding token states, sentence by sentence."""
+    return hidden[mask.bool()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses over rows whose count differs by rank
+# --------------------------------------------------------------------------------------------------
+
+
+def gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """Every rank's rows of ``x`` (n_r, D), in rank order, and this rank's offset among them.
+
+    Ranks may hold different n_r: rows are padded to the largest before the all-gather and the
+    padding dropped after. Gradients flow back to each rank's own rows when ``x`` requires grad.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    top = max(sizes)
+    padded = torch.cat([x, x.new_zeros(top - x.shape[0], *x.shape[1:])])
+    if x.requires_grad:
+        full = all_gather_with_grad(padded, group)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        full = torch.cat(parts)
+    keep = torch.cat([torch.arange(n, device=x.device) + r * top for r, n in enumerate(sizes)])
+    return full[keep], sum(sizes[:rank])
+
+
+def contrastive(student: torch.Tensor, teacher: torch.Tensor, objective: Objective, group) -> torch.Tensor:
+    """InfoNCE of student rows against teacher rows (row i's positive: teacher row i) over every
+    rank's rows; the local row count may differ by rank and may be zero."""
+    if group is None:
+        if student.shape[0] == 0:
+            return student.sum()
+        return mk.contrastive_loss(student, teacher, temperature=objective.temperature, backend=objective.backend)
+    world = dist.get_world_size(group)
+    columns, offset = gather_rows(teacher, group)
+    total = columns.shape[0]
+    if student.shape[0] == 0 or total == 0:
+        return student.sum()
+    targets = torch.arange(student.shape[0], device=student.device) + offset
+    loss_sum = mk.contrastive_loss(student, columns, targets=targets, reduction="sum",
+                                   temperature=objective.temperature, backend=objective.backend)
+    return loss_sum * world / total
+
+
+def structure_all_rows(student: torch.Tensor, teacher: torch.Tensor, objective: Objective, group) -> torch.Tensor:
+    """Structure loss of every rank's rows, counts differing by rank: the rows are gathered and every
+    rank computes the global loss (DDP's averaging of the summed gradients then gives its gradient)."""
+    if group is not None:
+        student, _ = gather_rows(student, group)
+        teacher, _ = gather_rows(teacher, group)
+    return mk.structure_loss(student, teacher, kind=objective.structure_kind,
+                             temperature=objective.structure_temperature, backend=objective.backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective
+# --------------------------------------------------------------------------------------------------
+
+
+def mmkd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch: dict, objective: Objective,
+              tlm_loss: torch.Tensor | None = None, same_tokenizer: bool = True) -> tuple[torch.Tensor, dict]:
+    """(weighted total, {level: unweighted value}).
+
+    student_hidden: (2B, L, D) of [y; x] (projected to the teacher's width); teacher_hidden:
+    (B, Lt, D) of x; batch: the Collator's dict (masks and word ids).
+    """
+    group = default_group()
+    student_hidden, teacher_hidden = student_hidden.float(), teacher_hidden.float()
+    b = teacher_hidden.shape[0]
+    s_mask, t_mask = batch["s_attention_mask"], batch["t_attention_mask"]
+    s_y, s_x = student_hidden[:b], student_hidden[b:]
+    parts = {}
+
+    if "sentence" in objective.levels or "structure" in objective.levels:
+        sy, sx = pool(s_y, s_mask[:b], objective.pooling), pool(s_x, s_mask[b:], objective.pooling)
+        tx = pool(teacher_hidden, t_mask, objective.pooling)
+    if "sentence" in objective.levels:
+        if objective.sentence_loss == "mse":
+            parts["sentence"] = F.mse_loss(sy, tx) + F.mse_loss(sx, tx)
+        else:
+            kw = dict(temperature=objective.temperature, backend=objective.backend, process_group=group)
+            parts["sentence"] = mk.contrastive_loss(sy, tx, **kw) + mk.contrastive_loss(sx, tx, **kw)
+    if "structure" in objective.levels:
+        parts["structure"] = mk.structure_loss(
+            sy, tx, kind=objective.structure_kind, temperature=objective.structure_temperature,
+            backend=objective.backend, process_group=group,
+        )
+    if "word" in objective.levels:
+        t_words, t_count = words(teacher_hidden, batch["t_word_ids"])
+        s_words, s_count = words(s_y, batch["s_word_ids"][:b])
+        links = align_batch(t_words.detach(), t_count, s_words.detach(), s_count)
+        parts["word"] = contrastive(s_words[links[:, 1]], t_words[links[:, 0]], objective, group)
+    if "token" in objective.levels:
+        token = 0.0
+        if objective.token_loss in ("contrastive", "both"):
+            if not same_tokenizer:
+                raise ValueError("--token-loss contrastive needs the student and teacher to share a tokenizer")
+            s_tok, t_tok = tokens(s_x, s_mask[b:]), tokens(teacher_hidden, t_mask)
+            if s_tok.shape[0] != t_tok.shape[0]:
+                raise ValueError(
+                    f"token level: the student has {s_tok.shape[0]} tokens and the teacher {t_tok.shape[0]}; "
+                    "they must tokenize alike"
+                )
+            token = contrastive(s_tok, t_tok, objective, group) + structure_all_rows(s_tok, t_tok, objective, group)
+        if objective.token_loss in ("tlm", "both"):
+            if tlm_loss is None:
+                raise ValueError("--token-loss tlm: the batch has no masked pair (the collator needs tlm=True)")
+            token = token + tlm_loss
+        parts["token"] = token
+    total = sum(objective.weights.get(level, 1.0) * value for level, value in parts.items())
+    return total, parts

@@ -1,0 +1,120 @@
+"""``transformers.Trainer`` with the MMKD objective: the only training code of the trainer.
+
+AMP, gradient accumulation, the optimizer, checkpoints, logging, progress bars and DDP are the
+Trainer's; this subclass adds the teacher (frozen, inference mode, or read from the cache), the
+loss parts in the log, checkpoints written as transformers directories (safetensors, no pickles of
+ours) to a staging name and renamed, and resume from them.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .models import load_head, replace_dir, teacher_hidden
+from .objective import Objective, mmkd_loss
+
+STAGING = ".staging"
+
+
+class MMKDTrainer(Trainer):
+    """Trainer whose ``model`` is a ``models.Student``; extra arguments:
+
+    teacher: the frozen teacher encoder; objective: an ``objective.Objective``; teacher_cache: a
+    ``cache.TeacherCache`` or None (then the teacher runs on every batch); same_tokenizer: whether
+    student and teacher tokenize alike (the contrastive token level needs it).
+    """
+
+    def __init__(self, *args, teacher, objective: Objective, teacher_cache=None, same_tokenizer=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device)
+        self.objective = objective
+        self.teacher_cache = teacher_cache
+        self.same_tokenizer = same_tokenizer
+        self._parts: dict[str, list[float]] = {}
+        self._staging_root = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Batches of similar lengths (less padding: the run is compute-bound on a CPU), shuffled."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(dataset, "lengths", None) is None:
+            return super()._get_train_sampler(train_dataset)
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=dataset.lengths)
+
+    # ---- the objective --------------------------------------------------------------------------
+
+    def teacher_states(self, inputs: dict) -> torch.Tensor:
+        """(B, Lt, D) the teacher's token states of the batch's English sentences."""
+        if self.teacher_cache is not None:
+            return self.teacher_cache.lookup(inputs["src_id"], inputs["t_attention_mask"])
+        return teacher_hidden(self.teacher, inputs["t_input_ids"], inputs["t_attention_mask"])
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher = self.teacher_states(inputs)
+        out = model(**inputs)
+        loss, parts = mmkd_loss(out["hidden"], teacher, inputs, self.objective, out.get("tlm"), self.same_tokenizer)
+        for level, value in parts.items():
+            total = self._parts.setdefault(level, [0.0, 0])
+            total[0] += float(value.detach()) if torch.is_tensor(value) else float(value)
+            total[1] += 1
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict, start_time=None) -> None:
+        """Adds ``loss_<level>``: each level's unweighted loss, averaged since the last log (and over ranks)."""
+        if "loss" in logs and self._parts:
+            levels = sorted(self._parts)
+            means = torch.tensor([self._parts[l][0] / max(self._parts[l][1], 1) for l in levels],
+                                 dtype=torch.float64, device=self.args.device)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(means)
+                means /= dist.get_world_size()
+            logs.update({f"loss_{l}": round(float(v), 4) for l, v in zip(levels, means)})
+            self._parts.clear()
+        super().log(logs, start_time)
+
+    # ---- checkpoints: transformers directories, staged and renamed -----------------------------
+
+    def _save(self, output_dir=None, state_dict=None) -> None:
+        """The student as a transformers directory (safetensors) + tokenizer + head.safetensors."""
+        from safetensors.torch import save_file
+
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        student = self.accelerator.unwrap_model(self.model)
+        student.model.save_pretrained(output_dir, safe_serialization=True)
+        if student.head is not None:
+            weights = {k: v.detach().contiguous().cpu() for k, v in student.head.state_dict().items()}
+            save_file(weights, os.path.join(output_dir, "head.safetensors"))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        student = model if model is not None else self.model
+        saved = type(student.model).from_pretrained(resume_from_checkpoint, local_files_only=True)
+        student.model.load_state_dict(saved.state_dict())
+        load_head(student, resume_from_checkpoint)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Every rank writes into ``.staging/checkpoint-N``; then the main process renames it to
+        ``checkpoint-N``, so a killed run leaves only whole checkpoints under that name."""
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging_root = os.path.join(run_dir, STAGING)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            replace_dir(os.path.join(run_dir, STAGING, name), os.path.join(run_dir, name))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,94 @@
+"""Reading pairs: Django catalogs, TSV, JSONL, gz; every bad input's error; the held-out split."""
+
+import gzip
+import json
+
+import pytest
+
+from mmkd_train.data import DataError, load_corpus, read_django, read_file, split_pairs, Pair
+
+
+def test_tsv_jsonl_and_gz_read_alike(tmp_path):
+    rows = [("the red house", "das rote Haus"), ("a dog", "ein Hund")]
+    tsv = tmp_path / "de.tsv"
+    tsv.write_text("the red house\tdas rote Haus\n\na dog\tein Hund\n", encoding="utf-8")
+    jsonl = tmp_path / "de.jsonl.gz"
+    with gzip.open(jsonl, "wt", encoding="utf-8") as handle:
+        for s, t in rows:
+            handle.write(json.dumps({"src": s, "tgt": t}) + "\n")
+    tsv_gz = tmp_path / "de.tsv.gz"
+    with gzip.open(tsv_gz, "wt", encoding="utf-8") as handle:
+        handle.write(tsv.read_text(encoding="utf-8"))
+    for path in (tsv, jsonl, tsv_gz):
+        pairs, bad = read_file(str(path), "de")
+        assert [(p.src, p.tgt, p.lang) for p in pairs] == [(s, t, "de") for s, t in rows] and bad == 0
+
+
+def test_jsonl_lang_key_overrides_the_file_language(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"src": "yes", "tgt": "oui", "lang": "fr"}\n{"src": "no", "tgt": "nein"}\n')
+    pairs, _ = read_file(str(path), "de")
+    assert [p.lang for p in pairs] == ["fr", "de"]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("a.tsv", "ok\tgut\nno tab here\n", "a.tsv:2: expected 'src<TAB>tgt' (2 fields), got 1"),
+    ("a.tsv", "one\ttwo\tthree\n", "a.tsv:1: expected 'src<TAB>tgt' (2 fields), got 3"),
+    ("a.tsv", "ok\tgut\n \t x\n", "a.tsv:2: empty source or target"),
+    ("a.jsonl", '{"src": "a", "tgt": "b"}\n{not json\n', "a.jsonl:2: invalid JSON"),
+    ("a.jsonl", '["a", "b"]\n', "a.jsonl:1: expected a JSON object"),
+    ("a.jsonl", '{"src": "a"}\n', 'a.jsonl:1: expected a string at key "tgt"'),
+    ("a.jsonl", '{"src": "a", "tgt": 3}\n', 'a.jsonl:1: expected a string at key "tgt", got 3'),
+])
+def test_a_malformed_line_names_file_and_line_or_is_skipped_and_counted(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match="--skip-bad-lines") as error:
+        read_file(str(path), "de")
+    assert message in str(error.value)
+    pairs, bad = read_file(str(path), "de", skip_bad_lines=True)
+    assert bad == 1 and len(pairs) == text.count("\n") - 1
+
+
+def test_missing_and_undecodable_files(tmp_path):
+    with pytest.raises(DataError, match="nope.tsv: no such data file"):
+        read_file(str(tmp_path / "nope.tsv"), "de")
+    bad = tmp_path / "bin.tsv"
+    bad.write_bytes(b"\xff\xfe\x00a\tb\n")
+    with pytest.raises(DataError, match="bin.tsv: cannot read"):
+        read_file(str(bad), "de")
+
+
+def test_django_pairs_drop_placeholders_plurals_and_untranslated():
+    pairs = read_django(["de"])
+    assert len(pairs) > 300
+    assert all(p.lang == "de" and p.src != p.tgt for p in pairs)
+    assert not any("%" in p.src or "{" in p.src or "%" in p.tgt for p in pairs)
+    assert ("Yes", "Ja") in {(p.src, p.tgt) for p in pairs}
+
+
+def test_unknown_language_empty_corpus_and_missing_heldout(tmp_path):
+    with pytest.raises(DataError, match="unknown language.*klingon.*available: .*de"):
+        load_corpus(["django"], ["klingon"], [])
+    path = tmp_path / "xx.tsv"
+    path.write_text("a\tb\n", encoding="utf-8")
+    with pytest.raises(DataError, match="unknown language.*de: the data files hold xx"):
+        load_corpus([str(path)], ["de"], [])
+    with pytest.raises(DataError, match="empty corpus"):
+        load_corpus([str(path)], None, [], eval_fraction=1.0, eval_size=0)
+    with pytest.raises(DataError, match="no held-out pairs for language.*xx"):
+        load_corpus([str(path)], None, [], eval_fraction=0.0)
+    empty = tmp_path / "yy.tsv"
+    empty.write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match="yy.tsv: no pairs"):
+        load_corpus([str(empty)], None, [])
+
+
+def test_split_is_deterministic_and_holds_out_english_sentences_in_every_language():
+    pairs = [Pair(f"sentence {i}", f"satz {i}", lang) for i in range(200) for lang in ("de", "fr")]
+    train, held = split_pairs(pairs, 0.2, 15)
+    again, held_again = split_pairs(list(reversed(pairs)), 0.2, 15)
+    assert sorted(map(str, train)) == sorted(map(str, again)) and held == {k: held_again[k] for k in held}
+    assert len(held["de"]) == len(held["fr"]) == 15
+    assert {p.src for p in held["de"]} == {p.src for p in held["fr"]}
+    assert not {p.src for p in train} & {p.src for v in held.values() for p in v}
