@@ -1,0 +1,44 @@
+"""The teacher cache: equal to running the teacher, reused when its key matches, rebuilt when not."""
+
+import os
+
+import torch
+
+from conftest import make_pairs
+from mmkd_train import cache
+from mmkd_train.collate import Collator, PairDataset
+from mmkd_train.data import Pair
+from mmkd_train.models import load_teacher, load_tokenizer, teacher_hidden
+
+
+def test_cached_states_equal_the_teachers_and_the_key_decides_reuse(tiny_teacher, tmp_path):
+    tokenizer, teacher = load_tokenizer(tiny_teacher, "teacher"), load_teacher(tiny_teacher)
+    dataset = PairDataset([Pair(s, t, "xx") for s, t in make_pairs(12)])
+    key = cache.cache_key(tiny_teacher, tokenizer, dataset.sources, 32)
+    build = lambda: cache.compute_states(teacher, tokenizer, dataset.sources, 32, batch_size=5)
+    built, what = cache.load_or_build(str(tmp_path), key, build)
+    assert what == "built" and sorted(os.listdir(tmp_path)) == [cache.FILENAME]
+
+    batch = Collator(tokenizer, tokenizer, 32)([dataset[i] for i in (3, 0, 7, 11)])
+    direct = teacher_hidden(teacher, batch["t_input_ids"], batch["t_attention_mask"])
+    looked_up = built.lookup(batch["src_id"], batch["t_attention_mask"])
+    mask = batch["t_attention_mask"].bool()
+    torch.testing.assert_close(looked_up[mask], direct[mask], rtol=1e-5, atol=1e-5)
+
+    reused, what = cache.load_or_build(str(tmp_path), key, lambda: 1 / 0)
+    assert what == "reused" and torch.equal(reused.states, built.states)
+    for changed in ({**key, "max_length": "16"}, {**key, "data": "other"}, {**key, "teacher": "other"}):
+        _, what = cache.load_or_build(str(tmp_path), changed, build)
+        assert what.startswith("rebuilt (") and [k for k in key if key[k] != changed[k]][0] in what
+    (tmp_path / cache.FILENAME).write_bytes(b"torn")
+    _, what = cache.load_or_build(str(tmp_path), key, build)
+    assert what.startswith("rebuilt (unreadable")
+    assert sorted(os.listdir(tmp_path)) == [cache.FILENAME]
+
+
+def test_the_key_follows_teacher_weights_tokenizer_data_and_length(tiny_teacher, tiny_student):
+    tokenizer = load_tokenizer(tiny_teacher, "teacher")
+    key = cache.cache_key(tiny_teacher, tokenizer, ["a", "b"], 32)
+    assert key == cache.cache_key(tiny_teacher, tokenizer, ["a", "b"], 32)
+    assert key["teacher"] != cache.cache_key(tiny_student, tokenizer, ["a", "b"], 32)["teacher"]
+    assert key["data"] != cache.cache_key(tiny_teacher, tokenizer, ["a", "c"], 32)["data"]

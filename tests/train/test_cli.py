@@ -1,0 +1,96 @@
+"""The command line: bad input stops before any model loads; training writes a loadable model,
+checkpoints that resume to the same losses, and the retrieval report."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from mmkd_train import cli, run
+
+
+def tiny_args(corpus_file, teacher, student, out, *extra):
+    return ["--data", corpus_file, "--teacher", teacher, "--student", student, "--output-dir", str(out),
+            "--batch-size", "4", "--max-length", "16", "--eval-size", "6", "--eval-fraction", "0.25",
+            "--logging-steps", "1", "--save-steps", "3", "--lr", "1e-3", *extra]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "nope.tsv"], "nope.tsv: no such data file"),
+    (["--languages", "klingon"], "unknown language(s) klingon"),
+    (["--teacher", "/no/such/model"], "--teacher /no/such/model: no such directory"),
+    (["--student", "."], "--student .: not a transformers model directory"),
+    (["--levels", "sentence,phrase"], "--levels must name some of"),
+    (["--weights", "word=x"], "--weights: 'word=x' is not a number"),
+])
+def test_bad_input_errors_before_any_model_loads(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(run, "load_teacher", lambda *a: pytest.fail("a model loaded"))
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_token_level_by_name_needs_one_tokenizer(monkeypatch, corpus_file, tiny_teacher, tiny_student, tmp_path, capsys):
+    monkeypatch.setattr(run, "same_tokenization", lambda *a: False)
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, tmp_path, "--levels", "token")) == 2
+    assert "share a tokenizer" in capsys.readouterr().err
+
+
+def losses(directory):
+    with open(os.path.join(directory, "trainer_state.json")) as handle:
+        return {e["step"]: e["loss"] for e in json.load(handle)["log_history"] if "loss" in e}
+
+
+class StopAfter3(run.MMKDTrainer):
+    """A run killed right after its step-3 checkpoint."""
+
+    def __init__(self, *args, **kwargs):
+        from transformers import TrainerCallback
+
+        class Stop(TrainerCallback):
+            def on_save(self, args, state, control, **kw):
+                control.should_training_stop = state.global_step >= 3
+
+        super().__init__(*args, **kwargs)
+        self.add_callback(Stop())
+
+
+def test_train_save_load_and_resume_to_the_same_losses(monkeypatch, corpus_file, tiny_teacher, tiny_student, tmp_path):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, whole, "--max-steps", "6")) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "MMKDTrainer", StopAfter3)
+        assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, cut, "--max-steps", "6")) == 0
+    assert sorted(p for p in os.listdir(cut) if p.startswith("checkpoint")) == ["checkpoint-3"]
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, cut, "--max-steps", "6", "--resume")) == 0
+    reference = losses(whole / "checkpoint-6")
+    assert list(reference) == [1, 2, 3, 4, 5, 6]
+    assert losses(cut / "checkpoint-6") == pytest.approx(reference, rel=1e-4)
+
+    # no pickle of ours and no staging left behind; the model loads with AutoModel
+    assert not [n for n in os.listdir(whole / "checkpoint-6") if n == "training_args.bin"]
+    assert not os.listdir(whole / ".staging")
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(whole / "model"), local_files_only=True)
+    saved = AutoModel.from_pretrained(str(whole / "checkpoint-6"), local_files_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))
+    report = json.loads((whole / "retrieval.json").read_text())
+    assert set(report["before"]) == set(report["after"]) == {"xx"} and report["steps"] == 6
+    assert (whole / "retrieval.png").stat().st_size > 1000
+
+
+def test_teacher_cache_run_matches_a_run_without(corpus_file, tiny_teacher, tiny_student, tmp_path):
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    args = ("--max-steps", "3")
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, plain, *args)) == 0
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, cached, *args,
+                              "--teacher-cache", str(tmp_path / "cache"))) == 0
+    assert losses(cached / "checkpoint-3") == pytest.approx(losses(plain / "checkpoint-3"), rel=1e-4)
+
+
+def test_wide_student_saves_its_head(corpus_file, tiny_teacher, wide_student, tmp_path):
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, wide_student, tmp_path, "--max-steps", "2",
+                              "--levels", "sentence,word,structure")) == 0
+    assert (tmp_path / "model" / "head.safetensors").is_file()
+    assert (tmp_path / "checkpoint-2" / "head.safetensors").is_file()

@@ -1,0 +1,83 @@
+"""Each level of the MMKD objective: finite, gradients to the student only, the teacher untouched."""
+
+import pytest
+import torch
+
+from conftest import make_pairs
+from mmkd_train.collate import Collator, PairDataset
+from mmkd_train.data import Pair
+from mmkd_train.models import ModelError, Student, load_encoder, load_teacher, load_tokenizer, teacher_hidden
+from mmkd_train.objective import Objective, mmkd_loss
+
+FORMS = [
+    ("sentence", dict(sentence_loss="contrastive")),
+    ("sentence", dict(sentence_loss="mse")),
+    ("word", {}),
+    ("token", dict(structure_kind="pearson")),
+    ("token", dict(structure_kind="kl")),
+    ("structure", dict(structure_kind="kl")),
+    ("structure", dict(structure_kind="pearson")),
+    ("structure", dict(structure_kind="mse")),
+]
+
+
+def setup(teacher_path, student_path, tlm=False, count=8):
+    tokenizer = load_tokenizer(teacher_path, "teacher")
+    teacher = load_teacher(teacher_path)
+    student = Student(load_encoder(student_path, masked_lm=tlm), teacher.config.hidden_size)
+    dataset = PairDataset([Pair(s, t, "xx") for s, t in make_pairs(count)])
+    torch.manual_seed(0)
+    batch = Collator(tokenizer, tokenizer, 32, tlm=tlm)([dataset[i] for i in range(count)])
+    return teacher, student, batch
+
+
+def step(teacher, student, batch, objective):
+    out = student(**batch)
+    t = teacher_hidden(teacher, batch["t_input_ids"], batch["t_attention_mask"])
+    return mmkd_loss(out["hidden"], t, batch, objective, out.get("tlm"))
+
+
+@pytest.mark.parametrize("level, form", FORMS, ids=[f"{l}-{'-'.join(f.values()) or 'default'}" for l, f in FORMS])
+def test_each_level_is_finite_and_trains_the_student_only(tiny_teacher, tiny_student, level, form):
+    teacher, student, batch = setup(tiny_teacher, tiny_student)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    loss, parts = step(teacher, student, batch, Objective(levels=(level,), **form))
+    assert set(parts) == {level} and torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    grads = [p.grad for p in student.encoder.encoder.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    torch.optim.SGD(student.parameters(), lr=0.1).step()
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_weights_scale_the_total_and_all_levels_combine(tiny_teacher, tiny_student):
+    teacher, student, batch = setup(tiny_teacher, tiny_student)
+    student.eval()
+    weights = {"sentence": 0.5, "word": 2.0, "token": 0.25, "structure": 3.0}
+    loss, parts = step(teacher, student, batch, Objective(weights=weights))
+    assert set(parts) == set(weights)
+    assert torch.allclose(loss, sum(weights[k] * v for k, v in parts.items()))
+
+
+def test_a_wider_student_gets_a_head_that_learns(tiny_teacher, wide_student):
+    teacher, student, batch = setup(tiny_teacher, wide_student)
+    assert student.head.weight.shape == (32, 48)
+    loss, _ = step(teacher, student, batch, Objective(levels=("sentence", "word", "structure")))
+    loss.backward()
+    assert student.head.weight.grad.abs().sum() > 0
+
+
+def test_tlm_trains_a_masked_lm_student(tiny_teacher, tiny_mlm_student):
+    teacher, student, batch = setup(tiny_teacher, tiny_mlm_student, tlm=True)
+    assert (batch["tlm_labels"] != -100).any()
+    loss, parts = step(teacher, student, batch, Objective(levels=("token",), token_loss="tlm"))
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert student.model.cls.predictions.transform.dense.weight.grad.abs().sum() > 0
+
+
+def test_tlm_refuses_a_student_without_a_masked_lm_head(tiny_student):
+    with pytest.raises(ModelError, match="masked-LM head.*has none"):
+        load_encoder(tiny_student, masked_lm=True)
