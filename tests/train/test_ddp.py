@@ -1,0 +1,77 @@
+"""Two gloo ranks on halves of a batch give the loss and gradients of one process on all of it.
+
+Each rank collates its own half (its own padding, its own word and token counts, as under
+torchrun); the gradients are averaged over ranks as DDP does.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import make_pairs
+from mmkd_train.collate import Collator, PairDataset
+from mmkd_train.data import Pair
+from mmkd_train.models import Student, load_encoder, load_teacher, load_tokenizer, teacher_hidden
+from mmkd_train.objective import Objective, mmkd_loss
+
+OBJECTIVES = [
+    Objective(),  # sentence contrastive, structure pearson (gram across ranks), word, token
+    Objective(sentence_loss="mse", structure_kind="kl", levels=("sentence", "structure", "word", "token")),
+    Objective(structure_kind="mse", levels=("structure", "token")),
+]
+PAIRS = 8
+
+
+def loss_and_grads(teacher_path, student_path, indices, objective):
+    tokenizer = load_tokenizer(teacher_path, "teacher")
+    teacher = load_teacher(teacher_path)
+    student = Student(load_encoder(student_path, masked_lm=False), teacher.config.hidden_size).eval()
+    dataset = PairDataset([Pair(s, t, "xx") for s, t in make_pairs(PAIRS, seed=5)])
+    batch = Collator(tokenizer, tokenizer, 32)([dataset[i] for i in indices])
+    t = teacher_hidden(teacher, batch["t_input_ids"], batch["t_attention_mask"])
+    loss, _ = mmkd_loss(student(**batch)["hidden"], t, batch, objective)
+    loss.backward()
+    names = [n for n, p in student.named_parameters() if p.grad is not None]
+    return loss.detach(), {n: p.grad for n, p in student.named_parameters() if n in names}
+
+
+def worker(rank, world, port, teacher_path, student_path, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    half = PAIRS // world
+    from safetensors.torch import save_file
+
+    for k, objective in enumerate(OBJECTIVES):
+        loss, grads = loss_and_grads(teacher_path, student_path, range(rank * half, (rank + 1) * half), objective)
+        dist.all_reduce(loss)
+        for g in grads.values():
+            dist.all_reduce(g)
+            g /= world  # DDP averages gradients over ranks
+        if rank == 0:
+            save_file({"loss": (loss / world).reshape(1), **grads}, os.path.join(out_dir, f"{k}.safetensors"))
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_two_gloo_ranks_equal_one_process(tiny_teacher, tiny_student, tmp_path):
+    from safetensors.torch import load_file
+
+    mp.spawn(worker, args=(2, free_port(), tiny_teacher, tiny_student, str(tmp_path)), nprocs=2, join=True)
+    for k, objective in enumerate(OBJECTIVES):
+        loss, grads = loss_and_grads(tiny_teacher, tiny_student, range(PAIRS), objective)
+        ranks = load_file(str(tmp_path / f"{k}.safetensors"))
+        torch.testing.assert_close(ranks.pop("loss")[0], loss, rtol=1e-5, atol=1e-6)
+        assert set(ranks) == set(grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(ranks[name], grad, rtol=1e-4, atol=1e-6, msg=f"{objective}: {name}")
