@@ -198,8 +198,7 @@ def structure_tile_forward_with_grad(s, t, kind: str, scale: float, normalize: b
     so its row gradients are uniform). Returns (loss_sum (), ds, dt) in the accumulation dtype."""
     ones = s.new_ones(row_count, dtype=accumulation_dtype(s, t))
     losses, dx, dy = _tile_pass(s, t, kind, scale, normalize, row_start, row_count, ones, need_s, need_t)
-    empty = losses.new_empty(0)
-    return losses.sum(), dx if need_s else empty, dy if need_t else empty
+    return losses.sum(), dx if need_s else losses.new_empty(0), dy if need_t else losses.new_empty(0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,8 +218,7 @@ def structure_gram_forward_with_grad(s, t, kind: str, normalize: bool, need_s: b
     """The summed loss and its gradients, sharing the D×D statistics. (loss_sum (), ds, dt), acc dtype."""
     ones = s.new_ones(s.shape[0], dtype=accumulation_dtype(s, t))
     losses, dx, dy = _gram_with_grad(s, t, kind, normalize, ones, need_s, need_t)
-    empty = losses.new_empty(0)
-    return losses.sum(), dx if need_s else empty, dy if need_t else empty
+    return losses.sum(), dx if need_s else losses.new_empty(0), dy if need_t else losses.new_empty(0)
 
 
 def _gram_with_grad(s, t, kind, normalize, grad, need_s, need_t):

@@ -10,8 +10,10 @@ import numbers
 import torch
 
 from . import backends, distributed, reference
-from . import ops  # noqa: F401  (registers the custom ops)
+from . import ops  # noqa: F401  (registers the chunked backend's custom ops)
 from .segment import segment_mean as _segment_mean
+
+backends.load_optional_backends()
 
 REDUCTIONS = ("mean", "sum", "none")
 KINDS = ("pearson", "mse", "kl")
@@ -40,6 +42,11 @@ def _check_pair(student, teacher) -> None:
     _check_embeddings("teacher", teacher)
     if student.device != teacher.device:
         raise ValueError(f"student and teacher must be on one device, got {student.device} and {teacher.device}")
+
+
+def _resolve(backend, student, teacher) -> str:
+    dtype = torch.promote_types(student.dtype, teacher.dtype)
+    return backends.resolve(backend, student.device, dtype)
 
 
 def _check_temperature(temperature) -> float:
@@ -145,7 +152,7 @@ def contrastive_loss(
         if m != n:
             raise ValueError(f"symmetric=True needs as many teacher rows as student rows, got N={n} and M={m}")
     targets = _check_targets(targets, n, m, student.device)
-    name = backends.resolve(backend, student.device)
+    name = _resolve(backend, student, teacher)
 
     def local(q, k, targets, symmetric):
         if reduction == "none":
@@ -240,7 +247,7 @@ def structure_loss(
     temperature = _check_temperature(temperature)
     if kind == "kl" and algorithm == "gram":
         raise ValueError("algorithm='gram' exists for kind='mse' and kind='pearson' only; kind='kl' needs 'tile'")
-    name = backends.resolve(backend, student.device)
+    name = _resolve(backend, student, teacher)
     n_total = student.shape[0] * _world_size(process_group)
     if n_total < MIN_ROWS[kind]:
         raise ValueError(f"kind={kind!r} needs at least {MIN_ROWS[kind]} rows in the batch, got N={n_total}")

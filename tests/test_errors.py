@@ -66,6 +66,19 @@ def test_unavailable_backend_says_why(name):
         mk.structure_loss(Q, K, backend=name)
 
 
+def test_triton_refusals_say_why(monkeypatch):
+    from mmkd_kernels import backends
+
+    if "triton" in mk.available_backends():
+        with pytest.raises(ValueError, match="backend='triton' computes float32, float16 and bfloat16"):
+            mk.contrastive_loss(Q.double(), K.double(), backend="triton")
+        with pytest.raises(TypeError, match="mmkd_triton ops take float32, float16 or bfloat16 inputs, got torch.float64"):
+            torch.ops.mmkd_triton.contrastive_forward(Q.double(), K.double(), torch.arange(8), 1.0, True, False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = backends.unavailable_reason("triton", torch.device("cpu"), torch.float32)
+    assert reason is not None and "needs CUDA tensors" in reason and "got cpu tensors" in reason
+
+
 def test_available_backends_lists_the_pure_pytorch_ones():
     backends = mk.available_backends()
     assert backends[:2] == ["reference", "chunked"]

@@ -8,9 +8,9 @@ from mmkd_kernels import backends, ops
 from conftest import FAST_BACKENDS, leaf, randn, rel_err
 
 
-def _sample_args(namespace):
+def _sample_args(backend):
     """(op, args) pairs covering every op of a backend, gradients required where they flow."""
-    ops = getattr(torch.ops, namespace)
+    ops = getattr(torch.ops, backends.NAMESPACES[backend])
     q, k = leaf(randn(7, 5, seed=0)), leaf(randn(9, 5, seed=1))
     kq = leaf(randn(7, 5, seed=2))
     targets = torch.tensor([8, 0, 3, 3, 1, 2, 6])
@@ -33,6 +33,9 @@ def _sample_args(namespace):
     for kind in ("mse", "pearson"):
         samples.append((ops.structure_gram_forward, (s.detach(), t.detach(), kind, True)))
         samples.append((ops.structure_gram_forward_with_grad, (s, t, kind, False, True, True)))
+    if backend == "triton":  # float64 is refused there (test_errors.py)
+        samples = [(op, args) for op, args in samples
+                   if not any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)]
     return samples
 
 
@@ -40,7 +43,7 @@ def _sample_args(namespace):
 def test_opcheck_every_op(backend):
     namespace = backends.NAMESPACES[backend]
     checked = set()
-    for op, args in _sample_args(namespace):
+    for op, args in _sample_args(backend):
         torch.library.opcheck(op, args)
         checked.add(op._qualified_op_name)
     assert checked == {f"{namespace}::{name}" for name in ops.SCHEMAS}, checked

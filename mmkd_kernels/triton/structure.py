@@ -1,0 +1,301 @@
+"""Fused Triton kernels of the structure loss, tile algorithm (DESIGN §1.2).
+
+Both similarity matrices, G^S = ŝŝᵀ and G^T = t̂t̂ᵀ, are computed tile by tile in the same pass and
+never stored; the diagonal (i, i) is masked out. Kinds are a constexpr: 0 mse, 1 pearson, 2 kl.
+
+- ``_rows_kernel``: for a block of rows, one pass over the column tiles with per-row statistics in
+  registers: mse the sum of squared differences; pearson means, sums of squares and cross-sums
+  merged tile by tile with Chan's parallel formulas (each tile centered on its own mean: no
+  Σw² − (Σw)²/n cancellation); kl two online softmaxes and the running Σ P·(a − b). Writes the
+  per-row losses and the statistics the gradient needs.
+- ``_grad_rows_kernel`` / ``_grad_cols_kernel``: recompute the tiles and turn the per-row
+  statistics into dG (of one side: student or teacher), then accumulate dĜ x̂ for the rows
+  (row-parallel) and dĜᵀ x̂ for the columns (column-parallel): G = x̂x̂ᵀ gets both, without atomics.
+
+The gram algorithm needs no custom kernel on a GPU: its D×D products are cuBLAS matmuls
+(``chunked.structure_gram_*``).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import chunked
+from .tiles import blocks, check_dtypes, input_grad, inverse_norms, precision, similarity_tile
+
+KIND_CODES = {"mse": 0, "pearson": 1, "kl": 2}
+N_STATS = 5  # per-row statistics saved for the gradient (see _rows_kernel)
+# 1e-16 in the kernels is reference.EPS²: the pearson denominator is sqrt(max(var_s·var_t, eps²)).
+
+
+@triton.jit
+def _both_tiles(S, T, INV_S, INV_T, offs_a, offs_b, mask_a, mask_b, ds, dt, s_row, s_col, t_row, t_col,
+                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Tiles of G^S and G^T for rows offs_a and columns offs_b, and the mask of pairs i ≠ j that exist."""
+    inv_sa = tl.load(INV_S + offs_a, mask=mask_a, other=0.0)
+    inv_sb = tl.load(INV_S + offs_b, mask=mask_b, other=0.0)
+    inv_ta = tl.load(INV_T + offs_a, mask=mask_a, other=0.0)
+    inv_tb = tl.load(INV_T + offs_b, mask=mask_b, other=0.0)
+    gs = similarity_tile(S, S, offs_a, offs_b, mask_a, mask_b, ds, s_row, s_col, s_row, s_col,
+                         inv_sa, inv_sb, 1.0, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+    gt = similarity_tile(T, T, offs_a, offs_b, mask_a, mask_b, dt, t_row, t_col, t_row, t_col,
+                         inv_ta, inv_tb, 1.0, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+    valid = mask_a[:, None] & mask_b[None, :] & (offs_a[:, None] != offs_b[None, :])
+    return gs, gt, valid
+
+
+@triton.jit
+def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, dt,
+                 s_row, s_col, t_row, t_col, scale,
+                 KIND: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """Per-row losses LOSS[i − row_start] and STATS[i − row_start, :5]:
+    pearson (mean_s, mean_t, var_s, var_t, cov), kl (lse_t, lse_s, kl, 0, 0), mse zeros."""
+    local = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    mask_a = local < row_count
+    offs_a = row_start + local
+    minus_inf = float("-inf")
+    # Running statistics; their meaning depends on KIND (see the stores below).
+    count = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    r0 = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    r1 = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    r2 = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    r3 = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    r4 = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    max_a = tl.full((BLOCK_A,), minus_inf, dtype=tl.float32)
+    max_b = tl.full((BLOCK_A,), minus_inf, dtype=tl.float32)
+    for b0 in range(0, n, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < n
+        gs, gt, valid = _both_tiles(S, T, INV_S, INV_T, offs_a, offs_b, mask_a, mask_b, ds, dt,
+                                    s_row, s_col, t_row, t_col, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+        if KIND == 0:
+            diff = tl.where(valid, gs - gt, 0.0)
+            r0 += tl.sum(diff * diff, axis=1)
+        elif KIND == 1:
+            # r0 mean_s, r1 mean_t, r2 M2_s, r3 M2_t, r4 C: Chan et al.'s merge of this tile's
+            # statistics (centered on the tile's own means) into the running ones.
+            tile_count = tl.sum(valid.to(tl.float32), axis=1)
+            safe = tl.maximum(tile_count, 1.0)
+            tile_mean_s = tl.sum(tl.where(valid, gs, 0.0), axis=1) / safe
+            tile_mean_t = tl.sum(tl.where(valid, gt, 0.0), axis=1) / safe
+            cs = tl.where(valid, gs - tile_mean_s[:, None], 0.0)
+            ct = tl.where(valid, gt - tile_mean_t[:, None], 0.0)
+            total = count + tile_count
+            weight = tl.where(total > 0, tile_count / tl.maximum(total, 1.0), 0.0)
+            delta_s = tile_mean_s - r0
+            delta_t = tile_mean_t - r1
+            r0 += delta_s * weight
+            r1 += delta_t * weight
+            r2 += tl.sum(cs * cs, axis=1) + delta_s * delta_s * count * weight
+            r3 += tl.sum(ct * ct, axis=1) + delta_t * delta_t * count * weight
+            r4 += tl.sum(cs * ct, axis=1) + delta_s * delta_t * count * weight
+            count = total
+        else:
+            # a = G^T/τ (teacher, P), b = G^S/τ (student, Q). r0 Σexp(a − max_a), r1 Σexp(b − max_b),
+            # r2 Σexp(a − max_a)(a − b): KL_i = r2/r0 − lse_a + lse_b.
+            a = tl.where(valid, gt * scale, minus_inf)
+            b = tl.where(valid, gs * scale, minus_inf)
+            new_a = tl.maximum(max_a, tl.max(a, axis=1))
+            new_b = tl.maximum(max_b, tl.max(b, axis=1))
+            safe_a = tl.where(new_a == minus_inf, 0.0, new_a)
+            safe_b = tl.where(new_b == minus_inf, 0.0, new_b)
+            alpha = tl.exp(max_a - safe_a)
+            e = tl.exp(a - safe_a[:, None])
+            r0 = r0 * alpha + tl.sum(e, axis=1)
+            r2 = r2 * alpha + tl.sum(tl.where(valid, e * (a - b), 0.0), axis=1)
+            r1 = r1 * tl.exp(max_b - safe_b) + tl.sum(tl.exp(b - safe_b[:, None]), axis=1)
+            max_a = new_a
+            max_b = new_b
+    if KIND == 0:
+        loss = r0 / (n - 1)
+        s0, s1, s2, s3, s4 = r1, r1, r1, r1, r1
+    elif KIND == 1:
+        loss = 1.0 - r4 / tl.sqrt(tl.maximum(r2 * r3, 1e-16))
+        s0, s1, s2, s3, s4 = r0, r1, r2, r3, r4
+    else:
+        lse_a = max_a + tl.log(r0)
+        lse_b = max_b + tl.log(r1)
+        # Differences first: with one column, (a − b) − ((max_a − max_b) + 0) is exactly 0.
+        loss = r2 / r0 - ((max_a - max_b) + (tl.log(r0) - tl.log(r1)))
+        s0, s1, s2, s3, s4 = lse_a, lse_b, loss, r3, r3
+    tl.store(LOSS + local, loss, mask=mask_a)
+    base = STATS + local * 5
+    tl.store(base + 0, s0, mask=mask_a)
+    tl.store(base + 1, s1, mask=mask_a)
+    tl.store(base + 2, s2, mask=mask_a)
+    tl.store(base + 3, s3, mask=mask_a)
+    tl.store(base + 4, s4, mask=mask_a)
+
+
+@triton.jit
+def _d_similarity(S, T, INV_S, INV_T, STATS, G, offs_a, offs_b, mask_a, mask_b, n, row_start, ds, dt,
+                  s_row, s_col, t_row, t_col, scale,
+                  KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """dG of one side (SIDE 0: G^S, 1: G^T) on the tile rows offs_a × columns offs_b, zero off the
+    pairs i ≠ j; the rows' statistics come from STATS, their gradient weights from G."""
+    gs, gt, valid = _both_tiles(S, T, INV_S, INV_T, offs_a, offs_b, mask_a, mask_b, ds, dt,
+                                s_row, s_col, t_row, t_col, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+    base = STATS + (offs_a - row_start) * 5
+    g = tl.load(G + offs_a - row_start, mask=mask_a, other=0.0)
+    if KIND == 0:
+        dg = tl.where(valid, (gs - gt) * (2.0 * g / (n - 1))[:, None], 0.0)
+        if SIDE == 1:
+            dg = -dg
+    elif KIND == 1:
+        mean_s = tl.load(base + 0, mask=mask_a, other=0.0)
+        mean_t = tl.load(base + 1, mask=mask_a, other=0.0)
+        var_s = tl.load(base + 2, mask=mask_a, other=1.0)
+        var_t = tl.load(base + 3, mask=mask_a, other=1.0)
+        cov = tl.load(base + 4, mask=mask_a, other=0.0)
+        product = var_s * var_t
+        denom = tl.sqrt(tl.maximum(product, 1e-16))
+        r = cov / denom
+        g_r = -g  # loss_i = 1 − r_i
+        unclamped = product > 1e-16
+        cs = tl.where(valid, gs - mean_s[:, None], 0.0)
+        ct = tl.where(valid, gt - mean_t[:, None], 0.0)
+        if SIDE == 0:
+            coef = tl.where(unclamped, g_r * r / tl.where(unclamped, var_s, 1.0), 0.0)
+            dg = ct * (g_r / denom)[:, None] - cs * coef[:, None]
+        else:
+            coef = tl.where(unclamped, g_r * r / tl.where(unclamped, var_t, 1.0), 0.0)
+            dg = cs * (g_r / denom)[:, None] - ct * coef[:, None]
+    else:
+        lse_a = tl.load(base + 0, mask=mask_a, other=0.0)
+        lse_b = tl.load(base + 1, mask=mask_a, other=0.0)
+        kl = tl.load(base + 2, mask=mask_a, other=0.0)
+        log_p = gt * scale - lse_a[:, None]
+        log_q = gs * scale - lse_b[:, None]
+        p = tl.where(valid, tl.exp(log_p), 0.0)
+        if SIDE == 0:
+            dg = tl.where(valid, tl.exp(log_q) - p, 0.0) * (g * scale)[:, None]
+        else:
+            dg = tl.where(valid, p * (log_p - log_q - kl[:, None]), 0.0) * (g * scale)[:, None]
+    return dg
+
+
+@triton.jit
+def _grad_rows_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, dt,
+                      s_row, s_col, t_row, t_col, scale,
+                      KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
+    """DX[i − row_start, chunk] = Σ_j dG_ij x̂_j for this program's rows i (x̂ of SIDE)."""
+    local = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    mask_a = local < row_count
+    offs_a = row_start + local
+    if SIDE == 0:
+        X, INV, dx, x_row, x_col = S, INV_S, ds, s_row, s_col
+    else:
+        X, INV, dx, x_row, x_col = T, INV_T, dt, t_row, t_col
+    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_do = offs_do < dx
+    acc = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
+    for b0 in range(0, n, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < n
+        dg = _d_similarity(S, T, INV_S, INV_T, STATS, G, offs_a, offs_b, mask_a, mask_b, n, row_start, ds, dt,
+                           s_row, s_col, t_row, t_col, scale, KIND, SIDE, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+        inv_b = tl.load(INV + offs_b, mask=mask_b, other=0.0)
+        xb = tl.load(X + offs_b[:, None] * x_row + offs_do[None, :] * x_col,
+                     mask=mask_b[:, None] & mask_do[None, :], other=0.0)
+        dg = dg * inv_b[None, :]
+        acc += tl.dot(dg.to(xb.dtype), xb, input_precision=PRECISION)
+    tl.store(DX + local[:, None] * dx + offs_do[None, :], acc, mask=mask_a[:, None] & mask_do[None, :])
+
+
+@triton.jit
+def _grad_cols_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, dt,
+                      s_row, s_col, t_row, t_col, scale,
+                      KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
+    """DX[j, chunk] = Σ_i dG_ij x̂_i over the computed rows i, for this program's columns j."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < n
+    if SIDE == 0:
+        X, INV, dx, x_row, x_col = S, INV_S, ds, s_row, s_col
+    else:
+        X, INV, dx, x_row, x_col = T, INV_T, dt, t_row, t_col
+    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_do = offs_do < dx
+    acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
+    for a0 in range(0, row_count, BLOCK_A):
+        local = a0 + tl.arange(0, BLOCK_A)
+        mask_a = local < row_count
+        offs_a = row_start + local
+        dg = _d_similarity(S, T, INV_S, INV_T, STATS, G, offs_a, offs_b, mask_a, mask_b, n, row_start, ds, dt,
+                           s_row, s_col, t_row, t_col, scale, KIND, SIDE, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+        inv_a = tl.load(INV + offs_a, mask=mask_a, other=0.0)
+        xa = tl.load(X + offs_a[:, None] * x_row + offs_do[None, :] * x_col,
+                     mask=mask_a[:, None] & mask_do[None, :], other=0.0)
+        dg = dg * inv_a[:, None]
+        acc += tl.dot(tl.trans(dg).to(xa.dtype), xa, input_precision=PRECISION)
+    tl.store(DX + offs_b[:, None] * dx + offs_do[None, :], acc, mask=mask_b[:, None] & mask_do[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers. No autograd here.
+# --------------------------------------------------------------------------------------------------
+
+
+def _common(s, t, scale, row_start, row_count):
+    """The arguments every kernel takes after its pointers, in order."""
+    return (s.shape[0], row_start, row_count, s.shape[1], t.shape[1],
+            s.stride(0), s.stride(1), t.stride(0), t.stride(1), scale)
+
+
+def _rows(s, t, inv_s, inv_t, kind, scale, row_start, row_count):
+    check_dtypes(s, t)
+    loss = torch.empty(row_count, device=s.device, dtype=torch.float32)
+    stats = torch.empty(row_count, N_STATS, device=s.device, dtype=torch.float32)
+    config = blocks(s)
+    grid = (triton.cdiv(row_count, config["BLOCK_A"]),)
+    _rows_kernel[grid](s, t, inv_s, inv_t, loss, stats, *_common(s, t, scale, row_start, row_count),
+                       KIND=KIND_CODES[kind], BLOCK_A=config["BLOCK_A"], BLOCK_B=config["BLOCK_B"],
+                       BLOCK_D=config["BLOCK_D"], PRECISION=precision(s))
+    return loss, stats
+
+
+def _side_grad(s, t, inv_s, inv_t, stats, grad, kind, scale, row_start, row_count, side):
+    """dx̂ (N, D_side) float32 of one side: the row part on the computed rows plus the column part."""
+    x = s if side == 0 else t
+    n, d = x.shape
+    config = blocks(s)
+    kwargs = dict(KIND=KIND_CODES[kind], SIDE=side, BLOCK_A=config["BLOCK_A"], BLOCK_B=config["BLOCK_B"],
+                  BLOCK_D=config["BLOCK_D"], BLOCK_DO=config["BLOCK_DO"], PRECISION=precision(s))
+    common = _common(s, t, scale, row_start, row_count)
+    rows_part = torch.empty(row_count, d, device=s.device, dtype=torch.float32)
+    grid = (triton.cdiv(row_count, config["BLOCK_A"]), triton.cdiv(d, config["BLOCK_DO"]))
+    _grad_rows_kernel[grid](s, t, inv_s, inv_t, stats, grad, rows_part, *common, **kwargs)
+    d_hat = torch.empty(n, d, device=s.device, dtype=torch.float32)
+    grid = (triton.cdiv(n, config["BLOCK_B"]), triton.cdiv(d, config["BLOCK_DO"]))
+    _grad_cols_kernel[grid](s, t, inv_s, inv_t, stats, grad, d_hat, *common, **kwargs)
+    d_hat[row_start : row_start + row_count] += rows_part
+    return d_hat
+
+
+def structure_tile_forward(s, t, kind: str, scale: float, normalize: bool, row_start: int, row_count: int):
+    """As chunked.structure_tile_forward: per-row losses (row_count,), float32."""
+    loss, _ = _rows(s, t, inverse_norms(s, normalize), inverse_norms(t, normalize), kind, scale, row_start, row_count)
+    return loss
+
+
+def structure_tile_forward_with_grad(s, t, kind: str, scale: float, normalize: bool, row_start: int,
+                                     row_count: int, need_s: bool, need_t: bool):
+    """As chunked.structure_tile_forward_with_grad: (loss_sum (), ds, dt) in float32."""
+    inv_s, inv_t = inverse_norms(s, normalize), inverse_norms(t, normalize)
+    loss, stats = _rows(s, t, inv_s, inv_t, kind, scale, row_start, row_count)
+    ones = torch.ones_like(loss)
+    grads = []
+    for side, (x, needed) in enumerate(((s, need_s), (t, need_t))):
+        if not needed:
+            grads.append(loss.new_empty(0))
+            continue
+        d_hat = _side_grad(s, t, inv_s, inv_t, stats, ones, kind, scale, row_start, row_count, side)
+        grads.append(input_grad(d_hat, x, normalize))
+    return loss.sum(), grads[0], grads[1]
+
+
+structure_gram_forward = chunked.structure_gram_forward
+structure_gram_forward_with_grad = chunked.structure_gram_forward_with_grad
