@@ -9,7 +9,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install test demo bench clean
+NATIVE := $(VENV)/.native-built
+CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
+
+.PHONY: install native test demo bench clean
 
 install: $(STAMP)
 
@@ -21,16 +24,22 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PIP) --no-build-isolation -e '.[test,bench,train]'
 	touch $@
 
+# The compiled extension mmkd_kernels._C (the native backend), rebuilt when csrc/ changes.
+native: $(NATIVE)
+$(NATIVE): $(STAMP) $(CSRC) setup.py mmkd_kernels/native_build.py
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $@
+
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
-test: $(STAMP)
+test: $(NATIVE)
 	@$(BIN)/python -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-demo: $(STAMP)
+demo: $(NATIVE)
 	$(BIN)/python -m benchmarks.demo
 
-bench: $(STAMP)
+bench: $(NATIVE)
 	$(BIN)/python -m benchmarks.run --device cpu
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache mmkd_kernels/_C*.so

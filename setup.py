@@ -1,6 +1,50 @@
-"""Build script. The package metadata lives in pyproject.toml; this file exists for the compiled
-extension mmkd_kernels._C, which the native backend adds (csrc/)."""
+"""Build script of the compiled extension mmkd_kernels._C (the `native` backend, csrc/).
+
+The package metadata lives in pyproject.toml. Build switches (environment variables):
+
+| variable            | default  | effect                                                              |
+|---------------------|----------|---------------------------------------------------------------------|
+| MMKD_BUILD_NATIVE   | 1        | 0: build no extension (mmkd_kernels.native then builds it on first use) |
+| MMKD_BUILD_CUDA     | auto     | 1: build the CUDA kernels too; 0: CPU only; auto: when torch has CUDA and nvcc is found |
+| MMKD_CPU_ARCH       | native   | the -march of the CPU kernels (e.g. x86-64-v3 for a portable build)  |
+| MMKD_CUDA_ARCH      | 9.0      | TORCH_CUDA_ARCH_LIST of the CUDA kernels (9.0 = H100)                |
+| MAX_JOBS            | (cores)  | parallel compile jobs (torch.utils.cpp_extension)                   |
+"""
+
+import importlib.util
+import os
+from pathlib import Path
 
 from setuptools import setup
 
-setup()
+
+def _native_build():
+    """mmkd_kernels/native_build.py, loaded by path: importing the package would import torch,
+    triton and the ops before the extension exists."""
+    path = Path(__file__).resolve().parent / "mmkd_kernels" / "native_build.py"
+    spec = importlib.util.spec_from_file_location("mmkd_native_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _extensions():
+    if os.environ.get("MMKD_BUILD_NATIVE", "1") == "0":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    build = _native_build()
+    want_cuda = os.environ.get("MMKD_BUILD_CUDA", "auto")
+    with_cuda = want_cuda == "1" or (want_cuda == "auto" and torch.version.cuda is not None and CUDA_HOME is not None)
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MMKD_CUDA_ARCH", "9.0"))
+        ext = CUDAExtension("mmkd_kernels._C", build.sources(with_cuda=True, relative=True),
+                            extra_compile_args={"cxx": build.cxx_flags(), "nvcc": build.nvcc_flags()})
+    else:
+        ext = CppExtension("mmkd_kernels._C", build.sources(with_cuda=False, relative=True), extra_compile_args={"cxx": build.cxx_flags()})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -10,7 +10,7 @@ BACKENDS = ("reference", "chunked", "triton", "native")
 
 # The torch.library namespace of each backend's custom ops (ops.py). The reference backend is
 # plain PyTorch autograd and needs none: torch.compile traces it as it is.
-NAMESPACES = {"chunked": "mmkd_chunked", "triton": "mmkd_triton"}
+NAMESPACES = {"chunked": "mmkd_chunked", "triton": "mmkd_triton", "native": "mmkd_native"}
 
 # Why an optional backend's module failed to import (then it is unavailable, and says so).
 _IMPORT_ERRORS: dict[str, str] = {}
@@ -19,6 +19,9 @@ _IMPORT_ERRORS: dict[str, str] = {}
 def load_optional_backends() -> None:
     """Import the optional backends' modules, which register their ops. At import time of the
     library, never inside a traced function (torch.compile cannot trace an import)."""
+    from . import native
+
+    native.load(build=False)  # the built extension only: a build just in time waits for a request
     if importlib.util.find_spec("triton") is None:
         return
     try:
@@ -43,6 +46,22 @@ def _triton_reason(device: torch.device | None, dtype: torch.dtype | None) -> st
     return None
 
 
+def _native_reason(device: torch.device | None, dtype: torch.dtype | None, build: bool) -> str | None:
+    from . import native
+
+    reason = native.load(build)
+    if reason is not None:
+        return reason
+    if device is not None and device.type == "cuda":
+        if not native.has_cuda_kernels():
+            return "backend='native' was built without CUDA kernels (rebuild with MMKD_BUILD_CUDA=1)"
+        if dtype == torch.float64:
+            return "backend='native' computes float32, float16 and bfloat16 on CUDA; for float64 use 'chunked'"
+    elif device is not None and device.type != "cpu":
+        return f"backend='native' runs on CPU and CUDA tensors, got {device} tensors"
+    return None
+
+
 def unavailable_reason(name: str, device: torch.device | None = None, dtype: torch.dtype | None = None) -> str | None:
     """Why backend ``name`` cannot run (for tensors on ``device`` of ``dtype``, when given), or None."""
     if name in ("reference", "chunked"):
@@ -50,7 +69,7 @@ def unavailable_reason(name: str, device: torch.device | None = None, dtype: tor
     if name == "triton":
         return _triton_reason(device, dtype)
     if name == "native":
-        return "backend='native' is not part of this version of mmkd_kernels yet (csrc/ is not written)"
+        return _native_reason(device, dtype, build=False)
     return f"backend must be one of {', '.join(map(repr, BACKENDS + ('auto',)))}, got {name!r}"
 
 
@@ -71,7 +90,9 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None
         preferred = ("triton", "native", "chunked") if device.type == "cuda" else ("native", "chunked")
         backend = next(name for name in preferred if unavailable_reason(name, device, dtype) is None)
     else:
-        reason = unavailable_reason(backend, device, dtype)
+        # Asked for by name, the native extension is built now if it was not at install.
+        reason = (_native_reason(device, dtype, build=True) if backend == "native"
+                  else unavailable_reason(backend, device, dtype))
         if reason is not None:
             raise ValueError(reason)
     return backend

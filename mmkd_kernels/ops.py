@@ -154,12 +154,13 @@ def _register_autograd(namespace: str) -> None:
 def register_backend(namespace: str, impls: dict | None = None) -> None:
     """Give the seven ops of ``namespace`` their fake functions and autograd.
 
-    ``impls`` (op name -> Python function) defines the ops as Python custom ops; without it the ops
-    must already exist (defined in C++ by ``TORCH_LIBRARY``, as the native extension does).
+    ``impls`` (op name -> Python function) defines those ops as Python custom ops; the others must
+    already exist (defined in C++ by ``TORCH_LIBRARY``, as the native extension does).
     """
+    impls = impls or {}
     for name, schema in SCHEMAS.items():
         qualname = f"{namespace}::{name}"
-        if impls is not None:
+        if name in impls:
             torch.library.custom_op(qualname, impls[name], mutates_args=(), schema=schema)
         torch.library.register_fake(qualname, FAKES[name])
     _register_autograd(namespace)

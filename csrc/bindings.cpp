@@ -1,0 +1,40 @@
+// mmkd_kernels._C: the `native` backend's ops, torch.ops.mmkd_native.*. The schemas are those of
+// mmkd_kernels/ops.py SCHEMAS (one contract for every backend; tests/test_native.py checks they
+// agree); the CPU kernels are registered here, the CUDA ones in cuda/ops_cuda.cpp when built with
+// CUDA. Autograd and fake (shape) functions are registered from Python, shared with the other
+// backends (mmkd_kernels/ops.py register_backend). The gram algorithm is plain ATen matmuls and is
+// defined from Python too (mmkd_kernels/native.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+extern "C" {
+// Importing mmkd_kernels._C as a Python module runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(mmkd_native, m) {
+  m.def("contrastive_forward(Tensor q, Tensor k, Tensor targets, float scale, bool normalize, bool symmetric)"
+        " -> (Tensor row_loss, Tensor col_loss, Tensor row_lse, Tensor col_lse)");
+  m.def("contrastive_backward(Tensor grad_row, Tensor grad_col, Tensor q, Tensor k, Tensor targets, Tensor row_lse,"
+        " Tensor col_lse, float scale, bool normalize, bool symmetric, bool need_q, bool need_k)"
+        " -> (Tensor dq, Tensor dk)");
+  m.def("contrastive_forward_with_grad(Tensor q, Tensor k, Tensor targets, float scale, bool normalize,"
+        " bool need_q, bool need_k) -> (Tensor loss_sum, Tensor dq, Tensor dk)");
+  m.def("structure_tile_forward(Tensor s, Tensor t, str kind, float scale, bool normalize, int row_start,"
+        " int row_count) -> Tensor");
+  m.def("structure_tile_forward_with_grad(Tensor s, Tensor t, str kind, float scale, bool normalize,"
+        " int row_start, int row_count, bool need_s, bool need_t) -> (Tensor loss_sum, Tensor ds, Tensor dt)");
+}
+
+TORCH_LIBRARY_IMPL(mmkd_native, CPU, m) {
+  m.impl("contrastive_forward", &mmkd::cpu::contrastive_forward);
+  m.impl("contrastive_backward", &mmkd::cpu::contrastive_backward);
+  m.impl("contrastive_forward_with_grad", &mmkd::cpu::contrastive_forward_with_grad);
+  m.impl("structure_tile_forward", &mmkd::cpu::structure_tile_forward);
+  m.impl("structure_tile_forward_with_grad", &mmkd::cpu::structure_tile_forward_with_grad);
+}

@@ -1,0 +1,75 @@
+// What the CPU kernels share: the accumulation dtype, row blocks, row normalization and its
+// backward, and an exp that the compiler vectorizes (std::exp on float is a scalar call, and the
+// epilogues are exp-bound once the GEMMs go through MKL).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <utility>
+
+namespace mmkd {
+namespace cpu {
+
+constexpr double kEps = 1e-8;
+
+// float64 if any input is float64, else float32 (half inputs are computed in float32).
+inline at::ScalarType accumulation_dtype(const at::Tensor& a, const at::Tensor& b) {
+  return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble
+                                                                             : at::kFloat;
+}
+
+// Rows per block so that a (block × n_cols) tile stays within about 2 MiB: it lives in cache
+// between the GEMM that writes it and the epilogue that reads it.
+inline int64_t row_block(int64_t n_cols, int64_t element_size) {
+  const int64_t budget = (int64_t{2} << 20) / element_size;
+  int64_t rows = budget / std::max<int64_t>(n_cols, 1);
+  return std::max<int64_t>(16, std::min<int64_t>(rows, 1024));
+}
+
+struct Normalized {
+  at::Tensor rows;   // x̂ (N, D) in the accumulation dtype, contiguous
+  at::Tensor norms;  // max(‖x‖, eps) (N,), undefined when not normalizing
+};
+
+inline Normalized normalize_rows(const at::Tensor& x, at::ScalarType acc, bool normalize) {
+  at::Tensor rows = x.to(acc).contiguous();
+  if (!normalize) return {rows, at::Tensor()};
+  at::Tensor norms = at::linalg_vector_norm(rows, 2, {1}).clamp_min_(kEps);
+  return {rows / norms.unsqueeze(1), norms};
+}
+
+// dx from dx̂, in place: (dx̂ − x̂ (x̂·dx̂)) / ‖x‖ where ‖x‖ > eps, else dx̂ / eps.
+inline at::Tensor normalize_backward(at::Tensor dx_hat, const Normalized& x) {
+  if (!x.norms.defined()) return dx_hat;
+  at::Tensor radial = (x.rows * dx_hat).sum(1) * x.norms.gt(kEps).to(dx_hat.scalar_type());
+  return dx_hat.sub_(x.rows * radial.unsqueeze(1)).div_(x.norms.unsqueeze(1));
+}
+
+// exp(x) for float, vectorizable: 2^n · p(r) with x = n·ln2 + r, |r| ≤ ln2/2, a degree-6
+// polynomial (Cephes' expf coefficients, ~1 ulp). NaN stays NaN, −inf and x < −87.3 give 0.
+inline float fast_exp(float x) {
+  const float clamped = x > 88.0f ? 88.0f : (x < -87.3f ? -87.3f : x);
+  const float n = std::nearbyint(clamped * 1.44269504088896341f);
+  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  static_assert(sizeof(scale) == sizeof(bits), "float is 32 bits");
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  const float result = x < -87.3f ? 0.0f : p * scale;
+  return x != x ? x : (x > 88.0f ? std::numeric_limits<float>::infinity() : result);
+}
+
+inline double fast_exp(double x) { return std::exp(x); }
+
+}  // namespace cpu
+}  // namespace mmkd

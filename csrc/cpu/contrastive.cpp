@@ -1,0 +1,203 @@
+// The contrastive loss on CPU (DESIGN §1.1): row blocks of z = scale · q̂ k̂ᵀ through MKL's GEMM,
+// each followed by a fused epilogue over its rows while the block is in cache. Never more than a
+// (block × M) tile; the same scheme as mmkd_kernels/chunked.py with the elementwise passes fused.
+//
+// The scale is folded into q̂ once (qs = scale·q̂), so z = qs k̂ᵀ, dq̂ = scale·dz k̂, dk̂ = dzᵀ qs.
+#include "../ops.h"
+#include "common.h"
+
+#include <ATen/Parallel.h>
+
+#include <limits>
+
+namespace mmkd {
+namespace cpu {
+namespace {
+
+// Per row of a block z (rows × m): lse and loss = lse − z[target]. With `to_grad`, z becomes
+// softmax − onehot(target) in place: the gradient of the row's loss with respect to its logits.
+template <typename scalar_t>
+void row_epilogue(scalar_t* z, int64_t rows, int64_t m, const int64_t* targets, scalar_t* lse,
+                  scalar_t* loss, bool to_grad) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* row = z + r * m;
+      scalar_t max = -std::numeric_limits<scalar_t>::infinity();
+      for (int64_t j = 0; j < m; ++j) max = row[j] > max || row[j] != row[j] ? row[j] : max;
+      const scalar_t target_logit = row[targets[r]];
+      scalar_t sum = 0;
+      if (to_grad) {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < m; ++j) {
+          row[j] = fast_exp(row[j] - max);
+          sum += row[j];
+        }
+        const scalar_t inv = scalar_t(1) / sum;
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) row[j] *= inv;
+        row[targets[r]] -= 1;
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < m; ++j) sum += fast_exp(row[j] - max);
+      }
+      lse[r] = max + std::log(sum);
+      loss[r] = lse[r] - target_logit;
+    }
+  });
+}
+
+// Column statistics of one block merged into running (max, sum) over all rows so far: one pass
+// over z serves both directions of the symmetric loss.
+template <typename scalar_t>
+void merge_columns(const scalar_t* z, int64_t rows, int64_t m, scalar_t* col_max, scalar_t* col_sum) {
+  at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      scalar_t max = col_max[j];
+      for (int64_t r = 0; r < rows; ++r) max = z[r * m + j] > max || z[r * m + j] != z[r * m + j] ? z[r * m + j] : max;
+      scalar_t sum = col_max[j] == -std::numeric_limits<scalar_t>::infinity() ? 0 : col_sum[j] * fast_exp(col_max[j] - max);
+      for (int64_t r = 0; r < rows; ++r) sum += fast_exp(z[r * m + j] - max);
+      col_max[j] = max;
+      col_sum[j] = sum;
+    }
+  });
+}
+
+// A recomputed block z (rows × m, rows start..) becomes dz in place:
+// dz_ij = g_i (p_ij − [j = t_i]) + g'_j (p'_ij − [i = j]), p the row softmax (lse), p' the column
+// softmax (col_lse; the column term only for the symmetric loss, col_lse == nullptr otherwise).
+template <typename scalar_t>
+void grad_epilogue(scalar_t* z, int64_t rows, int64_t m, int64_t start, const int64_t* targets,
+                   const scalar_t* lse, const scalar_t* g, const scalar_t* col_lse, const scalar_t* g_col) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = start + r;
+      scalar_t* row = z + r * m;
+      const scalar_t gi = g[i], li = lse[i];
+      if (col_lse != nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) row[j] = gi * fast_exp(row[j] - li) + g_col[j] * fast_exp(row[j] - col_lse[j]);
+        row[i] -= g_col[i];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) row[j] = gi * fast_exp(row[j] - li);
+      }
+      row[targets[i]] -= gi;
+    }
+  });
+}
+
+struct Inputs {
+  Normalized q, k;
+  at::Tensor qs;  // scale · q̂
+  int64_t n, m, block;
+};
+
+Inputs prepare(const at::Tensor& q, const at::Tensor& k, double scale, bool normalize) {
+  const auto acc = accumulation_dtype(q, k);
+  Inputs in{normalize_rows(q, acc, normalize), normalize_rows(k, acc, normalize), {}, q.size(0), k.size(0), 0};
+  in.qs = in.q.rows * scale;
+  in.block = row_block(in.m, at::elementSize(acc));
+  return in;
+}
+
+at::Tensor input_grad(at::Tensor d_hat, const Normalized& x, const at::Tensor& like) {
+  return normalize_backward(std::move(d_hat), x).to(like.scalar_type()).contiguous();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& targets, double scale, bool normalize,
+    bool symmetric) {
+  Inputs in = prepare(q, k, scale, normalize);
+  const auto opts = in.qs.options();
+  at::Tensor row_lse = at::empty({in.n}, opts), row_loss = at::empty({in.n}, opts);
+  at::Tensor col_max = at::full({symmetric ? in.m : 0}, -std::numeric_limits<double>::infinity(), opts);
+  at::Tensor col_sum = at::zeros({symmetric ? in.m : 0}, opts);
+  at::Tensor tgt = targets.contiguous();
+  at::Tensor z = at::empty({in.block, in.m}, opts);
+  AT_DISPATCH_FLOATING_TYPES(in.qs.scalar_type(), "contrastive_forward", [&] {
+    for (int64_t start = 0; start < in.n; start += in.block) {
+      const int64_t rows = std::min(in.block, in.n - start);
+      at::Tensor zb = z.narrow(0, 0, rows);
+      at::mm_out(zb, in.qs.narrow(0, start, rows), in.k.rows.t());
+      if (symmetric) merge_columns(zb.data_ptr<scalar_t>(), rows, in.m, col_max.data_ptr<scalar_t>(), col_sum.data_ptr<scalar_t>());
+      row_epilogue(zb.data_ptr<scalar_t>(), rows, in.m, tgt.data_ptr<int64_t>() + start,
+                   row_lse.data_ptr<scalar_t>() + start, row_loss.data_ptr<scalar_t>() + start, false);
+    }
+  });
+  if (!symmetric) return {row_loss, at::empty({0}, opts), row_lse, at::empty({0}, opts)};
+  at::Tensor col_lse = col_max + col_sum.log();
+  at::Tensor diagonal = (in.qs * in.k.rows.narrow(0, 0, in.n)).sum(1);
+  return {row_loss, col_lse - diagonal, row_lse, col_lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& targets, double scale, bool normalize,
+    bool need_q, bool need_k) {
+  Inputs in = prepare(q, k, scale, normalize);
+  const auto opts = in.qs.options();
+  at::Tensor row_lse = at::empty({in.n}, opts), row_loss = at::empty({in.n}, opts);
+  at::Tensor dq = need_q ? at::empty({in.n, q.size(1)}, opts) : at::empty({0}, opts);
+  at::Tensor dk = need_k ? at::zeros({in.m, k.size(1)}, opts) : at::empty({0}, opts);
+  at::Tensor tgt = targets.contiguous();
+  at::Tensor z = at::empty({in.block, in.m}, opts);
+  AT_DISPATCH_FLOATING_TYPES(in.qs.scalar_type(), "contrastive_forward_with_grad", [&] {
+    for (int64_t start = 0; start < in.n; start += in.block) {
+      const int64_t rows = std::min(in.block, in.n - start);
+      at::Tensor zb = z.narrow(0, 0, rows);
+      at::mm_out(zb, in.qs.narrow(0, start, rows), in.k.rows.t());
+      row_epilogue(zb.data_ptr<scalar_t>(), rows, in.m, tgt.data_ptr<int64_t>() + start,
+                   row_lse.data_ptr<scalar_t>() + start, row_loss.data_ptr<scalar_t>() + start, true);
+      if (need_q) {
+        at::Tensor out = dq.narrow(0, start, rows);
+        at::mm_out(out, zb, in.k.rows);
+      }
+      if (need_k) dk.addmm_(zb.t(), in.qs.narrow(0, start, rows));
+    }
+  });
+  if (need_q) dq = input_grad(dq.mul_(scale), in.q, dq);
+  if (need_k) dk = input_grad(dk, in.k, dk);
+  return {row_loss.sum(), dq, dk};
+}
+
+std::tuple<at::Tensor, at::Tensor> contrastive_backward(
+    const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& targets, const at::Tensor& row_lse, const at::Tensor& col_lse, double scale,
+    bool normalize, bool symmetric, bool need_q, bool need_k) {
+  Inputs in = prepare(q, k, scale, normalize);
+  const auto opts = in.qs.options();
+  at::Tensor g_row = grad_row.to(opts.dtype()).contiguous();
+  at::Tensor g_col = symmetric ? grad_col.to(opts.dtype()).contiguous() : at::Tensor();
+  at::Tensor r_lse = row_lse.to(opts.dtype()).contiguous();
+  at::Tensor c_lse = symmetric ? col_lse.to(opts.dtype()).contiguous() : at::Tensor();
+  at::Tensor tgt = targets.contiguous();
+  at::Tensor dq = need_q ? at::empty({in.n, q.size(1)}, opts) : at::Tensor();
+  at::Tensor dk = need_k ? at::zeros({in.m, k.size(1)}, opts) : at::Tensor();
+  at::Tensor z = at::empty({in.block, in.m}, opts);
+  AT_DISPATCH_FLOATING_TYPES(in.qs.scalar_type(), "contrastive_backward", [&] {
+    const scalar_t* lse = r_lse.data_ptr<scalar_t>();
+    const scalar_t* g = g_row.data_ptr<scalar_t>();
+    const int64_t* t = tgt.data_ptr<int64_t>();
+    const int64_t m = in.m;
+    for (int64_t start = 0; start < in.n; start += in.block) {
+      const int64_t rows = std::min(in.block, in.n - start);
+      at::Tensor zb = z.narrow(0, 0, rows);
+      at::mm_out(zb, in.qs.narrow(0, start, rows), in.k.rows.t());
+      grad_epilogue(zb.data_ptr<scalar_t>(), rows, m, start, t, lse, g,
+                    symmetric ? c_lse.data_ptr<scalar_t>() : nullptr,
+                    symmetric ? g_col.data_ptr<scalar_t>() : nullptr);
+      if (need_q) {
+        at::Tensor out = dq.narrow(0, start, rows);
+        at::mm_out(out, zb, in.k.rows);
+      }
+      if (need_k) dk.addmm_(zb.t(), in.qs.narrow(0, start, rows));
+    }
+  });
+  at::Tensor dq_out = need_q ? input_grad(dq.mul_(scale), in.q, q) : at::empty({0}, q.options());
+  at::Tensor dk_out = need_k ? input_grad(dk, in.k, k) : at::empty({0}, k.options());
+  return {dq_out, dk_out};
+}
+
+}  // namespace cpu
+}  // namespace mmkd

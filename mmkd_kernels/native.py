@@ -1,0 +1,63 @@
+"""The `native` backend: loads mmkd_kernels._C (C++ CPU kernels, CUDA C++ kernels when built
+with CUDA), or builds it just in time from csrc/ with ninja when the package was installed
+without it, and registers the shared fake and autograd functions on its ops.
+
+The gram algorithm's D×D products are BLAS matmuls whichever backend runs them, so the native
+namespace defines its gram ops from the same code as the chunked backend.
+"""
+
+import importlib
+import os
+
+import torch
+
+from . import chunked, ops
+
+NAMESPACE = "mmkd_native"
+_state: dict = {}
+
+
+def _jit_build() -> None:
+    """torch.utils.cpp_extension.load of csrc/ (CPU kernels; CUDA too where torch and nvcc have it)."""
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    from .native_build import CSRC, cxx_flags, nvcc_flags, sources
+
+    if not CSRC.is_dir():
+        raise RuntimeError(f"mmkd_kernels._C is not built and its sources are not at {CSRC} "
+                           "(reinstall from a source checkout: pip install --no-build-isolation -e .)")
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MMKD_CUDA_ARCH", "9.0"))
+    load(name=f"mmkd_native_{torch.__version__.replace('.', '_').replace('+', '_')}",
+         sources=sources(with_cuda), extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(),
+         is_python_module=False, verbose=False)
+
+
+def load(build: bool) -> str | None:
+    """Make torch.ops.mmkd_native usable: import the built extension or, with ``build``, compile
+    it now (once per process; cached on disk by torch). Returns None, or why it cannot."""
+    if "error" in _state or "loaded" in _state:
+        return _state.get("error")
+    try:
+        importlib.import_module("mmkd_kernels._C")
+    except ImportError as missing:
+        if not build:
+            return f"backend='native' is not built ({missing}); asking for it by name builds it"
+        try:
+            _jit_build()
+        except Exception as error:  # compiler, ninja or sources missing: say which, once
+            _state["error"] = f"backend='native' could not be built just in time: {type(error).__name__}: {error}"
+            return _state["error"]
+    ops.register_backend(NAMESPACE, {
+        "structure_gram_forward": chunked.structure_gram_forward,
+        "structure_gram_forward_with_grad": chunked.structure_gram_forward_with_grad,
+    })
+    _state["loaded"] = True
+    return None
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension registered CUDA kernels."""
+    return "loaded" in _state and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{NAMESPACE}::contrastive_forward", "CUDA")

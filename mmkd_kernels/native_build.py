@@ -1,0 +1,26 @@
+"""What builds the native extension, shared by setup.py and the just-in-time build (native.py):
+its sources and compiler flags. Plain Python, no torch import."""
+
+import os
+from pathlib import Path
+
+# csrc/ beside the package: present in a source checkout and an editable install.
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def sources(with_cuda: bool, relative: bool = False) -> list[str]:
+    """The extension's sources: absolute paths, or relative to the repository root (setup.py
+    refuses absolute ones)."""
+    files = ["bindings.cpp", "cpu/contrastive.cpp", "cpu/structure.cpp"]
+    if with_cuda:
+        files += ["cuda/ops_cuda.cpp", "cuda/contrastive.cu", "cuda/structure.cu"]
+    return [f"csrc/{f}" if relative else str(CSRC / f) for f in files]
+
+
+def cxx_flags() -> list[str]:
+    # -fopenmp-simd: the epilogues' `#pragma omp simd` loops vectorize without the OpenMP runtime.
+    return ["-O3", "-fopenmp-simd", f"-march={os.environ.get('MMKD_CPU_ARCH', 'native')}", "-DMMKD_NATIVE"]
+
+
+def nvcc_flags() -> list[str]:
+    return ["-O3", "-std=c++17"]
