@@ -17,11 +17,12 @@ CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/
 install: $(STAMP)
 
 # torch first, from the pinned CPU build, so that no dependency pulls a CUDA build; then the project
-# without build isolation, so that its build sees this torch instead of fetching another.
+# without build isolation, so that its build sees this torch instead of fetching another. The
+# extension is built by the next rule, once (MMKD_BUILD_NATIVE=0 here).
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) setuptools wheel torch
-	$(PIP) --no-build-isolation -e '.[test,bench,train]'
+	MMKD_BUILD_NATIVE=0 $(PIP) --no-build-isolation -e '.[test,bench,train]'
 	touch $@
 
 # The compiled extension mmkd_kernels._C (the native backend), rebuilt when csrc/ changes.
