@@ -1,0 +1,118 @@
+/* C launchers of the CUDA kernels of the native backend (contrastive.cu, structure.cu).
+ *
+ * Plain C prototypes: no torch here, so each .cu compiles alone with nvcc and the torch glue
+ * (ops_cuda.cpp) only passes pointers, sizes and strides. The kernels are those of
+ * mmkd_kernels/triton/contrastive.py and structure.py, which state the math; DESIGN.md §1 has it
+ * in full.
+ *
+ * Common conventions:
+ * - dtype: enum mmkd_dtype, the dtype of the input matrices (one dtype for all inputs of a call).
+ *   Inverse norms, log-sum-exps, weights, statistics and every output are float32; indices int64.
+ * - Input matrices are row-major views with explicit strides in elements: element (r, c) of A is
+ *   at A[r * stride_a + c * stride_ad]. They need not be contiguous; outputs are contiguous.
+ * - inv_*: per-row scales, 1 / max(‖row‖, 1e-8) for normalized rows (all ones when not
+ *   normalizing); the kernels scale dot products by them instead of reading normalized copies.
+ * - Each call enqueues its kernel on `stream` and returns a cudaError_t as int: cudaSuccess (0),
+ *   cudaErrorInvalidValue for a bad dtype, kind, side, pointer set or size, or the launch's error.
+ *   A call with nothing to compute (a zero row count or, for gradients, width) launches nothing.
+ * - Needs sm_80 or newer (float16 and bfloat16 use tensor cores).
+ */
+#ifndef MMKD_CUDA_LAUNCHERS_H
+#define MMKD_CUDA_LAUNCHERS_H
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The dtype of the input matrices. */
+enum mmkd_dtype { MMKD_FLOAT32 = 0, MMKD_FLOAT16 = 1, MMKD_BFLOAT16 = 2 };
+
+/* The kind of structure loss (DESIGN §1.2). */
+enum mmkd_structure_kind { MMKD_MSE = 0, MMKD_PEARSON = 1, MMKD_KL = 2 };
+
+/* Which similarity matrix a structure gradient is of: the student's G^S = ŝŝᵀ or the teacher's. */
+enum mmkd_structure_side { MMKD_STUDENT = 0, MMKD_TEACHER = 1 };
+
+/* Per-row statistics of the structure loss saved for its gradient: float32 [row_count, 5]. */
+#define MMKD_STRUCTURE_STATS 5
+
+/* ---------------------------------------------------------------------------------------------
+ * Contrastive loss, z[a, b] = scale · (A_a · B_b) · inv_a[a] · inv_b[b], never stored.
+ * ------------------------------------------------------------------------------------------- */
+
+/* Online log-sum-exp over the rows of z.
+ *   A (n_a, d), B (n_b, d) of `dtype`; inv_a (n_a,), inv_b (n_b,) float32; targets (n_a,) int64
+ *   in [0, n_b).
+ * Writes lse (n_a,) float32: lse[a] = log Σ_b exp z[a, b], and loss (n_a,) float32:
+ * loss[a] = lse[a] − z[a, targets[a]].
+ * Run on (q, k) it gives the row statistics; on (k, q) with targets = arange, the column ones. */
+int mmkd_contrastive_lse(int dtype, const void* A, const void* B, const float* inv_a, const float* inv_b,
+                         const int64_t* targets, float* lse, float* loss, int64_t n_a, int64_t n_b, int64_t d,
+                         int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale,
+                         cudaStream_t stream);
+
+/* Gradient with respect to the scaled rows Â_a = inv_a[a] · A_a:
+ *   dA[a, :] = scale · Σ_b dz[a, b] · inv_b[b] · B_b,
+ *   dz[a, b] = g_a[a] (exp(z[a, b] − lse_a[a]) − [b = t_a[a]])      (row term)
+ *            + g_b[b] (exp(z[a, b] − lse_b[b]) − [a = t_b[b]])      (column term)
+ *   A, B, inv_a, inv_b as for mmkd_contrastive_lse. Row term: lse_a, g_a (n_a,) float32, t_a (n_a,)
+ *   int64; column term: lse_b, g_b (n_b,) float32, t_b (n_b,) int64. A term whose three pointers are
+ *   all NULL is off (mixing NULL and non-NULL in one term is an error).
+ * Writes dA (n_a, d) float32, contiguous: the gradient of the normalized rows (the normalization's
+ * own backward is the caller's). Run on (q, k) it gives dq̂, on (k, q) with the terms swapped dk̂:
+ * row-parallel both ways, no atomics. */
+int mmkd_contrastive_grad(int dtype, const void* A, const void* B, const float* inv_a, const float* inv_b,
+                          const float* lse_a, const float* g_a, const int64_t* t_a, const float* lse_b,
+                          const float* g_b, const int64_t* t_b, float* dA, int64_t n_a, int64_t n_b, int64_t d,
+                          int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale,
+                          cudaStream_t stream);
+
+/* ---------------------------------------------------------------------------------------------
+ * Structure loss, tile algorithm: rows i in [row_start, row_start + row_count) of G^S and G^T
+ * against all n columns j, pairs i = j left out. G^S[i, j] = (S_i · S_j) inv_s[i] inv_s[j],
+ * G^T likewise with T. Common arguments:
+ *   S (n, ds), T (n, dt) of `dtype` (the widths may differ); inv_s, inv_t (n,) float32;
+ *   kind: enum mmkd_structure_kind; scale = 1 / temperature (kl only);
+ *   0 <= row_start, 0 <= row_count, row_start + row_count <= n.
+ * ------------------------------------------------------------------------------------------- */
+
+/* Per-row losses and statistics. Writes loss (row_count,) float32, the loss of row row_start + r at
+ * r, and stats (row_count, 5) float32, row r:
+ *   mse     (0, 0, 0, 0, 0)
+ *   pearson (mean_s, mean_t, var_s, var_t, cov): means and centered sums (not means) over j ≠ i
+ *   kl      (lse_t, lse_s, kl, 0, 0): log-sum-exps over j ≠ i of scale·G^T and scale·G^S, and
+ *           the row's KL(P ‖ Q) (= its loss). */
+int mmkd_structure_rows(int dtype, int kind, const void* S, const void* T, const float* inv_s, const float* inv_t,
+                        float* loss, float* stats, int64_t n, int64_t row_start, int64_t row_count, int64_t ds,
+                        int64_t dt, int64_t stride_s, int64_t stride_sd, int64_t stride_t, int64_t stride_td,
+                        float scale, cudaStream_t stream);
+
+/* The two halves of the gradient of Σ_r grad[r] · loss[r] with respect to the normalized rows X̂
+ * of one side (X = S for side MMKD_STUDENT, T for MMKD_TEACHER; its width dx = ds or dt), from the
+ * statistics of mmkd_structure_rows (stats (row_count, 5), grad (row_count,) float32). With dG
+ * the gradient of that side's similarity matrix on the computed rows (zero on the diagonal),
+ * G = X̂X̂ᵀ gives dX̂ = dG X̂ (on the computed rows) + dGᵀ X̂ (on all rows).
+ *
+ * mmkd_structure_grad_rows writes dx_rows (row_count, dx) float32: row r = Σ_j dG[row_start + r, j] X̂_j.
+ * mmkd_structure_grad_cols writes dx_cols (n, dx) float32: row j = Σ_i dG[i, j] X̂_i over the
+ * computed rows i. The caller adds dx_rows into rows [row_start, row_start + row_count) of dx_cols. */
+int mmkd_structure_grad_rows(int dtype, int kind, int side, const void* S, const void* T, const float* inv_s,
+                             const float* inv_t, const float* stats, const float* grad, float* dx_rows, int64_t n,
+                             int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t stride_s,
+                             int64_t stride_sd, int64_t stride_t, int64_t stride_td, float scale,
+                             cudaStream_t stream);
+
+int mmkd_structure_grad_cols(int dtype, int kind, int side, const void* S, const void* T, const float* inv_s,
+                             const float* inv_t, const float* stats, const float* grad, float* dx_cols, int64_t n,
+                             int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t stride_s,
+                             int64_t stride_sd, int64_t stride_t, int64_t stride_td, float scale,
+                             cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MMKD_CUDA_LAUNCHERS_H */

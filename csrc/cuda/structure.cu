@@ -1,0 +1,472 @@
+// CUDA kernels of the structure loss, tile algorithm (DESIGN §1.2), a port of
+// mmkd_kernels/triton/structure.py: tiles of G^S = ŜŜᵀ and G^T = T̂T̂ᵀ are computed side by side and
+// never stored; the diagonal (i, i) is left out. Kinds (a template parameter): 0 mse, 1 pearson, 2 kl.
+//
+// - rows_kernel: for a block of 64 rows, one pass over the 64-column tiles with per-row statistics
+//   in registers (warp w owns rows w·8 .. w·8 + 7): mse the sum of squared differences; pearson
+//   means, centered sums of squares and cross-sums merged tile by tile with Chan et al.'s formulas
+//   (each tile centered on its own means); kl two online softmaxes and the running Σ P·(a − b).
+//   Writes the per-row losses and the statistics the gradient needs ([row_count, 5]).
+// - grad_kernel: recomputes the tiles, turns the per-row statistics into dG of one side (student
+//   or teacher), and accumulates dG X̂ for a block of rows (cols = false, row-parallel) or dGᵀ X̂
+//   for a block of columns (cols = true, column-parallel): G = X̂X̂ᵀ gets both, without atomics.
+//   Like the Triton kernels it recomputes the tiles once per 64-wide chunk of the output's D.
+//
+// Tiles 64 × 64, D in chunks of 32, 256 threads; float32 by FMA, float16/bfloat16 by WMMA tensor
+// cores, float32 accumulation (tiles.cuh). Dynamic shared memory (float32 / half inputs): rows
+// 51.5 / 45 KiB, grad 70 / 55 KiB (opted in above 48 KiB).
+//
+// Validation: compiled with nvcc -arch=sm_90 and run on the CPU under emulation/ against the chunked
+// backend (tests/test_cuda_sources.py); a run on a GPU is still owed.
+
+#include <math.h>
+
+#include "launchers.h"
+#include "tiles.cuh"
+
+namespace {
+
+using namespace mmkd_tiles;
+
+constexpr float kEps2 = 1e-16f;  // reference.EPS²: the pearson denominator is sqrt(max(var_s·var_t, eps²))
+
+// Shared memory of rows_kernel: both similarity tiles, the D chunks, the inverse norms of the tile's
+// rows (s, t) and columns (s, t).
+template <typename T>
+struct RowsLayout {
+  static constexpr size_t kGs = 0;
+  static constexpr size_t kGt = kGs + kTileBytes;
+  static constexpr size_t kStage = kGt + kTileBytes;
+  static constexpr size_t kEdges = kStage + kStageBytes<T>;
+  static constexpr size_t kTotal = kEdges + round_up(4 * kBlock * sizeof(float));
+  static_assert(kTotal <= kMaxSharedBytes, "shared memory");
+};
+
+template <typename T, int KIND>
+__global__ void __launch_bounds__(kThreads)
+    rows_kernel(const T* __restrict__ S, const T* __restrict__ Tm, const float* __restrict__ inv_s,
+                const float* __restrict__ inv_t, float* __restrict__ loss, float* __restrict__ stats, int64_t n,
+                int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t s_row, int64_t s_col,
+                int64_t t_row, int64_t t_col, float scale) {
+  unsigned char* smem = dynamic_smem();
+  using L = RowsLayout<T>;
+  float* Gs = reinterpret_cast<float*>(smem + L::kGs);
+  float* Gt = reinterpret_cast<float*>(smem + L::kGt);
+  T* stage = reinterpret_cast<T*>(smem + L::kStage);
+  float* inv_sa = reinterpret_cast<float*>(smem + L::kEdges);
+  float* inv_ta = inv_sa + kBlock;
+  float* inv_sb = inv_ta + kBlock;
+  float* inv_tb = inv_sb + kBlock;
+
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int64_t local0 = static_cast<int64_t>(blockIdx.x) * kBlock;  // first row of the block, from row_start
+  const int64_t a_first = row_start + local0;
+  const int64_t a_end = row_start + row_count;
+  if (tid < kBlock) {
+    const bool in = local0 + tid < row_count;
+    inv_sa[tid] = in ? inv_s[a_first + tid] : 0.0f;
+    inv_ta[tid] = in ? inv_t[a_first + tid] : 0.0f;
+  }
+
+  // Running statistics of the warp's rows (every lane the same values); their meaning by KIND:
+  // mse r0 Σ(gs − gt)²; pearson count, r0 mean_s, r1 mean_t, r2 M2_s, r3 M2_t, r4 C;
+  // kl (a = scale·G^T, b = scale·G^S) max_a, max_b, r0 Σexp(a − max_a), r1 Σexp(b − max_b),
+  // r2 Σexp(a − max_a)(a − b).
+  float count[kRowsPerWarp], r0[kRowsPerWarp], r1[kRowsPerWarp], r2[kRowsPerWarp], r3[kRowsPerWarp],
+      r4[kRowsPerWarp], max_a[kRowsPerWarp], max_b[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    count[r] = r0[r] = r1[r] = r2[r] = r3[r] = r4[r] = 0.0f;
+    max_a[r] = max_b[r] = -INFINITY;
+  }
+
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    __syncthreads();  // the previous tile's readers of Gs, Gt and the column vectors are done
+    if (tid < kBlock) {
+      const bool in = b0 + tid < n;
+      inv_sb[tid] = in ? inv_s[b0 + tid] : 0.0f;
+      inv_tb[tid] = in ? inv_t[b0 + tid] : 0.0f;
+    }
+    dot_tile<T>(S, a_first, a_end, s_row, s_col, S, b0, n, s_row, s_col, ds, stage, Gs);
+    dot_tile<T>(Tm, a_first, a_end, t_row, t_col, Tm, b0, n, t_row, t_col, dt, stage, Gt);
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int i = warp * kRowsPerWarp + r;
+      const bool row_in = local0 + i < row_count;
+      bool valid[2];
+      float gs[2], gt[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = lane + 32 * h;
+        valid[h] = row_in && b0 + j < n && b0 + j != a_first + i;
+        gs[h] = Gs[i * kTilePitch + j] * (inv_sa[i] * inv_sb[j]);
+        gt[h] = Gt[i * kTilePitch + j] * (inv_ta[i] * inv_tb[j]);
+      }
+      if constexpr (KIND == MMKD_MSE) {
+        const float d0 = valid[0] ? gs[0] - gt[0] : 0.0f;
+        const float d1 = valid[1] ? gs[1] - gt[1] : 0.0f;
+        r0[r] += warp_sum(d0 * d0 + d1 * d1);
+      } else if constexpr (KIND == MMKD_PEARSON) {
+        // Chan et al.: merge this tile's statistics (centered on the tile's own means).
+        const float tile_count = warp_sum(static_cast<float>(valid[0]) + static_cast<float>(valid[1]));
+        const float safe = fmaxf(tile_count, 1.0f);
+        const float tile_mean_s =
+            warp_sum((valid[0] ? gs[0] : 0.0f) + (valid[1] ? gs[1] : 0.0f)) / safe;
+        const float tile_mean_t =
+            warp_sum((valid[0] ? gt[0] : 0.0f) + (valid[1] ? gt[1] : 0.0f)) / safe;
+        float cs[2], ct[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          cs[h] = valid[h] ? gs[h] - tile_mean_s : 0.0f;
+          ct[h] = valid[h] ? gt[h] - tile_mean_t : 0.0f;
+        }
+        const float m2_s = warp_sum(cs[0] * cs[0] + cs[1] * cs[1]);
+        const float m2_t = warp_sum(ct[0] * ct[0] + ct[1] * ct[1]);
+        const float c_st = warp_sum(cs[0] * ct[0] + cs[1] * ct[1]);
+        const float total = count[r] + tile_count;
+        const float weight = total > 0.0f ? tile_count / fmaxf(total, 1.0f) : 0.0f;
+        const float delta_s = tile_mean_s - r0[r];
+        const float delta_t = tile_mean_t - r1[r];
+        r0[r] += delta_s * weight;
+        r1[r] += delta_t * weight;
+        r2[r] += m2_s + delta_s * delta_s * count[r] * weight;
+        r3[r] += m2_t + delta_t * delta_t * count[r] * weight;
+        r4[r] += c_st + delta_s * delta_t * count[r] * weight;
+        count[r] = total;
+      } else {
+        float a[2], b[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          a[h] = valid[h] ? gt[h] * scale : -INFINITY;
+          b[h] = valid[h] ? gs[h] * scale : -INFINITY;
+        }
+        const float new_a = fmaxf(max_a[r], warp_max(fmaxf(a[0], a[1])));
+        const float new_b = fmaxf(max_b[r], warp_max(fmaxf(b[0], b[1])));
+        const float safe_a = new_a == -INFINITY ? 0.0f : new_a;
+        const float safe_b = new_b == -INFINITY ? 0.0f : new_b;
+        const float alpha = expf(max_a[r] - safe_a);
+        float e[2], e_ab[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          e[h] = expf(a[h] - safe_a);
+          e_ab[h] = valid[h] ? e[h] * (a[h] - b[h]) : 0.0f;
+        }
+        r0[r] = r0[r] * alpha + warp_sum(e[0] + e[1]);
+        r2[r] = r2[r] * alpha + warp_sum(e_ab[0] + e_ab[1]);
+        r1[r] = r1[r] * expf(max_b[r] - safe_b) + warp_sum(expf(b[0] - safe_b) + expf(b[1] - safe_b));
+        max_a[r] = new_a;
+        max_b[r] = new_b;
+      }
+    }
+  }
+
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t local = local0 + warp * kRowsPerWarp + r;
+      if (local >= row_count) continue;
+      float row_loss, s[MMKD_STRUCTURE_STATS] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+      if constexpr (KIND == MMKD_MSE) {
+        row_loss = r0[r] / static_cast<float>(n - 1);
+      } else if constexpr (KIND == MMKD_PEARSON) {
+        row_loss = 1.0f - r4[r] / sqrtf(fmaxf(r2[r] * r3[r], kEps2));
+        s[0] = r0[r];
+        s[1] = r1[r];
+        s[2] = r2[r];
+        s[3] = r3[r];
+        s[4] = r4[r];
+      } else {
+        // Differences first: with one column, (a − b) − ((max_a − max_b) + 0) is exactly 0.
+        row_loss = r2[r] / r0[r] - ((max_a[r] - max_b[r]) + (logf(r0[r]) - logf(r1[r])));
+        s[0] = max_a[r] + logf(r0[r]);
+        s[1] = max_b[r] + logf(r1[r]);
+        s[2] = row_loss;
+      }
+      loss[local] = row_loss;
+#pragma unroll
+      for (int k = 0; k < MMKD_STRUCTURE_STATS; ++k) stats[local * MMKD_STRUCTURE_STATS + k] = s[k];
+    }
+  }
+}
+
+// Shared memory of grad_kernel: both similarity tiles, the dG operand tile, the D chunks sharing a
+// region with the X tile of the product, the tile rows' inverse norms and coefficients (6 vectors)
+// and the tile columns' inverse norms (2 vectors).
+template <typename T>
+struct GradLayout {
+  static constexpr size_t kGs = 0;
+  static constexpr size_t kGt = kGs + kTileBytes;
+  static constexpr size_t kP = kGt + kTileBytes;
+  static constexpr size_t kStage = kP + kOperandBytes<T>;
+  static constexpr size_t kEdges = kStage + kStageOrOperandBytes<T>;
+  static constexpr size_t kTotal = kEdges + round_up(8 * kBlock * sizeof(float));
+  static_assert(kTotal <= kMaxSharedBytes, "shared memory");
+};
+
+// DX (rows of the output: computed rows from row_start when cols is false, all n rows when true),
+// 64-wide chunk blockIdx.y of its dx columns: Σ over the other index of dG (of SIDE) · X̂.
+template <typename T, int KIND>
+__global__ void __launch_bounds__(kThreads)
+    grad_kernel(const T* __restrict__ S, const T* __restrict__ Tm, const float* __restrict__ inv_s,
+                const float* __restrict__ inv_t, const float* __restrict__ stats, const float* __restrict__ grad,
+                float* __restrict__ dX, int64_t n, int64_t row_start, int64_t row_count, int64_t ds, int64_t dt,
+                int64_t s_row, int64_t s_col, int64_t t_row, int64_t t_col, float scale, int side, bool cols) {
+  unsigned char* smem = dynamic_smem();
+  using L = GradLayout<T>;
+  constexpr int OP = Traits<T>::kOperandPitch;
+  float* Gs = reinterpret_cast<float*>(smem + L::kGs);
+  float* Gt = reinterpret_cast<float*>(smem + L::kGt);
+  T* Pm = reinterpret_cast<T*>(smem + L::kP);
+  T* stage = reinterpret_cast<T*>(smem + L::kStage);  // dot_tile's chunks, then the X tile of dG·X
+  float* inv_sa = reinterpret_cast<float*>(smem + L::kEdges);
+  float* inv_ta = inv_sa + kBlock;
+  float* c0 = inv_ta + kBlock;  // per-row coefficients of dG, by KIND (see below)
+  float* c1 = c0 + kBlock;
+  float* c2 = c1 + kBlock;
+  float* c3 = c2 + kBlock;
+  float* inv_sb = c3 + kBlock;
+  float* inv_tb = inv_sb + kBlock;
+
+  const bool student = side == MMKD_STUDENT;  // uniform over the grid
+  const T* X = student ? S : Tm;
+  const int64_t dx = student ? ds : dt;
+  const int64_t x_row = student ? s_row : t_row;
+  const int64_t x_col = student ? s_col : t_col;
+  const float* inv_xa = student ? inv_sa : inv_ta;
+  const float* inv_xb = student ? inv_sb : inv_tb;
+
+  const int tid = threadIdx.x;
+  const int64_t fixed = static_cast<int64_t>(blockIdx.x) * kBlock;  // this block's rows (local) or columns
+  const int64_t do0 = static_cast<int64_t>(blockIdx.y) * kBlock;
+  const int64_t a_end = row_start + row_count;
+
+  OutAcc<T> acc;
+  acc.zero();
+  const int64_t steps = cols ? row_count : n;
+  for (int64_t step = 0; step < steps; step += kBlock) {
+    const int64_t local0 = cols ? step : fixed;  // tile rows row_start + local0 + i
+    const int64_t b0 = cols ? fixed : step;      // tile columns b0 + j
+    const int64_t a_first = row_start + local0;
+    __syncthreads();  // the previous tile's readers of Gs, Gt, Pm, the X tile and the vectors are done
+    if (tid < kBlock) {
+      const int64_t local = local0 + tid;
+      const bool in = local < row_count;
+      inv_sa[tid] = in ? inv_s[a_first + tid] : 0.0f;
+      inv_ta[tid] = in ? inv_t[a_first + tid] : 0.0f;
+      const float g = in ? grad[local] : 0.0f;
+      const float* st = stats + (in ? local : 0) * MMKD_STRUCTURE_STATS;
+      float k0 = 0.0f, k1 = 0.0f, k2 = 0.0f, k3 = 0.0f;
+      if (in) {
+        if constexpr (KIND == MMKD_MSE) {
+          k0 = 2.0f * g / static_cast<float>(n - 1);  // dG^S = (gs − gt) · k0, dG^T its negative
+        } else if constexpr (KIND == MMKD_PEARSON) {
+          // loss_i = 1 − r_i: k0 mean_s, k1 mean_t, k2 g_r / denom, k3 the coefficient of the own side.
+          const float var_s = st[2], var_t = st[3], cov = st[4];
+          const float product = var_s * var_t;
+          const float denom = sqrtf(fmaxf(product, kEps2));
+          const float r = cov / denom;
+          const float g_r = -g;
+          const float var_own = student ? var_s : var_t;
+          k0 = st[0];
+          k1 = st[1];
+          k2 = g_r / denom;
+          k3 = product > kEps2 ? g_r * r / var_own : 0.0f;
+        } else {
+          // k0 lse_t, k1 lse_s, k2 the row's KL, k3 g · scale.
+          k0 = st[0];
+          k1 = st[1];
+          k2 = st[2];
+          k3 = g * scale;
+        }
+      }
+      c0[tid] = k0;
+      c1[tid] = k1;
+      c2[tid] = k2;
+      c3[tid] = k3;
+    } else if (tid < 2 * kBlock) {
+      const int j = tid - kBlock;
+      const bool in = b0 + j < n;
+      inv_sb[j] = in ? inv_s[b0 + j] : 0.0f;
+      inv_tb[j] = in ? inv_t[b0 + j] : 0.0f;
+    }
+    dot_tile<T>(S, a_first, a_end, s_row, s_col, S, b0, n, s_row, s_col, ds, stage, Gs);
+    dot_tile<T>(Tm, a_first, a_end, t_row, t_col, Tm, b0, n, t_row, t_col, dt, stage, Gt);
+#pragma unroll 4
+    for (int e = tid; e < kBlock * kBlock; e += kThreads) {
+      const int i = e / kBlock;
+      const int j = e % kBlock;
+      float dg = 0.0f;
+      if (local0 + i < row_count && b0 + j < n && a_first + i != b0 + j) {
+        const float gs = Gs[i * kTilePitch + j] * (inv_sa[i] * inv_sb[j]);
+        const float gt = Gt[i * kTilePitch + j] * (inv_ta[i] * inv_tb[j]);
+        if constexpr (KIND == MMKD_MSE) {
+          dg = (gs - gt) * c0[i];
+          if (!student) dg = -dg;
+        } else if constexpr (KIND == MMKD_PEARSON) {
+          const float cs = gs - c0[i];
+          const float ct = gt - c1[i];
+          dg = student ? ct * c2[i] - cs * c3[i] : cs * c2[i] - ct * c3[i];
+        } else {
+          const float log_p = gt * scale - c0[i];
+          const float log_q = gs * scale - c1[i];
+          const float p = expf(log_p);
+          dg = student ? (expf(log_q) - p) * c3[i] : (p * ((log_p - log_q) - c2[i])) * c3[i];
+        }
+      }
+      // Rows: (dG · inv_x[column]) X_column; columns: the transpose, (dGᵀ · inv_x[row]) X_row.
+      if (cols) {
+        Pm[j * OP + i] = Traits<T>::from_float(dg * inv_xa[i]);
+      } else {
+        Pm[i * OP + j] = Traits<T>::from_float(dg * inv_xb[j]);
+      }
+    }
+    if (cols) {
+      accumulate_px<T>(Pm, X, a_first, a_end, x_row, x_col, do0, dx, stage, acc);
+    } else {
+      accumulate_px<T>(Pm, X, b0, n, x_row, x_col, do0, dx, stage, acc);
+    }
+  }
+  __syncthreads();  // no thread reads Gs any more: store_out may stage in it
+  store_out<T>(acc, dX, fixed, cols ? n : row_count, do0, dx, Gs);
+}
+
+bool valid_dtype_and_kind(int dtype, int kind) {
+  return (dtype == MMKD_FLOAT32 || dtype == MMKD_FLOAT16 || dtype == MMKD_BFLOAT16) &&
+         (kind == MMKD_MSE || kind == MMKD_PEARSON || kind == MMKD_KL);
+}
+
+bool valid_rows(int64_t n, int64_t row_start, int64_t row_count, int64_t ds, int64_t dt) {
+  return n >= 0 && ds >= 0 && dt >= 0 && row_start >= 0 && row_count >= 0 && row_start <= n &&
+         row_count <= n - row_start;
+}
+
+template <typename T, int KIND>
+int rows(const void* S, const void* Tm, const float* inv_s, const float* inv_t, float* loss, float* stats, int64_t n,
+         int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t s_row, int64_t s_col, int64_t t_row,
+         int64_t t_col, float scale, cudaStream_t stream) {
+  const unsigned int blocks = blocks_of(row_count, 0x7fffffff);
+  if (blocks == 0) return cudaErrorInvalidValue;
+  return launch(rows_kernel<T, KIND>, dim3(blocks), RowsLayout<T>::kTotal, stream, static_cast<const T*>(S),
+                static_cast<const T*>(Tm), inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt, s_row, s_col,
+                t_row, t_col, scale);
+}
+
+template <typename T, int KIND>
+int grad(bool cols, int side, const void* S, const void* Tm, const float* inv_s, const float* inv_t,
+         const float* stats, const float* grad_weights, float* dX, int64_t n, int64_t row_start, int64_t row_count,
+         int64_t ds, int64_t dt, int64_t s_row, int64_t s_col, int64_t t_row, int64_t t_col, float scale,
+         cudaStream_t stream) {
+  const unsigned int out_blocks = blocks_of(cols ? n : row_count, 0x7fffffff);
+  const unsigned int d_blocks = blocks_of(side == MMKD_STUDENT ? ds : dt, 65535);
+  if (out_blocks == 0 || d_blocks == 0) return cudaErrorInvalidValue;
+  return launch(grad_kernel<T, KIND>, dim3(out_blocks, d_blocks), GradLayout<T>::kTotal, stream,
+                static_cast<const T*>(S), static_cast<const T*>(Tm), inv_s, inv_t, stats, grad_weights, dX, n,
+                row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale, side, cols);
+}
+
+template <typename T>
+int rows_of_kind(int kind, const void* S, const void* Tm, const float* inv_s, const float* inv_t, float* loss,
+                 float* stats, int64_t n, int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t s_row,
+                 int64_t s_col, int64_t t_row, int64_t t_col, float scale, cudaStream_t stream) {
+  switch (kind) {
+    case MMKD_MSE:
+      return rows<T, MMKD_MSE>(S, Tm, inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt, s_row, s_col,
+                               t_row, t_col, scale, stream);
+    case MMKD_PEARSON:
+      return rows<T, MMKD_PEARSON>(S, Tm, inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt, s_row, s_col,
+                                   t_row, t_col, scale, stream);
+    case MMKD_KL:
+      return rows<T, MMKD_KL>(S, Tm, inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt, s_row, s_col,
+                              t_row, t_col, scale, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+int grad_of_kind(int kind, bool cols, int side, const void* S, const void* Tm, const float* inv_s,
+                 const float* inv_t, const float* stats, const float* grad_weights, float* dX, int64_t n,
+                 int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t s_row, int64_t s_col,
+                 int64_t t_row, int64_t t_col, float scale, cudaStream_t stream) {
+  switch (kind) {
+    case MMKD_MSE:
+      return grad<T, MMKD_MSE>(cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start, row_count, ds,
+                               dt, s_row, s_col, t_row, t_col, scale, stream);
+    case MMKD_PEARSON:
+      return grad<T, MMKD_PEARSON>(cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
+                                   row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
+    case MMKD_KL:
+      return grad<T, MMKD_KL>(cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start, row_count, ds,
+                              dt, s_row, s_col, t_row, t_col, scale, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// Both gradient launchers: check, skip when there is nothing to write, dispatch on the dtype.
+int grad_launcher(bool cols, int dtype, int kind, int side, const void* S, const void* Tm, const float* inv_s,
+                  const float* inv_t, const float* stats, const float* grad_weights, float* dX, int64_t n,
+                  int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t s_row, int64_t s_col,
+                  int64_t t_row, int64_t t_col, float scale, cudaStream_t stream) {
+  if (!valid_dtype_and_kind(dtype, kind) || !valid_rows(n, row_start, row_count, ds, dt) ||
+      (side != MMKD_STUDENT && side != MMKD_TEACHER))
+    return cudaErrorInvalidValue;
+  if ((cols ? n : row_count) == 0 || (side == MMKD_STUDENT ? ds : dt) == 0) return cudaSuccess;
+  switch (dtype) {
+    case MMKD_FLOAT32:
+      return grad_of_kind<float>(kind, cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
+                                 row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
+    case MMKD_FLOAT16:
+      return grad_of_kind<__half>(kind, cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
+                                  row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
+    case MMKD_BFLOAT16:
+      return grad_of_kind<__nv_bfloat16>(kind, cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n,
+                                         row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+extern "C" int mmkd_structure_rows(int dtype, int kind, const void* S, const void* T, const float* inv_s,
+                                   const float* inv_t, float* loss, float* stats, int64_t n, int64_t row_start,
+                                   int64_t row_count, int64_t ds, int64_t dt, int64_t stride_s, int64_t stride_sd,
+                                   int64_t stride_t, int64_t stride_td, float scale, cudaStream_t stream) {
+  if (!valid_dtype_and_kind(dtype, kind) || !valid_rows(n, row_start, row_count, ds, dt))
+    return cudaErrorInvalidValue;
+  if (row_count == 0) return cudaSuccess;
+  switch (dtype) {
+    case MMKD_FLOAT32:
+      return rows_of_kind<float>(kind, S, T, inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt, stride_s,
+                                 stride_sd, stride_t, stride_td, scale, stream);
+    case MMKD_FLOAT16:
+      return rows_of_kind<__half>(kind, S, T, inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt, stride_s,
+                                  stride_sd, stride_t, stride_td, scale, stream);
+    case MMKD_BFLOAT16:
+      return rows_of_kind<__nv_bfloat16>(kind, S, T, inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt,
+                                         stride_s, stride_sd, stride_t, stride_td, scale, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+extern "C" int mmkd_structure_grad_rows(int dtype, int kind, int side, const void* S, const void* T,
+                                        const float* inv_s, const float* inv_t, const float* stats, const float* grad,
+                                        float* dx_rows, int64_t n, int64_t row_start, int64_t row_count, int64_t ds,
+                                        int64_t dt, int64_t stride_s, int64_t stride_sd, int64_t stride_t,
+                                        int64_t stride_td, float scale, cudaStream_t stream) {
+  return grad_launcher(false, dtype, kind, side, S, T, inv_s, inv_t, stats, grad, dx_rows, n, row_start, row_count,
+                       ds, dt, stride_s, stride_sd, stride_t, stride_td, scale, stream);
+}
+
+extern "C" int mmkd_structure_grad_cols(int dtype, int kind, int side, const void* S, const void* T,
+                                        const float* inv_s, const float* inv_t, const float* stats, const float* grad,
+                                        float* dx_cols, int64_t n, int64_t row_start, int64_t row_count, int64_t ds,
+                                        int64_t dt, int64_t stride_s, int64_t stride_sd, int64_t stride_t,
+                                        int64_t stride_td, float scale, cudaStream_t stream) {
+  return grad_launcher(true, dtype, kind, side, S, T, inv_s, inv_t, stats, grad, dx_cols, n, row_start, row_count,
+                       ds, dt, stride_s, stride_sd, stride_t, stride_td, scale, stream);
+}
