@@ -1,0 +1,374 @@
+"""The CUDA sources of the native backend (csrc/cuda), checked where there is no GPU.
+
+- Every ``csrc/cuda/*.cu`` compiles alone with ``nvcc -arch=sm_90 -std=c++17 -c`` (with the
+  half-precision switches torch's extension build adds), as DESIGN §3 asks of them.
+- The kernels run on the CPU: the .cu files are compiled as C++ with csrc/cuda/emulation (blocks
+  of fibers, barriers, warp shuffles, WMMA emulated; shared memory poisoned with NaN; WMMA
+  alignment and barrier divergence checked) and called through their C launchers. The ATen glue
+  of csrc/cuda/ops_cuda.cpp is mirrored below in Python, function for function, and each op is
+  compared with the chunked backend in float64 on the same rounded inputs (DESIGN §4 tolerances).
+
+What the emulation cannot check (timing, registers, the tensor cores' own rounding, ops_cuda.cpp
+itself) is owed to a GPU run of the backend tests with backend='native'.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TOLERANCE, randn, rel_err
+from mmkd_kernels import chunked
+
+CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
+CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
+# The switches torch.utils.cpp_extension gives nvcc (the kernels must not need half operators).
+TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+                    "--expt-relaxed-constexpr"]
+
+
+def test_there_are_sources():
+    assert {f.name for f in CU_FILES} >= {"contrastive.cu", "structure.cu"}
+
+
+@pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
+def test_cu_compiles_alone(source, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on the PATH: the CUDA sources cannot be compiled here")
+    command = [nvcc, "-arch=sm_90", "-std=c++17", *TORCH_NVCC_FLAGS, "-c", str(source), "-o", str(tmp_path / "out.o")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The kernels under CPU emulation
+# --------------------------------------------------------------------------------------------------
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's include directory (for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h)."""
+    candidates = [os.environ.get(name) for name in ("CUDA_HOME", "CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc is not None:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for root in filter(None, candidates):
+        if (Path(root) / "include" / "cuda_runtime.h").is_file():
+            return Path(root) / "include"
+    return None
+
+
+@pytest.fixture(scope="module")
+def launchers(tmp_path_factory):
+    """The C launchers of contrastive.cu and structure.cu, built for CPU emulation (ctypes)."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    include = _cuda_include()
+    if not sys.platform.startswith("linux") or compiler is None or include is None:
+        pytest.skip("the CPU emulation needs Linux (ucontext), a C++ compiler and the CUDA headers")
+    library = tmp_path_factory.mktemp("cuda_emulation") / "libmmkd_cuda_emulated.so"
+    emulation = CUDA_DIR / "emulation"
+    command = [compiler, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+               "-DMMKD_CPU_EMULATION", f"-I{emulation}", f"-I{include}", "-include", str(emulation / "cuda_emulation.h"),
+               "-x", "c++", str(CUDA_DIR / "contrastive.cu"), str(CUDA_DIR / "structure.cu"), "-o", str(library)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr}"
+    lib = ctypes.CDLL(str(library))
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.mmkd_contrastive_lse.argtypes = [i32] + [p] * 7 + [i64] * 7 + [f32, p]
+    lib.mmkd_contrastive_grad.argtypes = [i32] + [p] * 11 + [i64] * 7 + [f32, p]
+    lib.mmkd_structure_rows.argtypes = [i32, i32] + [p] * 6 + [i64] * 9 + [f32, p]
+    lib.mmkd_structure_grad_rows.argtypes = [i32, i32, i32] + [p] * 7 + [i64] * 9 + [f32, p]
+    lib.mmkd_structure_grad_cols.argtypes = lib.mmkd_structure_grad_rows.argtypes
+    for name in ("mmkd_contrastive_lse", "mmkd_contrastive_grad", "mmkd_structure_rows", "mmkd_structure_grad_rows",
+                 "mmkd_structure_grad_cols"):
+        getattr(lib, name).restype = i32
+    return lib
+
+
+# The Python mirror of csrc/cuda/ops_cuda.cpp: keep the two in step.
+
+EPS = 1e-8
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+KIND_CODES = {"mse": 0, "pearson": 1, "kl": 2}
+STUDENT, TEACHER = 0, 1
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def _check(error, launcher):
+    assert error == 0, f"{launcher} returned cudaError {error}"
+
+
+def _inverse_norms(x, normalize):
+    if not normalize:
+        return torch.ones(x.shape[0], dtype=torch.float32)
+    return torch.linalg.vector_norm(x.float(), dim=1).clamp_min_(EPS).reciprocal_()
+
+
+def _input_grad(d_hat, x, normalize):
+    if not normalize:
+        return d_hat
+    xf = x.float()
+    norms = torch.linalg.vector_norm(xf, dim=1).clamp_min_(EPS)
+    x_hat = xf / norms[:, None]
+    radial = (x_hat * d_hat).sum(1) * (norms > EPS).float()
+    return d_hat.sub_(x_hat * radial[:, None]).div_(norms[:, None])
+
+
+def _lse_by_rows(lib, a, b, inv_a, inv_b, targets, scale):
+    lse = torch.empty(a.shape[0])
+    loss = torch.empty_like(lse)
+    _check(lib.mmkd_contrastive_lse(DTYPE_CODES[a.dtype], _ptr(a), _ptr(b), _ptr(inv_a), _ptr(inv_b), _ptr(targets),
+                                    _ptr(lse), _ptr(loss), a.shape[0], b.shape[0], a.shape[1], a.stride(0),
+                                    a.stride(1), b.stride(0), b.stride(1), scale, None), "mmkd_contrastive_lse")
+    return lse, loss
+
+
+def _grad_rows(lib, a, b, inv_a, inv_b, a_term, b_term, scale):
+    da = torch.empty(a.shape)
+    lse_a, g_a, t_a = a_term if a_term is not None else (None, None, None)
+    lse_b, g_b, t_b = b_term if b_term is not None else (None, None, None)
+    _check(lib.mmkd_contrastive_grad(DTYPE_CODES[a.dtype], _ptr(a), _ptr(b), _ptr(inv_a), _ptr(inv_b), _ptr(lse_a),
+                                     _ptr(g_a), _ptr(t_a), _ptr(lse_b), _ptr(g_b), _ptr(t_b), _ptr(da), a.shape[0],
+                                     b.shape[0], a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale,
+                                     None), "mmkd_contrastive_grad")
+    return da
+
+
+def contrastive_forward(lib, q, k, targets, scale, normalize, symmetric):
+    t = targets.long().contiguous()
+    inv_q, inv_k = _inverse_norms(q, normalize), _inverse_norms(k, normalize)
+    row_lse, row_loss = _lse_by_rows(lib, q, k, inv_q, inv_k, t, scale)
+    if not symmetric:
+        return row_loss, row_lse.new_empty(0), row_lse, row_lse.new_empty(0)
+    col_lse, col_loss = _lse_by_rows(lib, k, q, inv_k, inv_q, torch.arange(k.shape[0]), scale)
+    return row_loss, col_loss, row_lse, col_lse
+
+
+def contrastive_backward(lib, grad_row, grad_col, q, k, targets, row_lse, col_lse, scale, normalize, symmetric,
+                         need_q, need_k):
+    inv_q, inv_k = _inverse_norms(q, normalize), _inverse_norms(k, normalize)
+    row_term = (row_lse.float().contiguous(), grad_row.float().contiguous(), targets.long().contiguous())
+    col_term = None
+    if symmetric:
+        col_term = (col_lse.float().contiguous(), grad_col.float().contiguous(), torch.arange(k.shape[0]))
+    dq, dk = q.new_empty(0), k.new_empty(0)
+    if need_q:
+        dq = _input_grad(_grad_rows(lib, q, k, inv_q, inv_k, row_term, col_term, scale), q, normalize).to(q.dtype)
+    if need_k:
+        dk = _input_grad(_grad_rows(lib, k, q, inv_k, inv_q, col_term, row_term, scale), k, normalize).to(k.dtype)
+    return dq, dk
+
+
+def contrastive_forward_with_grad(lib, q, k, targets, scale, normalize, need_q, need_k):
+    t = targets.long().contiguous()
+    inv_q, inv_k = _inverse_norms(q, normalize), _inverse_norms(k, normalize)
+    row_lse, row_loss = _lse_by_rows(lib, q, k, inv_q, inv_k, t, scale)
+    row_term = (row_lse, torch.ones_like(row_lse), t)
+    dq, dk = row_lse.new_empty(0), row_lse.new_empty(0)
+    if need_q:
+        dq = _input_grad(_grad_rows(lib, q, k, inv_q, inv_k, row_term, None, scale), q, normalize)
+    if need_k:
+        dk = _input_grad(_grad_rows(lib, k, q, inv_k, inv_q, None, row_term, scale), k, normalize)
+    return row_loss.sum(), dq, dk
+
+
+def _structure_args(s, t, scale, row_start, row_count):
+    return (s.shape[0], row_start, row_count, s.shape[1], t.shape[1], s.stride(0), s.stride(1), t.stride(0),
+            t.stride(1), scale, None)
+
+
+def _structure_rows(lib, s, t, inv_s, inv_t, kind, scale, row_start, row_count):
+    loss = torch.empty(row_count)
+    stats = torch.empty(row_count, 5)
+    _check(lib.mmkd_structure_rows(DTYPE_CODES[s.dtype], KIND_CODES[kind], _ptr(s), _ptr(t), _ptr(inv_s), _ptr(inv_t),
+                                   _ptr(loss), _ptr(stats), *_structure_args(s, t, scale, row_start, row_count)),
+           "mmkd_structure_rows")
+    return loss, stats
+
+
+def _side_grad(lib, s, t, inv_s, inv_t, stats, grad, kind, scale, row_start, row_count, side):
+    n, d = (s if side == STUDENT else t).shape
+    args = (DTYPE_CODES[s.dtype], KIND_CODES[kind], side, _ptr(s), _ptr(t), _ptr(inv_s), _ptr(inv_t), _ptr(stats),
+            _ptr(grad))
+    rows_part = torch.empty(row_count, d)
+    _check(lib.mmkd_structure_grad_rows(*args, _ptr(rows_part), *_structure_args(s, t, scale, row_start, row_count)),
+           "mmkd_structure_grad_rows")
+    d_hat = torch.empty(n, d)
+    _check(lib.mmkd_structure_grad_cols(*args, _ptr(d_hat), *_structure_args(s, t, scale, row_start, row_count)),
+           "mmkd_structure_grad_cols")
+    d_hat[row_start:row_start + row_count] += rows_part
+    return d_hat
+
+
+def structure_tile_forward(lib, s, t, kind, scale, normalize, row_start, row_count):
+    inv_s, inv_t = _inverse_norms(s, normalize), _inverse_norms(t, normalize)
+    return _structure_rows(lib, s, t, inv_s, inv_t, kind, scale, row_start, row_count)[0]
+
+
+def structure_tile_forward_with_grad(lib, s, t, kind, scale, normalize, row_start, row_count, need_s, need_t):
+    inv_s, inv_t = _inverse_norms(s, normalize), _inverse_norms(t, normalize)
+    loss, stats = _structure_rows(lib, s, t, inv_s, inv_t, kind, scale, row_start, row_count)
+    ones = torch.ones_like(loss)
+    ds, dt = loss.new_empty(0), loss.new_empty(0)
+    if need_s:
+        ds = _input_grad(_side_grad(lib, s, t, inv_s, inv_t, stats, ones, kind, scale, row_start, row_count, STUDENT),
+                         s, normalize)
+    if need_t:
+        dt = _input_grad(_side_grad(lib, s, t, inv_s, inv_t, stats, ones, kind, scale, row_start, row_count, TEACHER),
+                         t, normalize)
+    return loss.sum(), ds, dt
+
+
+# --------------------------------------------------------------------------------------------------
+# The comparisons
+# --------------------------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _compare(outputs, references, names, dtype):
+    tol = TOLERANCE[dtype]
+    for name, out, ref in zip(names, outputs, references):
+        assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+        if ref.numel():
+            assert rel_err(out, ref) <= tol, f"{name}: {rel_err(out, ref):.2e} > {tol:.0e}"
+
+
+# (N, M, D): single rows, M > N, tails of the 64-row tiles, of the 32-wide D chunks and of the
+# 64-wide output chunks, several tiles each way.
+CONTRASTIVE_SHAPES = [(1, 1, 7), (2, 3, 1), (17, 29, 64), (70, 131, 100)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,m,d", CONTRASTIVE_SHAPES)
+def test_contrastive_kernels(launchers, dtype, n, m, d):
+    q = randn(n, d, seed=n + d, dtype=dtype)
+    k = randn(m, d, seed=m + d + 100, dtype=dtype, layout="transposed")
+    gen = torch.Generator().manual_seed(n * m)
+    targets = torch.randint(0, m, (n,), generator=gen)
+    grad_row = torch.rand(n, generator=gen) + 0.5
+    q64, k64, scale = q.double(), k.double(), 20.0
+
+    out = contrastive_forward(launchers, q, k, targets, scale, True, False)
+    ref = chunked.contrastive_forward(q64, k64, targets, scale, True, False)
+    _compare(out, ref, ("row_loss", "col_loss", "row_lse", "col_lse"), dtype)
+    assert all(x.dtype == torch.float32 for x in out)
+
+    grads = contrastive_backward(launchers, grad_row, torch.zeros(0), q, k, targets, out[2], out[3], scale, True,
+                                 False, True, True)
+    grads_ref = chunked.contrastive_backward(grad_row.double(), torch.zeros(0, dtype=torch.float64), q64, k64,
+                                             targets, ref[2], ref[3], scale, True, False, True, True)
+    _compare(grads, grads_ref, ("dq", "dk"), dtype)
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+
+    fused = contrastive_forward_with_grad(launchers, q, k, targets, scale, True, True, True)
+    fused_ref = chunked.contrastive_forward_with_grad(q64, k64, targets, scale, True, True, True)
+    _compare(fused, fused_ref, ("loss_sum", "dq", "dk"), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_contrastive_symmetric_and_options(launchers, dtype, normalize):
+    """symmetric (both terms of dz), normalize=False, strided views, one gradient at a time."""
+    n, d = 67, 40
+    q = randn(n, d, seed=3, dtype=dtype, layout="strided")
+    k = randn(n, d, seed=4, dtype=dtype, layout="transposed")
+    gen = torch.Generator().manual_seed(5)
+    grad_row, grad_col = torch.rand(n, generator=gen) - 0.3, torch.rand(n, generator=gen) + 0.5
+    targets = torch.arange(n)
+    q64, k64 = q.double(), k.double()
+    scale = 20.0 if normalize else 0.2  # unnormalized: keep |z| moderate
+
+    out = contrastive_forward(launchers, q, k, targets, scale, normalize, True)
+    ref = chunked.contrastive_forward(q64, k64, targets, scale, normalize, True)
+    _compare(out, ref, ("row_loss", "col_loss", "row_lse", "col_lse"), dtype)
+    for need_q, need_k in ((True, True), (True, False), (False, True)):
+        grads = contrastive_backward(launchers, grad_row, grad_col, q, k, targets, out[2], out[3], scale, normalize,
+                                     True, need_q, need_k)
+        grads_ref = chunked.contrastive_backward(grad_row.double(), grad_col.double(), q64, k64, targets, ref[2],
+                                                 ref[3], scale, normalize, True, need_q, need_k)
+        _compare(grads, grads_ref, ("dq", "dk"), dtype)
+    fused = contrastive_forward_with_grad(launchers, q, k, targets, scale, normalize, False, True)
+    fused_ref = chunked.contrastive_forward_with_grad(q64, k64, targets, scale, normalize, False, True)
+    _compare(fused, fused_ref, ("loss_sum", "dq", "dk"), dtype)
+
+
+# (N, Ds, Dt, row_start, row_count): the smallest N of each kind, widths 1 .. 100 that differ,
+# row ranges that start and end inside tiles (the tile path across ranks), several tiles.
+STRUCTURE_SHAPES = [(2, 7, 1, 0, 2), (5, 1, 7, 0, 5), (17, 64, 7, 0, 17), (70, 33, 65, 3, 60), (130, 100, 48, 40, 70)]
+# Cases are left out, not skipped: pearson needs N >= 4 here (with 2 columns per row r = ±1 exactly
+# and its gradient is rounding noise), and the emulation is slow, so the largest shape runs in
+# float32 only.
+STRUCTURE_CASES = [
+    (dtype, kind, *shape) for dtype in DTYPES for kind in ("mse", "pearson", "kl") for shape in STRUCTURE_SHAPES
+    if not (kind == "pearson" and shape[0] < 4) and not (dtype != torch.float32 and shape[0] > 100)
+]
+
+
+@pytest.mark.parametrize("dtype,kind,n,ds,dt,row_start,row_count", STRUCTURE_CASES, ids=str)
+def test_structure_kernels(launchers, dtype, kind, n, ds, dt, row_start, row_count):
+    s = randn(n, ds, seed=n + ds, dtype=dtype, layout="strided")
+    t = randn(n, dt, seed=n + dt + 100, dtype=dtype, layout="transposed")
+    s64, t64, scale = s.double(), t.double(), 2.0
+
+    rows = structure_tile_forward(launchers, s, t, kind, scale, True, row_start, row_count)
+    rows_ref = chunked.structure_tile_forward(s64, t64, kind, scale, True, row_start, row_count)
+    _compare([rows], [rows_ref], ["per-row losses"], dtype)
+
+    fused = structure_tile_forward_with_grad(launchers, s, t, kind, scale, True, row_start, row_count, True, True)
+    fused_ref = chunked.structure_tile_forward_with_grad(s64, t64, kind, scale, True, row_start, row_count, True, True)
+    _compare(fused, fused_ref, ("loss_sum", "ds", "dt"), dtype)
+    assert all(x.dtype == torch.float32 for x in fused)
+
+
+@pytest.mark.parametrize("kind", ["mse", "pearson", "kl"])
+def test_structure_unnormalized_one_side(launchers, kind):
+    n, ds, dt = 45, 20, 12
+    s = randn(n, ds, seed=7) * 0.3
+    t = randn(n, dt, seed=8) * 0.3
+    for need_s, need_t in ((True, False), (False, True)):
+        fused = structure_tile_forward_with_grad(launchers, s, t, kind, 1.5, False, 0, n, need_s, need_t)
+        fused_ref = chunked.structure_tile_forward_with_grad(s.double(), t.double(), kind, 1.5, False, 0, n, need_s,
+                                                             need_t)
+        _compare(fused, fused_ref, ("loss_sum", "ds", "dt"), torch.float32)
+        assert fused[1].numel() == (s.numel() if need_s else 0) and fused[2].numel() == (t.numel() if need_t else 0)
+
+
+def test_nan_propagates(launchers):
+    q, k = randn(20, 9, seed=9), randn(20, 9, seed=10)
+    q[3, 4] = float("nan")
+    row_loss, col_loss, _, _ = contrastive_forward(launchers, q, k, torch.arange(20), 5.0, True, True)
+    assert row_loss[3].isnan() and torch.isfinite(row_loss[torch.arange(20) != 3]).all()
+    assert col_loss.isnan().all()
+    for kind in ("mse", "pearson", "kl"):
+        assert structure_tile_forward(launchers, q, k, kind, 1.0, True, 0, 20)[3].isnan()
+
+
+def test_launchers_refuse_bad_arguments_and_skip_empty_work(launchers):
+    lib, invalid = launchers, 1  # cudaErrorInvalidValue
+    none = [None] * 5
+    # n_a = 0: nothing to launch. A bad dtype, a half-given gradient term: refused.
+    assert lib.mmkd_contrastive_lse(0, *none, None, None, 0, 5, 3, 3, 1, 3, 1, 1.0, None) == 0
+    assert lib.mmkd_contrastive_lse(3, *none, None, None, 0, 5, 3, 3, 1, 3, 1, 1.0, None) == invalid
+    lse = torch.zeros(4)
+    assert lib.mmkd_contrastive_grad(0, *none, _ptr(lse), None, None, None, None, None, 4, 5, 3, 3, 1, 3, 1, 1.0,
+                                     None) == invalid
+    # A bad kind or side, rows outside [0, n).
+    assert lib.mmkd_structure_rows(0, 3, *none, None, 5, 0, 0, 1, 1, 1, 1, 1, 1, 1.0, None) == invalid
+    assert lib.mmkd_structure_rows(0, 0, *none, None, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1.0, None) == invalid
+    assert lib.mmkd_structure_grad_cols(0, 0, 2, *none, None, None, 5, 0, 5, 1, 1, 1, 1, 1, 1, 1.0, None) == invalid
+    # row_count = 0: the column part still writes its (zero) gradient.
+    s, t = randn(10, 4, seed=11), randn(10, 3, seed=12)
+    d_hat = _side_grad(lib, s, t, torch.ones(10), torch.ones(10), torch.zeros(0, 5), torch.zeros(0), "pearson", 1.0,
+                       4, 0, STUDENT)
+    assert torch.equal(d_hat, torch.zeros(10, 4))
