@@ -5,25 +5,26 @@ import torch
 
 import mmkd_kernels as mk
 from mmkd_kernels import backends, ops
-from conftest import FAST_BACKENDS, leaf, randn, rel_err
+from conftest import TARGETS, leaf, randn, rel_err
 
 
-def _sample_args(backend):
+def _sample_args(backend, device):
     """(op, args) pairs covering every op of a backend, gradients required where they flow."""
     ops = getattr(torch.ops, backends.NAMESPACES[backend])
-    q, k = leaf(randn(7, 5, seed=0)), leaf(randn(9, 5, seed=1))
-    kq = leaf(randn(7, 5, seed=2))
-    targets = torch.tensor([8, 0, 3, 3, 1, 2, 6])
-    s, t = leaf(randn(11, 6, seed=3)), leaf(randn(11, 4, seed=4))
-    row_loss, col_loss, row_lse, col_lse = ops.contrastive_forward(q, kq, torch.arange(7), 10.0, True, True)
-    g = torch.rand(7)
+    q, k = leaf(randn(7, 5, seed=0, device=device)), leaf(randn(9, 5, seed=1, device=device))
+    kq = leaf(randn(7, 5, seed=2, device=device))
+    targets = torch.tensor([8, 0, 3, 3, 1, 2, 6], device=device)
+    arange = torch.arange(7, device=device)
+    s, t = leaf(randn(11, 6, seed=3, device=device)), leaf(randn(11, 4, seed=4, device=device))
+    row_loss, col_loss, row_lse, col_lse = ops.contrastive_forward(q, kq, arange, 10.0, True, True)
+    g = torch.rand(7, device=device)
     samples = [
         (ops.contrastive_forward, (q, k, targets, 20.0, True, False)),
-        (ops.contrastive_forward, (q, kq, torch.arange(7), 10.0, True, True)),
+        (ops.contrastive_forward, (q, kq, arange, 10.0, True, True)),
         (ops.contrastive_forward, (q.double(), k.double(), targets, 2.0, False, False)),
         (ops.contrastive_forward_with_grad, (q, k, targets, 20.0, True, True, True)),
         (ops.contrastive_forward_with_grad, (q, k.detach(), targets, 20.0, False, True, False)),
-        (ops.contrastive_backward, (g, g, q.detach(), kq.detach(), torch.arange(7), row_lse.detach(),
+        (ops.contrastive_backward, (g, g, q.detach(), kq.detach(), arange, row_lse.detach(),
                                     col_lse.detach(), 10.0, True, True, True, False)),
     ]
     for kind in ("mse", "pearson", "kl"):
@@ -33,27 +34,28 @@ def _sample_args(backend):
     for kind in ("mse", "pearson"):
         samples.append((ops.structure_gram_forward, (s.detach(), t.detach(), kind, True)))
         samples.append((ops.structure_gram_forward_with_grad, (s, t, kind, False, True, True)))
-    if backend == "triton":  # float64 is refused there (test_errors.py)
+    if backend == "triton" or device == "cuda":  # float64 is refused there (test_errors.py)
         samples = [(op, args) for op, args in samples
                    if not any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args)]
     return samples
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_opcheck_every_op(backend):
-    namespace = backends.NAMESPACES[backend]
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_opcheck_every_op(target):
+    namespace = backends.NAMESPACES[target.backend]
     checked = set()
-    for op, args in _sample_args(backend):
+    for op, args in _sample_args(target.backend, target.device):
         torch.library.opcheck(op, args)
         checked.add(op._qualified_op_name)
     assert checked == {f"{namespace}::{name}" for name in ops.SCHEMAS}, checked
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_torch_compile_fullgraph(target):
     """Both losses in one compiled function: no graph break, same value and gradient as eager."""
 
     def objective(student, teacher, sentence_student, sentence_teacher):
+        backend = target.backend
         token = mk.contrastive_loss(student, teacher, temperature=0.05, backend=backend)
         structure = mk.structure_loss(student, teacher, kind="pearson", algorithm="tile", backend=backend)
         gram = mk.structure_loss(sentence_student, sentence_teacher, kind="mse", algorithm="gram", backend=backend)
@@ -61,8 +63,9 @@ def test_torch_compile_fullgraph(backend):
         return token + structure + gram + kl
 
     compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
-    student, teacher = leaf(randn(33, 16, seed=5)), randn(33, 16, seed=6)
-    s2, t2 = leaf(randn(12, 8, seed=7)), randn(12, 4, seed=8)
+    device = target.device
+    student, teacher = leaf(randn(33, 16, seed=5, device=device)), randn(33, 16, seed=6, device=device)
+    s2, t2 = leaf(randn(12, 8, seed=7, device=device)), randn(12, 4, seed=8, device=device)
     eager = objective(student, teacher, s2, t2)
     eager_grads = torch.autograd.grad(eager, (student, s2))
     out = compiled(student, teacher, s2, t2)

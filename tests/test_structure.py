@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mmkd_kernels as mk
-from conftest import FAST_BACKENDS, TOLERANCE, grads_of, leaf, randn, rel_err, runs
+from conftest import TARGETS, TOLERANCE, Target, grads_of, leaf, randn, rel_err, runs
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (N, Ds, Dt): the smallest N each kind allows, odd sizes, widths that differ, N = 1000.
@@ -12,12 +12,17 @@ SHAPES = [(2, 7, 1), (3, 1, 7), (17, 64, 7), (17, 384, 384), (130, 100, 48), (10
 CASES = [("mse", "tile"), ("mse", "gram"), ("pearson", "tile"), ("pearson", "gram"), ("kl", "tile")]
 
 
-def _check(backend, s, t, **kwargs):
+def _cpu64(x):
+    """The float64 CPU copy the reference gets (a leaf when x records gradients)."""
+    y = x.detach().double().cpu()
+    return leaf(y) if x.requires_grad else y
+
+
+def _check(target: Target, s, t, **kwargs):
     tol = TOLERANCE[s.dtype]
     inputs = [x for x in (s, t) if x.requires_grad]
-    out = mk.structure_loss(s, t, backend=backend, **kwargs)
-    s64 = leaf(s.double()) if s.requires_grad else s.double()
-    t64 = leaf(t.double()) if t.requires_grad else t.double()
+    out = mk.structure_loss(s, t, backend=target.backend, **kwargs)
+    s64, t64 = _cpu64(s), _cpu64(t)
     ref = mk.structure_loss(s64, t64, backend="reference", **{k: v for k, v in kwargs.items() if k != "algorithm"})
     assert out.dim() == 0 and out.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
     assert rel_err(out, ref) <= tol, f"loss: {rel_err(out, ref):.2e} > {tol:.0e}"
@@ -38,55 +43,58 @@ DEFINED = [(kind, algorithm, *shape) for kind, algorithm in CASES for shape in S
            if shape[0] >= mk.functional.MIN_ROWS[kind] and not (kind == "pearson" and shape[0] == 3)]
 
 
-@pytest.mark.parametrize("backend,kind,algorithm,n,ds,dt,dtype", [
-    (b, *case, dtype) for b in FAST_BACKENDS for case in DEFINED for dtype in DTYPES
-    if runs(b, dtype, case[2] * case[2] * (case[3] + case[4]))
+@pytest.mark.parametrize("target,kind,algorithm,n,ds,dt,dtype", [
+    (target, *case, dtype) for target in TARGETS for case in DEFINED for dtype in DTYPES
+    if runs(target, dtype, case[2] * case[2] * (case[3] + case[4]))
 ], ids=str)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_matches_reference(backend, kind, algorithm, n, ds, dt, dtype, seed):
-    s = leaf(randn(n, ds, seed=seed, dtype=dtype))
-    t = leaf(randn(n, dt, seed=seed + 100, dtype=dtype))
-    _check(backend, s, t, kind=kind, algorithm=algorithm, temperature=0.1)
+def test_matches_reference(target, kind, algorithm, n, ds, dt, dtype, seed):
+    s = leaf(randn(n, ds, seed=seed, dtype=dtype, device=target.device))
+    t = leaf(randn(n, dt, seed=seed + 100, dtype=dtype, device=target.device))
+    _check(target, s, t, kind=kind, algorithm=algorithm, temperature=0.1)
 
 
-@pytest.mark.parametrize("backend,dtype", [(b, dtype) for b in FAST_BACKENDS for dtype in DTYPES if runs(b, dtype, 0)],
+@pytest.mark.parametrize("target,dtype", [(t, dtype) for t in TARGETS for dtype in DTYPES if runs(t, dtype, 0)],
                          ids=str)
 @pytest.mark.parametrize("algorithm", ["tile", "gram"])
-def test_pearson_of_two_points(backend, algorithm, dtype):
+def test_pearson_of_two_points(target, algorithm, dtype):
     """N = 3: each row has two others, so r_i = ±1, the loss is 0 or 1 or 2 per row, the gradient 0."""
-    s, t = leaf(randn(3, 7, seed=5, dtype=dtype)), leaf(randn(3, 5, seed=6, dtype=dtype))
-    out = mk.structure_loss(s, t, kind="pearson", algorithm=algorithm, backend=backend)
-    ref = mk.structure_loss(s.double(), t.double(), kind="pearson", backend="reference")
+    s = leaf(randn(3, 7, seed=5, dtype=dtype, device=target.device))
+    t = leaf(randn(3, 5, seed=6, dtype=dtype, device=target.device))
+    out = mk.structure_loss(s, t, kind="pearson", algorithm=algorithm, backend=target.backend)
+    ref = mk.structure_loss(_cpu64(s).detach(), _cpu64(t).detach(), kind="pearson", backend="reference")
     assert rel_err(out, ref) <= TOLERANCE[dtype]
     for g in torch.autograd.grad(out, (s, t)):
         assert torch.linalg.vector_norm(g.double()) <= 1e-5 if dtype != torch.float64 else 1e-12
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("target", TARGETS, ids=str)
 @pytest.mark.parametrize("kind,algorithm", CASES)
 @pytest.mark.parametrize("layout", ["transposed", "strided"])
 @pytest.mark.parametrize("seed", [2, 3])
-def test_options(backend, kind, algorithm, layout, seed):
+def test_options(target, kind, algorithm, layout, seed):
     """normalize=False, a frozen teacher, a common offset in the rows, non-contiguous views."""
-    s = leaf(randn(41, 24, seed=seed, layout=layout))
-    t = leaf(randn(41, 13, seed=seed + 100, layout=layout, shift=0.5))
-    _check(backend, s * 0.3, t * 0.2, kind=kind, algorithm=algorithm, normalize=False, temperature=0.5)
-    _check(backend, s, t.detach(), kind=kind, algorithm=algorithm, temperature=1.0)
-    offset = leaf(randn(41, 24, seed=seed + 200, layout=layout, shift=3.0))
-    _check(backend, offset, t, kind=kind, algorithm=algorithm, temperature=0.2)
+    device = target.device
+    s = leaf(randn(41, 24, seed=seed, layout=layout, device=device))
+    t = leaf(randn(41, 13, seed=seed + 100, layout=layout, shift=0.5, device=device))
+    _check(target, s * 0.3, t * 0.2, kind=kind, algorithm=algorithm, normalize=False, temperature=0.5)
+    _check(target, s, t.detach(), kind=kind, algorithm=algorithm, temperature=1.0)
+    offset = leaf(randn(41, 24, seed=seed + 200, layout=layout, shift=3.0, device=device))
+    _check(target, offset, t, kind=kind, algorithm=algorithm, temperature=0.2)
 
 
-@pytest.mark.parametrize("backend", FAST_BACKENDS + ["reference"])
+@pytest.mark.parametrize("target", TARGETS + [Target("reference", "cpu")], ids=str)
 @pytest.mark.parametrize("kind", ["mse", "pearson", "kl"])
-def test_nan_and_inf_inputs_give_nan(backend, kind):
-    s, t = randn(9, 8, seed=6), randn(9, 5, seed=7)
+def test_nan_and_inf_inputs_give_nan(target, kind):
+    backend = target.backend
+    s, t = randn(9, 8, seed=6, device=target.device), randn(9, 5, seed=7, device=target.device)
     s[3, 2] = float("nan")
     assert torch.isnan(mk.structure_loss(s, t, kind=kind, backend=backend))
     s[3, 2] = float("inf")
     assert torch.isnan(mk.structure_loss(s, t, kind=kind, backend=backend))
 
 
-@pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if runs(b, torch.float64, 0)])
+@pytest.mark.parametrize("backend", [t.backend for t in TARGETS if t.device == "cpu" and runs(t, torch.float64, 0)])
 @pytest.mark.parametrize("kind,algorithm", CASES)
 def test_gradcheck_float64(backend, kind, algorithm):
     s = leaf(randn(6, 4, seed=8, dtype=torch.float64))
@@ -112,6 +120,8 @@ def test_gram_and_tile_agree_at_large_n(kind):
     s = randn(8192, 384, seed=11, shift=0.2)
     t = randn(8192, 384, seed=12, shift=0.2)
     ref = mk.structure_loss(s.double(), t.double(), kind=kind, backend="reference")
-    for algorithm in ("gram", "tile"):
-        out = mk.structure_loss(s, t, kind=kind, algorithm=algorithm, backend="chunked")
-        assert rel_err(out, ref) <= 1e-5, f"{algorithm}: {rel_err(out, ref):.2e}"
+    for target in [t for t in TARGETS if t.backend != "triton" or t.device == "cuda"]:
+        for algorithm in ("gram", "tile"):
+            out = mk.structure_loss(s.to(target.device), t.to(target.device), kind=kind, algorithm=algorithm,
+                                    backend=target.backend)
+            assert rel_err(out, ref) <= 1e-5, f"{target} {algorithm}: {rel_err(out, ref):.2e}"
