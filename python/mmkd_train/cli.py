@@ -63,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, default=32, help="pairs per device and step")
     t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--epochs", type=float, default=3.0)
+    t.add_argument("--epochs", type=float, default=2.0)
     t.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
     t.add_argument("--lr", type=float, default=5e-5)
     t.add_argument("--warmup-ratio", type=float, default=0.1)
@@ -98,6 +98,11 @@ def objective_from(args) -> Objective:
             weights[level] = float(value)
         except ValueError:
             raise ValueError(f"--weights: {item!r} is not a number") from None
+    import mmkd_kernels as mk
+
+    if args.backend != "auto" and args.backend not in mk.available_backends():
+        raise ValueError(f"--backend {args.backend}: not available here; available: auto, "
+                         f"{', '.join(mk.available_backends())}")
     return Objective(levels=tuple(levels), weights=weights, sentence_loss=args.sentence_loss,
                      structure_kind=args.structure_kind, token_loss=args.token_loss, temperature=args.temperature,
                      structure_temperature=args.structure_temperature, pooling=args.pooling, backend=args.backend)

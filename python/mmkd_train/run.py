@@ -34,6 +34,15 @@ def resolve_levels(objective: Objective, explicit: bool, same: bool) -> Objectiv
     return dataclasses.replace(objective, levels=tuple(l for l in objective.levels if l != "token"))
 
 
+def enable_checkpointing(encoder) -> None:
+    """Recompute each layer in backward; non-reentrant, which DDP with unused parameters needs.
+    transformers 5.23 renamed the method (the old name warns); older 5.x has only the old one."""
+    if hasattr(encoder, "activation_checkpointing_enable"):
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def training_arguments(args) -> TrainingArguments:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return TrainingArguments(
@@ -74,7 +83,7 @@ def run(args, objective: Objective, corpus: Corpus, teacher_path: str, student_p
     encoder = load_encoder(student_path, masked_lm=tlm)
     student = Student(encoder, teacher.config.hidden_size)
     if args.gradient_checkpointing:
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(encoder)
     trained = sorted({p.lang for p in corpus.train})
     say(f"mmkd-train: {len(corpus.train)} training pairs in {', '.join(trained)}; evaluating "
         f"{', '.join(corpus.evaluation) or 'nothing'}; levels {', '.join(objective.levels)}; "

@@ -94,3 +94,14 @@ def test_wide_student_saves_its_head(corpus_file, tiny_teacher, wide_student, tm
                               "--levels", "sentence,word,structure")) == 0
     assert (tmp_path / "model" / "head.safetensors").is_file()
     assert (tmp_path / "checkpoint-2" / "head.safetensors").is_file()
+
+
+def test_gradient_checkpointing_and_bf16_run(corpus_file, tiny_teacher, tiny_student, tmp_path):
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, tmp_path, "--max-steps", "2",
+                              "--gradient-checkpointing", "--bf16")) == 0
+    assert all(v == v and abs(v) < 1e4 for v in losses(tmp_path / "checkpoint-2").values())
+
+
+def test_an_unavailable_backend_is_refused_before_training(capsys):
+    assert cli.main(["--backend", "nonesuch"]) == 2
+    assert "--backend" in capsys.readouterr().err
