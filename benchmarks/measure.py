@@ -1,0 +1,274 @@
+"""How things are measured: time, peak extra memory, accuracy, and the machine's ceilings.
+
+Time is the median of warm runs, the inputs rotated between a few fresh random sets so that no
+run finds its inputs in cache from the previous one. CPU: ``time.perf_counter`` around each run.
+CUDA: ``triton.testing.do_bench`` (median; it flushes L2 between runs), or CUDA events.
+
+Peak extra memory is what one call adds on top of its inputs:
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory
+  allocated before the call (the inputs).
+- CPU: resident memory. ``/proc/self/clear_refs`` (5) resets the high-water mark VmHWM to the
+  current VmRSS; the peak extra is VmHWM after the call minus VmRSS before it. This needs freed
+  memory to leave the process: the worker processes (``isolate.py``) run with glibc's
+  ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB, so every tensor buffer is its own mapping,
+  returned on free, and never hidden in a reused heap.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from itertools import cycle
+from typing import Callable
+
+import torch
+
+MIB = 2.0**20
+CPU_MEMORY_METHOD = (
+    "CPU resident set: VmHWM after the call minus VmRSS before it (/proc/self/clear_refs reset), "
+    "in a fresh worker process per loss x backend with MALLOC_MMAP_THRESHOLD_=131072"
+)
+CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before"
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """Context manager: ``.extra_mib`` is the peak memory the block added over its start."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.extra_mib = float("nan")
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+            self._base = _status_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _status_kib("VmHWM") * 1024
+        self.extra_mib = max(peak - self._base, 0) / MIB
+        return False
+
+
+def memory_method(device: torch.device) -> str:
+    return CUDA_MEMORY_METHOD if device.type == "cuda" else CPU_MEMORY_METHOD
+
+
+# --------------------------------------------------------------------------------------------------
+# Time
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    repeats: int
+    all_ms: list[float]
+    peak_extra_mib: float
+    spent_s: float = 0.0  # wall time of the whole timing, every run included (do_bench's too)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cpu(step: Callable[[], object], device: torch.device, *, min_time: float, min_repeats: int,
+             max_repeats: int) -> Timing:
+    """Median of timed runs of ``step`` (already warm). Runs until ``min_time`` seconds are spent,
+    within [min_repeats, max_repeats]; the first run also gives the peak extra memory."""
+    times = []
+    with PeakMemory(device) as memory:
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < min_time):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    all_ms = [t * 1e3 for t in times]
+    return Timing(statistics.median(all_ms), len(times), all_ms, memory.extra_mib)
+
+
+def time_cuda(step: Callable[[], object], device: torch.device, *, min_time: float, min_repeats: int,
+              max_repeats: int) -> Timing:
+    """``triton.testing.do_bench`` median (CUDA events when triton is missing); memory from one run."""
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize(device)
+        estimate_ms = (time.perf_counter() - start) * 1e3
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        # do_bench repeats for ``rep`` ms: ask for at least min_repeats runs of this one's length.
+        rep = max(min_time * 1e3, min_repeats * estimate_ms, 1.0)
+        median = float(do_bench(step, warmup=25, rep=int(rep), return_mode="median"))
+        return Timing(median, max(int(rep / max(median, 1e-3)), 1), [median], memory.extra_mib)
+    times = []
+    while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < min_time * 1e3):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        step()
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(begin.elapsed_time(end))
+    return Timing(statistics.median(times), len(times), times, memory.extra_mib)
+
+
+def measure_case(fn: Callable, inputs: list, device: torch.device, *, min_time: float, min_repeats: int,
+                 max_repeats: int, modes=("fwd", "fwd_bwd"), warm_up=("fwd", "fwd_bwd")) -> dict[str, Timing]:
+    """Forward (under no_grad: the loss value alone) and forward + backward (the student's gradient)
+    of ``fn`` over the rotating ``inputs`` [(student, teacher), ...]. The modes in ``warm_up`` get
+    one untimed run first (compilation, thread pools, lazy initialization); a mode already run at
+    another size in this process needs none, which saves a long run at the largest sizes."""
+    sets = cycle(inputs)
+
+    def fwd():
+        with torch.no_grad():
+            return fn(*next(sets))
+
+    def fwd_bwd():
+        student, teacher = next(sets)
+        return torch.autograd.grad(fn(student, teacher), student)
+
+    steps = {"fwd": fwd, "fwd_bwd": fwd_bwd}
+    timer = time_cuda if device.type == "cuda" else time_cpu
+    results = {}
+    for mode in modes:
+        if mode in warm_up:
+            steps[mode]()
+            _sync(device)
+        start = time.perf_counter()
+        results[mode] = timer(steps[mode], device, min_time=min_time, min_repeats=min_repeats,
+                              max_repeats=max_repeats)
+        results[mode].spent_s = time.perf_counter() - start
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Accuracy
+# --------------------------------------------------------------------------------------------------
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (inf when out has a NaN or Inf)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-30)).item()
+
+
+def errors(fn: Callable, student: torch.Tensor, teacher: torch.Tensor, ref_loss: torch.Tensor,
+           ref_grad: torch.Tensor) -> dict[str, float]:
+    """Relative errors of the loss and of the student's gradient against the float64 truth."""
+    value = fn(student, teacher)
+    (grad,) = torch.autograd.grad(value, student)
+    return {"rel_err_loss": rel_err(value, ref_loss), "rel_err_grad": rel_err(grad, ref_grad)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Ceilings, measured in the same run as the losses
+# --------------------------------------------------------------------------------------------------
+
+
+def _best_seconds(step: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Fastest of ``repeats`` warm runs: a ceiling is what the machine can do, not its median."""
+    step()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_flops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    """FLOP/s of torch.mm of (m×k)·(k×n) in ``dtype``."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    seconds = _best_seconds(lambda: torch.mm(a, b, out=out), device, repeats)
+    return 2.0 * m * k * n / seconds
+
+
+def copy_bandwidth(n_bytes: int, device: torch.device, repeats: int) -> float:
+    """Bytes/s of a large copy (read + write counted)."""
+    src = torch.empty(n_bytes // 4, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = _best_seconds(lambda: dst.copy_(src), device, repeats)
+    return 2.0 * src.numel() * 4 / seconds
+
+
+def ceilings(device: torch.device, sizes: list[int], dims: list[int], block_rows: Callable[[int], int],
+             quick: bool = False) -> dict:
+    """The matmul and bandwidth ceilings of this device, measured now.
+
+    CPU: a large square fp32 mm, and the row-block shapes the chunked backend uses ((block × D) ·
+    (D × N) for every N and D of the run). CUDA: large square bf16 and fp32 mm (TF32 as PyTorch's
+    default leaves it: off). Both: a large copy for bandwidth.
+    """
+    repeats = 1 if quick else 5
+    if device.type == "cuda":
+        side = 1024 if quick else 8192
+        result = {
+            "matmul_fp32_flops": matmul_flops(side, side, side, torch.float32, device, repeats),
+            "matmul_bf16_flops": matmul_flops(side, side, side, torch.bfloat16, device, repeats),
+            "matmul_square_side": side,
+            "copy_bytes_per_s": copy_bandwidth((64 if quick else 2048) * 2**20, device, repeats),
+        }
+    else:
+        side = 512 if quick else 2048
+        result = {
+            "matmul_fp32_flops": matmul_flops(side, side, side, torch.float32, device, repeats),
+            "matmul_square_side": side,
+            "copy_bytes_per_s": copy_bandwidth((16 if quick else 512) * 2**20, device, repeats),
+        }
+    result["matmul_block_fp32_flops"] = {
+        f"{n}x{d}": {"block": block_rows(n),
+                     "flops": matmul_flops(block_rows(n), d, n, torch.float32, device, repeats)}
+        for d in dims for n in sizes
+    }
+    return result
+
+
+def peak_flops(ceiling: dict, n: int, d: int, dtype: torch.dtype, device: torch.device) -> float:
+    """The matmul ceiling a loss at (N, D) is held to: the best of the square mm of the inputs'
+    dtype class and (fp32) the chunked backend's row-block mm at this N and D."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return ceiling["matmul_bf16_flops"]
+    block = ceiling.get("matmul_block_fp32_flops", {}).get(f"{n}x{d}", {}).get("flops", 0.0)
+    return max(ceiling["matmul_fp32_flops"], block)

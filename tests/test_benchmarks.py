@@ -1,0 +1,95 @@
+"""The benchmark harness end to end: ``python -m benchmarks.run --quick`` writes its three files.
+
+One quick run (tiny size, one repeat, one thread so that a busy machine does not stall it), in a
+subprocess from the repository root as a user runs it. It checks what the run leaves behind, not
+the numbers it measured. About 30-50 s, most of it torch.compile of the compile peer.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import cases
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--sizes", "64", "--threads", "1", "--device", "cpu",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def test_quick_run_writes_json_markdown_and_png(quick_run):
+    out, _ = quick_run
+    stems = {path.stem for path in out.iterdir()}
+    assert len(stems) == 1, sorted(out.iterdir())
+    stem = stems.pop()
+    assert stem.startswith("cpu-")
+    for ext in ("json", "md", "png"):
+        assert (out / f"{stem}.{ext}").stat().st_size > 0
+    assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_run_has_a_measured_row_per_loss_and_backend(quick_run):
+    out, done = quick_run
+    result = json.loads(next(out.glob("*.json")).read_text())
+    meta = result["meta"]
+    for key in ("torch", "python", "device_name", "cpu_model", "torch_threads", "git_commit", "command",
+                "memory_method"):
+        assert key in meta, key
+    assert result["ceilings"]["matmul_fp32_flops"] > 0
+    rows = {(r["loss"], r["backend"]): r for r in result["rows"]}
+    for loss in cases.LOSSES:
+        for backend in cases.default_backends(loss, torch.device("cpu")):
+            row = rows.get((loss, backend))
+            assert row is not None, f"no row for {loss} × {backend}"
+            assert row["status"] == "ok", (loss, backend, row["status"], row.get("traceback"))
+            assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["fwd_bwd_peak_extra_mib"] >= 0
+    # Every backend computes the same loss: the accuracy check against float64 says so.
+    for entry in result["errors"]:
+        assert entry["status"] == "ok", entry
+        assert entry["rel_err_loss"] < 1e-4 and entry["rel_err_grad"] < 1e-3, entry
+    markdown = next(out.glob("*.md")).read_text()
+    assert "## contrastive, D = 32: forward + backward" in markdown
+    assert done.stdout == ""  # progress goes to stderr
+    assert "] structure-kl · chunked · D=32 · N=64: fwd " in done.stderr and "done in" in done.stderr
+
+
+def _reused_peak_mib(queue):
+    """In a benchmark worker's environment: the peak of 8 × 4 MB tensors, after the same tensors
+    were allocated and freed before (glibc's heap would hand the freed memory back unseen)."""
+    from benchmarks.measure import PeakMemory
+
+    for _ in range(3):
+        blocks = [torch.ones(1_000_000) for _ in range(8)]
+        del blocks
+    with PeakMemory(torch.device("cpu")) as memory:
+        blocks = [torch.ones(1_000_000) for _ in range(8)]
+    queue.put(memory.extra_mib)
+
+
+def test_worker_resident_memory_sees_a_peak_in_reused_memory():
+    from benchmarks import isolate
+
+    worker = isolate.Worker(isolate.Spec("contrastive", "reference", "cpu", "float32", 0.0, 1, 1))
+    try:
+        context = isolate._context()  # the fork server the worker started, with its environment
+        queue = context.Queue()
+        process = context.Process(target=_reused_peak_mib, args=(queue,))
+        process.start()
+        peak = queue.get(timeout=120)
+        process.join(30)
+    finally:
+        worker.close()
+    assert 28 < peak < 40, peak  # 8 × 4 MB = 30.5 MiB
