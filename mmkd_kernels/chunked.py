@@ -135,7 +135,7 @@ def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, 
         target_logit = z[rows, targets[start:stop]]
         p = z.sub_(row_max).exp_()
         row_sum = p.sum(dim=1, keepdim=True)
-        loss_sum += (row_max + row_sum.log()).sum() - target_logit.sum()
+        loss_sum += ((row_max + row_sum.log()).squeeze(1) - target_logit).sum()  # per row, then sum
         p.div_(row_sum)
         p[rows, targets[start:stop]] -= 1
         p.mul_(scale)
