@@ -96,7 +96,7 @@ def _plot(path: str, before: dict, after: dict, trained: list[str]) -> None:
         ax.set_title(title)
         ax.set_ylim(0, 100)
     axes[0].set_ylabel("P@1 (%)")
-    axes[1].legend(loc="lower right")
+    axes[1].legend(loc="upper right")
     fig.suptitle("held-out bitext retrieval (* = not trained on)")
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)

@@ -116,5 +116,6 @@ class MMKDTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             replace_dir(os.path.join(run_dir, STAGING, name), os.path.join(run_dir, name))
+            os.rmdir(os.path.join(run_dir, STAGING))
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit)
         self.accelerator.wait_for_everyone()

@@ -69,7 +69,7 @@ def test_train_save_load_and_resume_to_the_same_losses(monkeypatch, corpus_file,
 
     # no pickle of ours and no staging left behind; the model loads with AutoModel
     assert not [n for n in os.listdir(whole / "checkpoint-6") if n == "training_args.bin"]
-    assert not os.listdir(whole / ".staging")
+    assert not (whole / ".staging").exists()
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(str(whole / "model"), local_files_only=True)
