@@ -105,3 +105,16 @@ def test_gradient_checkpointing_and_bf16_run(corpus_file, tiny_teacher, tiny_stu
 def test_an_unavailable_backend_is_refused_before_training(capsys):
     assert cli.main(["--backend", "nonesuch"]) == 2
     assert "--backend" in capsys.readouterr().err
+
+
+def test_tlm_run_saves_a_masked_lm_student_and_refuses_one_without_a_head(
+        corpus_file, tiny_teacher, tiny_mlm_student, tiny_student, tmp_path, capsys):
+    from transformers import AutoModel
+
+    out = tmp_path / "tlm"
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_mlm_student, out, "--max-steps", "2",
+                              "--token-loss", "both")) == 0
+    assert all(k > 0 for k in losses(out / "checkpoint-2").values())
+    AutoModel.from_pretrained(str(out / "model"), local_files_only=True)
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, tmp_path / "no", "--token-loss", "tlm")) == 2
+    assert "masked-LM head" in capsys.readouterr().err
