@@ -9,7 +9,6 @@ any model loads.
 import argparse
 import os
 import sys
-import time
 
 from .data import DataError, load_corpus
 from .models import ModelError, check_model_path, default_teacher_path
