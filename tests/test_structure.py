@@ -114,14 +114,15 @@ def test_auto_algorithm_counts_flops():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mse", "pearson"])
+@pytest.mark.parametrize("kind", ["mse", "pearson", "kl"])
 def test_gram_and_tile_agree_at_large_n(kind):
-    """N = 8192, float32: gram vs tile vs float64 reference ≤ 1e-5 (cancellation is real)."""
+    """N = 8192, float32: gram vs tile vs float64 reference ≤ 1e-5 (cancellation is real, and so
+    is the rounding of float32 row sums over 8K terms: the native kl once missed by 2e-5)."""
     s = randn(8192, 384, seed=11, shift=0.2)
     t = randn(8192, 384, seed=12, shift=0.2)
     ref = mk.structure_loss(s.double(), t.double(), kind=kind, backend="reference")
     for target in [t for t in TARGETS if t.backend != "triton" or t.device == "cuda"]:
-        for algorithm in ("gram", "tile"):
+        for algorithm in ("gram", "tile") if kind != "kl" else ("tile",):
             out = mk.structure_loss(s.to(target.device), t.to(target.device), kind=kind, algorithm=algorithm,
                                     backend=target.backend)
             assert rel_err(out, ref) <= 1e-5, f"{target} {algorithm}: {rel_err(out, ref):.2e}"

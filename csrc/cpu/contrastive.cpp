@@ -25,14 +25,14 @@ void row_epilogue(scalar_t* z, int64_t rows, int64_t m, const int64_t* targets, 
       scalar_t max = -std::numeric_limits<scalar_t>::infinity();
       for (int64_t j = 0; j < m; ++j) max = row[j] > max || row[j] != row[j] ? row[j] : max;
       const scalar_t target_logit = row[targets[r]];
-      scalar_t sum = 0;
+      double sum = 0;  // double: a float32 sum over M terms loses about sqrt(M)·eps
       if (to_grad) {
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < m; ++j) {
           row[j] = fast_exp(row[j] - max);
           sum += row[j];
         }
-        const scalar_t inv = scalar_t(1) / sum;
+        const scalar_t inv = static_cast<scalar_t>(1.0 / sum);
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) row[j] *= inv;
         row[targets[r]] -= 1;
@@ -40,7 +40,7 @@ void row_epilogue(scalar_t* z, int64_t rows, int64_t m, const int64_t* targets, 
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < m; ++j) sum += fast_exp(row[j] - max);
       }
-      lse[r] = max + std::log(sum);
+      lse[r] = static_cast<scalar_t>(max + std::log(sum));
       loss[r] = lse[r] - target_logit;
     }
   });
