@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TOLERANCE, randn, rel_err
+from mmkd_test_support import TOLERANCE, randn, rel_err
 from mmkd_kernels import chunked
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mmkd_kernels as mk
-from conftest import rel_err
+from mmkd_test_support import rel_err
 
 WORLD = 2
 N_LOCAL, M_LOCAL, D, DT = 6, 9, 8, 5

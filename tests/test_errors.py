@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mmkd_kernels as mk
-from conftest import randn
+from mmkd_test_support import randn
 
 Q, K = randn(8, 16, seed=0), randn(8, 16, seed=1)
 

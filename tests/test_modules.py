@@ -3,7 +3,7 @@
 import torch
 
 import mmkd_kernels as mk
-from conftest import randn
+from mmkd_test_support import randn
 
 
 def test_modules_equal_functional():

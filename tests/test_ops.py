@@ -5,7 +5,7 @@ import torch
 
 import mmkd_kernels as mk
 from mmkd_kernels import backends, ops
-from conftest import TARGETS, leaf, randn, rel_err
+from mmkd_test_support import TARGETS, leaf, randn, rel_err
 
 
 def _sample_args(backend, device):

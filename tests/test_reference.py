@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import mmkd_kernels as mk
-from conftest import leaf, randn
+from mmkd_test_support import leaf, randn
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mmkd_kernels as mk
-from conftest import leaf, randn
+from mmkd_test_support import leaf, randn
 
 
 def _loop_mean(hidden, ids, num_segments):

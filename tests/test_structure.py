@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mmkd_kernels as mk
-from conftest import TARGETS, TOLERANCE, Target, grads_of, leaf, randn, rel_err, runs
+from mmkd_test_support import TARGETS, TOLERANCE, Target, grads_of, leaf, randn, rel_err, runs
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (N, Ds, Dt): the smallest N each kind allows, odd sizes, widths that differ, N = 1000.

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from conftest import make_pairs
+from mmkd_train_test_support import make_pairs
 from mmkd_train import cache
 from mmkd_train.collate import Collator, PairDataset
 from mmkd_train.data import Pair

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_pairs
+from mmkd_train_test_support import make_pairs
 from mmkd_train.collate import Collator, PairDataset
 from mmkd_train.data import Pair
 from mmkd_train.models import ModelError, Student, load_encoder, load_teacher, load_tokenizer, teacher_hidden

@@ -1,0 +1,104 @@
+"""Shared test helpers: the targets (backend, device), fresh inputs, relative errors, tolerances.
+
+A module of its own name, not conftest: tests/train/ has a conftest.py too, and a process spawned
+by a test (tests/test_distributed.py) imports whichever ``conftest`` comes first on its path.
+"""
+
+import os
+from typing import NamedTuple
+
+import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter; it must be chosen before the
+# kernels are defined (at import).
+INTERPRETED = not torch.cuda.is_available()
+if INTERPRETED:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import mmkd_kernels as mk  # noqa: E402
+
+# DESIGN §4: relative error ‖out − ref‖ / ‖ref‖ against float64 on the same rounded inputs.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+# Every backend that can run here, but the reference (the ground truth itself).
+FAST_BACKENDS = [b for b in mk.available_backends() if b != "reference"]
+
+
+class Target(NamedTuple):
+    """A backend and the device its inputs live on; the reference always runs on the CPU."""
+
+    backend: str
+    device: str
+
+    def __str__(self) -> str:
+        return f"{self.backend}-{self.device}"
+
+
+def _targets() -> list[Target]:
+    from mmkd_kernels import native
+
+    targets = [Target(b, "cpu") for b in FAST_BACKENDS if b != "triton" or INTERPRETED]
+    if torch.cuda.is_available():
+        on_cuda = {"chunked", "triton"} | ({"native"} if native.has_cuda_kernels() else set())
+        targets += [Target(b, "cuda") for b in FAST_BACKENDS if b in on_cuda]
+    return targets
+
+
+# Every (backend, device) the shared tables run: CPU here; CUDA too on a GPU machine.
+TARGETS = _targets()
+
+# The interpreter runs a program per block in Python: N·M·D beyond this takes tens of seconds.
+INTERPRETER_MAX_WORK = 300 * 300 * 128
+
+
+def runs(target: Target, dtype: torch.dtype, work: int) -> bool:
+    """Whether a case belongs in a target's table (cases are left out, never skipped): triton and
+    the CUDA kernels compute no float64 (their refusal is tested in test_errors.py); under its
+    interpreter triton is slow, so small sizes only, and wrong for bfloat16 (DESIGN §4: bf16 is
+    checked on a GPU)."""
+    if dtype == torch.float64 and (target.backend == "triton" or (target.backend == "native" and target.device == "cuda")):
+        return False
+    if target.backend == "triton" and target.device == "cpu":
+        return dtype != torch.bfloat16 and work <= INTERPRETER_MAX_WORK
+    return True
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-5) -> float:
+    """‖out − ref‖ / max(‖ref‖, floor) in float64; NaN anywhere gives inf.
+
+    The floor keeps an exactly-zero truth (D = 1 with normalization has zero gradient) from turning
+    a rounding residue of 1e-32 into a relative error of 1."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    if not torch.isfinite(out).all():
+        return float("inf")
+    diff = torch.linalg.vector_norm(out - ref).item()
+    scale = torch.linalg.vector_norm(ref).item()
+    return diff / max(scale, floor)
+
+
+def randn(*shape, seed: int, dtype=torch.float32, layout: str = "contiguous", shift: float = 0.0,
+          device: str = "cpu") -> torch.Tensor:
+    """Fresh random rows (N, D) of ``dtype`` on ``device``; ``layout`` "transposed" or "strided"
+    gives a non-contiguous view with the same values' distribution. ``shift`` adds a common offset
+    to every row (real embeddings share a large mean direction)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, d = shape
+    if layout == "transposed":
+        x = (torch.randn(d, n, generator=gen) + shift).to(device=device, dtype=dtype).T
+    elif layout == "strided":
+        x = (torch.randn(n, 2 * d, generator=gen) + shift).to(device=device, dtype=dtype)[:, ::2]
+    else:
+        x = (torch.randn(n, d, generator=gen) + shift).to(device=device, dtype=dtype)
+    return x
+
+
+def leaf(x: torch.Tensor) -> torch.Tensor:
+    """A leaf view of x that records gradients (keeps x's strides)."""
+    return x.detach().requires_grad_(True)
+
+
+def grads_of(value: torch.Tensor, inputs, grad_output: torch.Tensor | None = None):
+    """Gradients of value (scalar, or weighted by grad_output) with respect to each input."""
+    grads = torch.autograd.grad(value, inputs, grad_outputs=grad_output, allow_unused=True)
+    return [g for g in grads]
