@@ -1,0 +1,89 @@
+"""Relative errors of every backend and input dtype against the float64 reference (DESIGN §4).
+
+    python -m benchmarks.accuracy [--n 1000] [--d 384] [--out benchmarks/results]
+
+For each loss × backend × dtype: ‖out − ref‖/‖ref‖ of the loss and of the student's gradient, the
+reference computed in float64 on the same rounded inputs (student requires grad, teacher frozen),
+the worst over three seeds. Writes ``<out>/accuracy-<device>-<date>.{json,md}``.
+"""
+
+import argparse
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+import mmkd_kernels as mk
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+LOSSES = {
+    "contrastive": lambda s, t, b: mk.contrastive_loss(s, t, temperature=0.05, backend=b),
+    "structure pearson (tile)": lambda s, t, b: mk.structure_loss(s, t, kind="pearson", algorithm="tile", backend=b),
+    "structure pearson (gram)": lambda s, t, b: mk.structure_loss(s, t, kind="pearson", algorithm="gram", backend=b),
+    "structure kl": lambda s, t, b: mk.structure_loss(s, t, kind="kl", temperature=0.1, backend=b),
+}
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    return (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
+
+
+def measure(n: int, d: int, backend: str, dtype: torch.dtype, loss, seeds=(0, 1, 2)) -> tuple[float, float]:
+    """Worst (loss error, gradient error) over the seeds."""
+    worst = (0.0, 0.0)
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        student = torch.randn(n, d, generator=gen)
+        teacher = student + 2 * torch.randn(n, d, generator=gen)
+        s = student.to(dtype).requires_grad_()
+        t = teacher.to(dtype)
+        s64 = s.detach().double().requires_grad_()
+        # Half-precision gradients of a mean over N² pairs underflow: scale as GradScaler does.
+        scale = 2.0**12 if dtype in (torch.float16, torch.bfloat16) else 1.0
+        out = loss(s, t, backend)
+        (grad,) = torch.autograd.grad(out * scale, s)
+        ref = loss(s64, t.double(), "reference")
+        (grad_ref,) = torch.autograd.grad(ref * scale, s64)
+        worst = (max(worst[0], _rel(out, ref)), max(worst[1], _rel(grad, grad_ref)))
+    return worst
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--d", type=int, default=384)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    backends = [b for b in mk.available_backends() if b in ("chunked", "native")]
+    rows = []
+    for name, loss in LOSSES.items():
+        for backend in backends:
+            for dtype_name, dtype in DTYPES.items():
+                loss_err, grad_err = measure(args.n, args.d, backend, dtype, loss)
+                rows.append(dict(loss=name, backend=backend, dtype=dtype_name, loss_error=loss_err, grad_error=grad_err))
+    date = datetime.date.today().isoformat()
+    stem = args.out / f"accuracy-cpu-{date}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(date=date, n=args.n, d=args.d, torch=torch.__version__, python=platform.python_version(),
+                machine=platform.processor() or platform.machine(), command=f"python -m benchmarks.accuracy --n {args.n} --d {args.d}")
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"# Accuracy against the float64 reference, CPU ({date})", "",
+             f"`{meta['command']}`: N = {args.n}, D = {args.d}, teacher = student + 2·noise, worst of 3 seeds; "
+             "relative error ‖out − ref‖/‖ref‖ of the loss / of the student's gradient. DESIGN §4 tolerances: "
+             "float32 1e-5, float16/bfloat16 inputs 1e-2.", "",
+             "| loss | backend | " + " | ".join(DTYPES) + " |", "|---|---|" + "---|" * len(DTYPES)]
+    for name in LOSSES:
+        for backend in backends:
+            cells = [f"{r['loss_error']:.1e} / {r['grad_error']:.1e}" for r in rows
+                     if r["loss"] == name and r["backend"] == backend]
+            lines.append(f"| {name} | {backend} | " + " | ".join(cells) + " |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
