@@ -24,7 +24,7 @@ inline at::ScalarType accumulation_dtype(const at::Tensor& a, const at::Tensor& 
 // Rows per block so that a (block × n_cols) tile stays within about 2 MiB: it lives in cache
 // between the GEMM that writes it and the epilogue that reads it.
 inline int64_t row_block(int64_t n_cols, int64_t element_size) {
-  const int64_t budget = (int64_t{2} << 20) / element_size;
+  const int64_t budget = (int64_t{8} << 20) / element_size;
   int64_t rows = budget / std::max<int64_t>(n_cols, 1);
   return std::max<int64_t>(16, std::min<int64_t>(rows, 1024));
 }

@@ -22,8 +22,11 @@ void row_epilogue(scalar_t* z, int64_t rows, int64_t m, const int64_t* targets, 
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* row = z + r * m;
+      // A NaN never wins this max, but it reaches the sum below through exp(NaN − max): the loss
+      // is NaN all the same, and the loop vectorizes.
       scalar_t max = -std::numeric_limits<scalar_t>::infinity();
-      for (int64_t j = 0; j < m; ++j) max = row[j] > max || row[j] != row[j] ? row[j] : max;
+#pragma omp simd reduction(max : max)
+      for (int64_t j = 0; j < m; ++j) max = row[j] > max ? row[j] : max;
       const scalar_t target_logit = row[targets[r]];
       double sum = 0;  // double: a float32 sum over M terms loses about sqrt(M)·eps
       if (to_grad) {
