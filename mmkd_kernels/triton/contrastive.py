@@ -158,8 +158,9 @@ def contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_lse,
 
 def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, need_q: bool, need_k: bool):
     """As chunked.contrastive_forward_with_grad: (loss_sum (), dq, dk) in float32."""
-    row_loss, _, row_lse, _ = contrastive_forward(q, k, targets, scale, normalize, False)
+    check_dtypes(q, k)
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
+    row_lse, row_loss = _row_lse(q, k, inv_q, inv_k, targets, scale)
     row_term = (row_lse, torch.ones_like(row_lse), targets)
     dq, dk = row_lse.new_empty(0), row_lse.new_empty(0)
     if need_q:
