@@ -1,9 +1,11 @@
 """The losses across data-parallel ranks, exact over the global batch (DESIGN §1.2 "Across ranks").
 
-Each rank holds its local rows (the same count on every rank). Values are scaled by open_clip's
-``local_loss`` convention: rank r returns L_r with Σ_r L_r = W·L (W ranks, L the global-batch
-loss), and its backward gives ∂(Σ_r L_r)/∂(its own inputs). DDP then averages the gradients over
-ranks, which is exactly ∇L; the mean over ranks of the returned values is L.
+Each rank holds its local rows; the counts may differ from rank to rank (a word or token level has
+as many rows as the rank's batch has words or tokens). Rank r's rows come after those of ranks
+0..r−1 in the global batch. Values are scaled by open_clip's ``local_loss`` convention: rank r
+returns L_r with Σ_r L_r = W·L (W ranks, L the global-batch loss), and its backward gives
+∂(Σ_r L_r)/∂(its own inputs). DDP then averages the gradients over ranks, which is exactly ∇L;
+the mean over ranks of the returned values is L.
 
 - contrastive: every rank's teacher rows are all-gathered with gradient (O(N·D) traffic) and are
   the columns of the local rows; ``symmetric`` adds the columns' losses against the gathered
@@ -21,28 +23,54 @@ from . import gram
 from .reference import accumulation_dtype, l2_normalize
 
 
+def _collective_device(group) -> str:
+    return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+
+
+def row_counts(group, *local: int) -> torch.Tensor:
+    """(W, len(local)) int64 on the CPU: every rank's ``local`` counts, in rank order.
+
+    ValueError when torch.distributed is not initialized (the argument ``process_group`` names it).
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group was given but torch.distributed is not initialized (init_process_group)")
+    counts = torch.tensor(local, dtype=torch.int64, device=_collective_device(group))
+    gathered = [torch.empty_like(counts) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, counts, group=group)
+    return torch.stack(gathered).cpu()
+
+
 class _AllGather(torch.autograd.Function):
-    """(n, ...) on each rank -> (W·n, ...) in rank order; backward sums the gradients of all ranks."""
+    """(n_r, ...) on rank r -> (Σ n_r, ...) in rank order; backward sums the gradients of all ranks
+    and returns each rank the rows it gave. Ranks with fewer rows are padded for the transfer."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts)
+    def forward(ctx, x, group, counts):
+        ctx.group, ctx.counts = group, counts
+        top = max(counts)
+        padded = x if x.shape[0] == top else torch.cat([x, x.new_zeros(top - x.shape[0], *x.shape[1:])])
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
-        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
-        n = grad.shape[0] // world
-        return grad[rank * n : (rank + 1) * n], None
+        rank = dist.get_rank(ctx.group)
+        start = sum(ctx.counts[:rank])
+        return grad[start : start + ctx.counts[rank]], None, None
 
 
-def all_gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
-    """All-gather along dim 0 whose backward returns each rank the summed gradient of its rows."""
-    return _AllGather.apply(x, group)
+def all_gather_with_grad(x: torch.Tensor, group=None, counts: list[int] | None = None) -> torch.Tensor:
+    """All-gather along dim 0 whose backward returns each rank the summed gradient of its rows.
+
+    x: (n_r, ...) on rank r, the same trailing shape and dtype everywhere; returns (Σ_r n_r, ...).
+    ``counts`` (every rank's n_r, in rank order) saves one collective when the caller knows them.
+    """
+    if counts is None:
+        counts = row_counts(group, x.shape[0])[:, 0].tolist()
+    return _AllGather.apply(x, group, list(counts))
 
 
 def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -52,38 +80,21 @@ def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
     return x
 
 
-def _check_group(group, **local_sizes: int) -> int:
-    """The world size; ValueError unless torch.distributed is up and every rank has the same sizes."""
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("process_group was given but torch.distributed is not initialized (init_process_group)")
-    world = dist.get_world_size(group)
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    sizes = torch.tensor(list(local_sizes.values()), device=device)
-    gathered = [torch.empty_like(sizes) for _ in range(world)]
-    dist.all_gather(gathered, sizes, group=group)
-    if any(not torch.equal(g, sizes) for g in gathered):
-        names = ", ".join(local_sizes)
-        raise ValueError(
-            f"with process_group every rank must pass the same number of rows ({names}); got "
-            f"{[g.tolist() for g in gathered]} across ranks"
-        )
-    return world
-
-
 def contrastive_loss(q, k, targets, symmetric, reduction, group, local):
     """Local rows against every rank's teacher rows. ``local(q, k, targets, symmetric)`` is the
     one-process loss: per-row losses for reduction "none", else their sum."""
-    world = _check_group(group, student_rows=q.shape[0], teacher_rows=k.shape[0])
-    rank = dist.get_rank(group)
-    n, m = q.shape[0], k.shape[0]
-    value = local(q, all_gather_with_grad(k, group), targets + rank * m, False)
+    counts = row_counts(group, q.shape[0], k.shape[0])
+    world, rank = counts.shape[0], dist.get_rank(group)
+    n_counts, m_counts = counts[:, 0].tolist(), counts[:, 1].tolist()
+    n_total = sum(n_counts)
+    value = local(q, all_gather_with_grad(k, group, m_counts), targets + sum(m_counts[:rank]), False)
     if symmetric:
-        own = torch.arange(n, device=q.device) + rank * n
-        value = (value + local(k, all_gather_with_grad(q, group), own, False)) / 2
+        own = torch.arange(q.shape[0], device=q.device) + sum(n_counts[:rank])
+        value = (value + local(k, all_gather_with_grad(q, group, n_counts), own, False)) / 2
     if reduction == "none":
         return value
     total = value * world
-    return total if reduction == "sum" else total / (world * n)
+    return total if reduction == "sum" else total / n_total
 
 
 class _GramAcrossRanks(torch.autograd.Function):
@@ -105,12 +116,11 @@ class _GramAcrossRanks(torch.autograd.Function):
         return dx, dy, None, None, None
 
 
-def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group, sum_fn):
+def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group, counts, sum_fn):
     """The global-batch structure loss from local rows, ``algorithm`` resolved ("tile" or "gram");
-    ``sum_fn`` is functional.structure_sum."""
-    world = _check_group(group, rows=s.shape[0])
-    n = s.shape[0]
-    n_total = world * n
+    ``counts`` is every rank's row count (``row_counts``), ``sum_fn`` is functional.structure_sum."""
+    world, rank = len(counts), dist.get_rank(group)
+    n_total = sum(counts)
     if algorithm == "gram" and backend != "reference":
         acc = accumulation_dtype(s, t)
         x, y = s.to(acc), t.to(acc)
@@ -118,7 +128,7 @@ def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group
             x, y = l2_normalize(x), l2_normalize(y)
         total = _GramAcrossRanks.apply(x, y, kind, n_total, group).sum()
     else:
-        s_all, t_all = all_gather_with_grad(s, group), all_gather_with_grad(t, group)
+        s_all, t_all = all_gather_with_grad(s, group, counts), all_gather_with_grad(t, group, counts)
         total = sum_fn(s_all, t_all, kind, temperature, normalize, "tile", backend,
-                       row_start=dist.get_rank(group) * n, row_count=n)
+                       row_start=sum(counts[:rank]), row_count=counts[rank])
     return total * world / n_total

@@ -133,8 +133,8 @@ def contrastive_loss(
     row's loss with its column's. Returns a float32 scalar (float64 for float64 inputs), or the
     (N,) per-row losses with ``reduction="none"``. Gradients reach whichever input requires them.
 
-    With ``process_group``, each rank passes its local rows (the same N and M on every rank); the
-    teacher rows of every rank are the columns, and the returned value is scaled so that the mean
+    With ``process_group``, each rank passes its local rows (N and M may differ from rank to rank);
+    the teacher rows of every rank are the columns, and the returned value is scaled so that the mean
     of it over ranks is the global-batch loss and DDP's gradient averaging gives its gradient.
     """
     _check_pair(student, teacher)
@@ -233,8 +233,8 @@ def structure_loss(
     O(N) memory), "gram" (mse/pearson only, O(N·D²) work), "auto" (the cheaper). Returns a float32
     scalar (float64 for float64 inputs).
 
-    With ``process_group``, each rank passes its local rows (the same N on every rank) and gets the
-    loss of the global batch, scaled as in ``contrastive_loss``.
+    With ``process_group``, each rank passes its local rows (N may differ from rank to rank) and gets
+    the loss of the global batch, scaled as in ``contrastive_loss``.
     """
     _check_pair(student, teacher)
     if student.shape[0] != teacher.shape[0]:
@@ -248,23 +248,16 @@ def structure_loss(
     if kind == "kl" and algorithm == "gram":
         raise ValueError("algorithm='gram' exists for kind='mse' and kind='pearson' only; kind='kl' needs 'tile'")
     name = _resolve(backend, student, teacher)
-    n_total = student.shape[0] * _world_size(process_group)
+    counts = None if process_group is None else distributed.row_counts(process_group, student.shape[0])[:, 0].tolist()
+    n_total = student.shape[0] if counts is None else sum(counts)
     if n_total < MIN_ROWS[kind]:
         raise ValueError(f"kind={kind!r} needs at least {MIN_ROWS[kind]} rows in the batch, got N={n_total}")
     algorithm = choose_algorithm(kind, algorithm, n_total, student.shape[1], teacher.shape[1])
     if process_group is not None:
         return distributed.structure_loss(
-            student, teacher, kind, temperature, normalize, algorithm, name, process_group, structure_sum
+            student, teacher, kind, temperature, normalize, algorithm, name, process_group, counts, structure_sum
         )
     return structure_sum(student, teacher, kind, temperature, normalize, algorithm, name) / n_total
-
-
-def _world_size(process_group) -> int:
-    if process_group is None:
-        return 1
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        raise ValueError("process_group was given but torch.distributed is not initialized (init_process_group)")
-    return torch.distributed.get_world_size(process_group)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Across ranks: 2 gloo processes on CPU give the loss and gradients of one process on the
 concatenated batch (DESIGN §2 ``process_group``). Rank r returns L_r with mean_r L_r = L, and its
-gradient is W·∂L/∂(its rows), so that DDP's averaging gives ∇L."""
+gradient is W·∂L/∂(its rows), so that DDP's averaging gives ∇L. The ranks hold different row counts,
+as a word or token level does."""
 
 import socket
 
@@ -13,7 +14,9 @@ import mmkd_kernels as mk
 from mmkd_test_support import rel_err
 
 WORLD = 2
-N_LOCAL, M_LOCAL, D, DT = 6, 9, 8, 5
+N_LOCAL, M_LOCAL, D, DT = (6, 4), (9, 7), 8, 5  # rows per rank
+N_START = [sum(N_LOCAL[:r]) for r in range(WORLD)]
+M_START = [sum(M_LOCAL[:r]) for r in range(WORLD)]
 
 CONTRASTIVE_CASES = [
     {},
@@ -29,19 +32,19 @@ BACKENDS = [b for b in mk.available_backends() if b in ("reference", "chunked")]
 def _global_inputs(seed):
     """The global batch (float64): student, teacher (M_LOCAL per rank), local targets, structure pair."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(WORLD * N_LOCAL, D, generator=gen, dtype=torch.float64)
-    k = torch.randn(WORLD * M_LOCAL, D, generator=gen, dtype=torch.float64)
-    local_targets = torch.randint(0, M_LOCAL, (WORLD, N_LOCAL), generator=gen)
-    s = torch.randn(WORLD * N_LOCAL, D, generator=gen, dtype=torch.float64)
-    t = torch.randn(WORLD * N_LOCAL, DT, generator=gen, dtype=torch.float64)
-    weights = torch.rand(WORLD * N_LOCAL, generator=gen, dtype=torch.float64) + 0.5
+    q = torch.randn(sum(N_LOCAL), D, generator=gen, dtype=torch.float64)
+    k = torch.randn(sum(M_LOCAL), D, generator=gen, dtype=torch.float64)
+    local_targets = [torch.randint(0, m, (n,), generator=gen) for n, m in zip(N_LOCAL, M_LOCAL)]
+    s = torch.randn(sum(N_LOCAL), D, generator=gen, dtype=torch.float64)
+    t = torch.randn(sum(N_LOCAL), DT, generator=gen, dtype=torch.float64)
+    weights = torch.rand(sum(N_LOCAL), generator=gen, dtype=torch.float64) + 0.5
     return q, k, local_targets, s, t, weights
 
 
 def _contrastive(q, k, targets, case, backend, rank, process_group):
     kwargs = {key: value for key, value in case.items() if key != "targets"}
     if case.get("symmetric"):
-        k = k[: q.shape[0]] if process_group is None else k[:N_LOCAL]
+        k = k[: q.shape[0]]
     if case.get("targets"):
         kwargs["targets"] = targets
     return mk.contrastive_loss(q, k, backend=backend, process_group=process_group, **kwargs)
@@ -50,7 +53,8 @@ def _contrastive(q, k, targets, case, backend, rank, process_group):
 def _run_rank(rank, port, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     q, k, local_targets, s, t, weights = _global_inputs(seed=0)
-    rows, cols = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL), slice(rank * M_LOCAL, (rank + 1) * M_LOCAL)
+    rows = slice(N_START[rank], N_START[rank] + N_LOCAL[rank])
+    cols = slice(M_START[rank], M_START[rank] + M_LOCAL[rank])
     out = {}
     for backend in BACKENDS:
         for i, case in enumerate(CONTRASTIVE_CASES):
@@ -89,16 +93,16 @@ def test_contrastive_across_ranks_equals_one_process(rank_results, backend, case
     case = CONTRASTIVE_CASES[case_index]
     q, k, local_targets, _, _, weights = _global_inputs(seed=0)
     q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
-    global_targets = (local_targets + torch.arange(WORLD)[:, None] * M_LOCAL).flatten()
+    global_targets = torch.cat([t + M_START[r] for r, t in enumerate(local_targets)])
     if case.get("symmetric"):
         # Column j's positive is student row j: the teacher rows of the symmetric case are the first
-        # N_LOCAL of each rank's block.
-        k_sym = torch.cat([k[r * M_LOCAL : r * M_LOCAL + N_LOCAL] for r in range(WORLD)])
+        # N_LOCAL[r] of each rank's block.
+        k_sym = torch.cat([k[M_START[r] : M_START[r] + N_LOCAL[r]] for r in range(WORLD)])
         value = mk.contrastive_loss(q, k_sym, backend=backend, symmetric=True)
     else:
         kwargs = {key: v for key, v in case.items() if key != "targets"}
         value = mk.contrastive_loss(q, k, backend=backend, targets=global_targets if case.get("targets") else
-                                    torch.cat([torch.arange(N_LOCAL) + r * M_LOCAL for r in range(WORLD)]), **kwargs)
+                                    torch.cat([torch.arange(N_LOCAL[r]) + M_START[r] for r in range(WORLD)]), **kwargs)
     none = case.get("reduction") == "none"
     objective = (value * weights).sum() if none else value
     dq, dk = torch.autograd.grad(objective, (q, k))
