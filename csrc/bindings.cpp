@@ -21,7 +21,8 @@ TORCH_LIBRARY(mmkd_native, m) {
   m.def("contrastive_forward(Tensor q, Tensor k, Tensor targets, float scale, bool normalize, bool symmetric)"
         " -> (Tensor row_loss, Tensor col_loss, Tensor row_lse, Tensor col_lse)");
   m.def("contrastive_backward(Tensor grad_row, Tensor grad_col, Tensor q, Tensor k, Tensor targets, Tensor row_lse,"
-        " Tensor col_lse, float scale, bool normalize, bool symmetric, bool need_q, bool need_k)"
+        " Tensor col_lse, Tensor row_loss, Tensor col_loss, float scale, bool normalize, bool symmetric,"
+        " bool need_q, bool need_k)"
         " -> (Tensor dq, Tensor dk)");
   m.def("contrastive_forward_with_grad(Tensor q, Tensor k, Tensor targets, float scale, bool normalize,"
         " bool need_q, bool need_k) -> (Tensor loss_sum, Tensor dq, Tensor dk)");

@@ -16,8 +16,8 @@
   std::tuple<at::Tensor, at::Tensor> contrastive_backward(                                         \
       const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& q,                 \
       const at::Tensor& k, const at::Tensor& targets, const at::Tensor& row_lse,                   \
-      const at::Tensor& col_lse, double scale, bool normalize, bool symmetric, bool need_q,        \
-      bool need_k);                                                                                \
+      const at::Tensor& col_lse, const at::Tensor& row_loss, const at::Tensor& col_loss,          \
+      double scale, bool normalize, bool symmetric, bool need_q, bool need_k);                     \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad(                    \
       const at::Tensor& q, const at::Tensor& k, const at::Tensor& targets, double scale,           \
       bool normalize, bool need_q, bool need_k);                                                   \

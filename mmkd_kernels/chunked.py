@@ -36,12 +36,37 @@ def _to_input_grad(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def target_loss(shifted_target, target_weight, other_sum):
+    """ℓ = log(a + b) − log a from a = exp(z_t − m) (``target_weight``), b = Σ_{j≠t} exp(z_j − m)
+    (``other_sum``, summed without the target) and z_t − m (``shifted_target``): log1p(b / a) while
+    the target dominates, so a nearly aligned pair's small loss keeps its digits (lse − z_t would
+    cancel them), log(a + b) − (z_t − m) otherwise (b / a may overflow there)."""
+    dominant = target_weight >= other_sum
+    ratio = other_sum / torch.where(dominant, target_weight, torch.ones_like(target_weight))
+    return torch.where(dominant, torch.log1p(ratio), torch.log(target_weight + other_sum) - shifted_target)
+
+
+def _row_statistics(z, targets):
+    """z: (b, M) logits, targets: (b,). Returns (lse (b,), loss (b,), e (b, M), denominator (b,)):
+    e = exp(z − rowmax) with its target entries zeroed (the softmax numerators of the other columns),
+    denominator = Σ_j exp(z_j − rowmax)."""
+    rows = torch.arange(z.shape[0], device=z.device)
+    row_max = z.amax(dim=1)
+    shifted_target = z[rows, targets] - row_max
+    e = torch.exp(z - row_max[:, None])
+    e[rows, targets] = 0
+    other = e.sum(dim=1)
+    target_weight = torch.exp(shifted_target)
+    denominator = target_weight + other
+    return row_max + torch.log(denominator), target_loss(shifted_target, target_weight, other), e, denominator
+
+
 def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric: bool):
     """q: (N, D), k: (M, D), targets: (N,) int64; z = scale · q̂ k̂ᵀ.
 
     Returns (row_loss (N,), col_loss (N,) or (0,), row_lse (N,), col_lse (M,) or (0,)), all in the
-    accumulation dtype. With ``symmetric`` the column log-sum-exps are merged online across row
-    blocks, so one pass over z serves both directions.
+    accumulation dtype. With ``symmetric`` the column statistics are merged online across row
+    blocks, so one pass over z serves both directions; column j's positive is row j.
     """
     acc = accumulation_dtype(q, k)
     qn, _ = _prepare(q, normalize, acc)
@@ -50,32 +75,37 @@ def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric:
     row_lse = qn.new_empty(n)
     row_loss = qn.new_empty(n)
     col_max = qn.new_full((m if symmetric else 0,), float("-inf"))
-    col_sum = qn.new_zeros(m if symmetric else 0)
+    col_other = qn.new_zeros(m if symmetric else 0)  # Σ_{i≠j} exp(z_ij − col_max_j)
+    diagonal = qn.new_empty(n if symmetric else 0)
     block = row_block(m)
     for start in range(0, n, block):
         stop = min(start + block, n)
         z = torch.mm(qn[start:stop], kn.T).mul_(scale)
-        lse = torch.logsumexp(z, dim=1)
-        row_lse[start:stop] = lse
-        row_loss[start:stop] = lse - z.gather(1, targets[start:stop, None]).squeeze(1)
+        row_lse[start:stop], row_loss[start:stop], _, _ = _row_statistics(z, targets[start:stop])
         if symmetric:
+            rows = torch.arange(stop - start, device=z.device)
+            diagonal[start:stop] = z[rows, rows + start]
             new_max = torch.maximum(col_max, z.amax(dim=0))
-            col_sum = col_sum * torch.exp(col_max - new_max) + torch.exp(z - new_max).sum(dim=0)
+            e = z.sub_(new_max).exp_()
+            e[rows, rows + start] = 0
+            col_other = col_other * torch.exp(col_max - new_max) + e.sum(dim=0)
             col_max = new_max
     if not symmetric:
         return row_loss, qn.new_empty(0), row_lse, qn.new_empty(0)
-    col_lse = col_max + torch.log(col_sum)
-    diagonal = (qn * kn[:n]).sum(dim=1).mul_(scale)
-    return row_loss, col_lse - diagonal, row_lse, col_lse
+    shifted_diagonal = diagonal - col_max  # symmetric: M == N
+    diagonal_weight = torch.exp(shifted_diagonal)
+    col_lse = col_max + torch.log(diagonal_weight + col_other)
+    return row_loss, target_loss(shifted_diagonal, diagonal_weight, col_other), row_lse, col_lse
 
 
 def contrastive_backward(
-    grad_row, grad_col, q, k, targets, row_lse, col_lse,
+    grad_row, grad_col, q, k, targets, row_lse, col_lse, row_loss, col_loss,
     scale: float, normalize: bool, symmetric: bool, need_q: bool, need_k: bool,
 ):
     """Gradients of Σ_i grad_row_i·row_loss_i (+ Σ_j grad_col_j·col_loss_j) by recomputing z.
 
     dz_ij = g_i (p_ij − [j = t_i]) + g'_j (p'_ij − [i = j]) with p = softmax over j, p' over i;
+    the target's p − 1 is taken as expm1(−ℓ), exact where p is within rounding of 1.
     dq̂ = scale · dz k̂, dk̂ = scale · dzᵀ q̂: 6·N·M·D FLOPs with both. Returns (dq, dk) in the
     inputs' dtypes, or an empty (0,) tensor for an input that needs no gradient.
     """
@@ -85,19 +115,20 @@ def contrastive_backward(
     n, m = qn.shape[0], kn.shape[0]
     grad_row = grad_row.to(acc)
     grad_col = grad_col.to(acc) if symmetric else None
+    target_grad = torch.expm1(-row_loss) * grad_row
+    diagonal_grad = torch.expm1(-col_loss) * grad_col if symmetric else None
     dqn = torch.empty_like(qn) if need_q else None
     dkn = torch.zeros_like(kn) if need_k else None
     block = row_block(m)
     for start in range(0, n, block):
         stop = min(start + block, n)
-        rows = torch.arange(start, stop, device=qn.device)
-        g = grad_row[start:stop]
+        rows = torch.arange(stop - start, device=qn.device)
         z = torch.mm(qn[start:stop], kn.T).mul_(scale)
         if symmetric:
             dz_cols = (z - col_lse).exp_().mul_(grad_col)
-            dz_cols[rows - start, rows] -= grad_col[start:stop]
-        dz = z.sub_(row_lse[start:stop, None]).exp_().mul_(g[:, None])
-        dz[rows - start, targets[start:stop]] -= g
+            dz_cols[rows, rows + start] = diagonal_grad[start:stop]
+        dz = z.sub_(row_lse[start:stop, None]).exp_().mul_(grad_row[start:stop, None])
+        dz[rows, targets[start:stop]] = target_grad[start:stop]
         if symmetric:
             dz += dz_cols
         dz.mul_(scale)
@@ -116,8 +147,9 @@ def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, 
     For a caller that will backpropagate a mean or sum (DESIGN §5, as Liger-Kernel's fused linear
     cross-entropy): each row block's probabilities serve dq and dk while they are in cache, so
     forward + backward cost 2 + 2 per gradient N·M·D FLOPs instead of the recompute's 4 + 2 per
-    gradient, and the backward is a scale of the stored gradients. Returns (loss_sum (), dq, dk) in
-    the accumulation dtype, (0,) for an input that needs no gradient.
+    gradient, and the backward is a scale of the stored gradients. The target's p − 1 is
+    −Σ_{j≠t} p_j, summed without the target. Returns (loss_sum (), dq, dk) in the accumulation
+    dtype, (0,) for an input that needs no gradient.
     """
     acc = accumulation_dtype(q, k)
     qn, q_norms = _prepare(q, normalize, acc)
@@ -130,14 +162,12 @@ def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, 
     for start in range(0, n, block):
         stop = min(start + block, n)
         rows = torch.arange(stop - start, device=qn.device)
+        block_targets = targets[start:stop]
         z = torch.mm(qn[start:stop], kn.T).mul_(scale)
-        row_max = z.amax(dim=1, keepdim=True)
-        target_logit = z[rows, targets[start:stop]]
-        p = z.sub_(row_max).exp_()
-        row_sum = p.sum(dim=1, keepdim=True)
-        loss_sum += ((row_max + row_sum.log()).squeeze(1) - target_logit).sum()  # per row, then sum
-        p.div_(row_sum)
-        p[rows, targets[start:stop]] -= 1
+        _, loss, p, denominator = _row_statistics(z, block_targets)
+        loss_sum += loss.sum()
+        p.div_(denominator[:, None])
+        p[rows, block_targets] = -p.sum(dim=1)
         p.mul_(scale)
         if need_q:
             torch.mm(p, kn, out=dqn[start:stop])

@@ -27,7 +27,7 @@ SCHEMAS = {
     ),
     "contrastive_backward": (
         "(Tensor grad_row, Tensor grad_col, Tensor q, Tensor k, Tensor targets, Tensor row_lse,"
-        " Tensor col_lse, float scale, bool normalize, bool symmetric, bool need_q, bool need_k)"
+        " Tensor col_lse, Tensor row_loss, Tensor col_loss, float scale, bool normalize, bool symmetric, bool need_q, bool need_k)"
         " -> (Tensor dq, Tensor dk)"
     ),
     "contrastive_forward_with_grad": (
@@ -70,8 +70,8 @@ def _grad_like(x, needed):
     return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else x.new_empty(0)
 
 
-def _fake_contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_lse, scale, normalize,
-                               symmetric, need_q, need_k):
+def _fake_contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_lse, row_loss, col_loss,
+                               scale, normalize, symmetric, need_q, need_k):
     return _grad_like(q, need_q), _grad_like(k, need_k)
 
 
@@ -105,7 +105,8 @@ FAKES = {
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd: contrastive_forward saves its inputs and log-sum-exps and contrastive_backward recomputes;
+# Autograd: contrastive_forward saves its inputs, log-sum-exps and losses (the target's p − 1 is
+# expm1(−ℓ), exact where lse − z_t would cancel) and contrastive_backward recomputes z;
 # the *_forward_with_grad ops carry their gradients, which the backward scales.
 # --------------------------------------------------------------------------------------------------
 
@@ -119,15 +120,15 @@ def _register_autograd(namespace: str) -> None:
 
     def contrastive_setup(ctx, inputs, output):
         q, k, targets, ctx.scale, ctx.normalize, ctx.symmetric = inputs
-        _, _, row_lse, col_lse = output
-        ctx.save_for_backward(q, k, targets, row_lse, col_lse)
+        row_loss, col_loss, row_lse, col_lse = output
+        ctx.save_for_backward(q, k, targets, row_lse, col_lse, row_loss, col_loss)
 
     def contrastive_backward(ctx, grad_row, grad_col, _grad_row_lse, _grad_col_lse):
-        q, k, targets, row_lse, col_lse = ctx.saved_tensors
+        q, k, targets, row_lse, col_lse, row_loss, col_loss = ctx.saved_tensors
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dq, dk = ops.contrastive_backward(
             _grad_or_zeros(grad_row, row_lse), _grad_or_zeros(grad_col, col_lse[: row_lse.shape[0]]),
-            q, k, targets, row_lse, col_lse, ctx.scale, ctx.normalize, ctx.symmetric, need_q, need_k,
+            q, k, targets, row_lse, col_lse, row_loss, col_loss, ctx.scale, ctx.normalize, ctx.symmetric, need_q, need_k,
         )
         return dq if need_q else None, dk if need_k else None, None, None, None, None
 

@@ -125,3 +125,20 @@ def test_no_grad_forward_equals_the_forward_with_gradients(target):
     fused = mk.contrastive_loss(q, k, backend=target.backend)
     assert fused.requires_grad and not plain.requires_grad
     assert rel_err(plain, fused) <= 1e-6
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+@pytest.mark.parametrize("noise", [0.3, 0.03])
+def test_nearly_aligned_pairs_keep_their_digits(target, noise):
+    """Late in distillation the student's rows are close to their teacher's: ℓ ≈ 1e-5 and p_t rounds
+    to 1 in float32. lse − z_t and p_t − 1 would lose most digits; log1p and the sums without the
+    target keep them (all reductions, both directions, the fused and the recompute backward)."""
+    gen = torch.Generator().manual_seed(17)
+    k64 = torch.randn(96, 48, generator=gen, dtype=torch.float64)
+    q64 = k64 + noise * torch.randn(96, 48, generator=gen, dtype=torch.float64)
+    q, k = leaf(q64.float().to(target.device)), leaf(k64.float().to(target.device))
+    weights = torch.rand(96, generator=gen).to(target.device) + 0.5
+    out = _check(target, q, k, temperature=0.05)
+    assert out.item() < 1e-4  # the regime this test is about
+    _check(target, q, k, temperature=0.05, symmetric=True)
+    _check(target, q, k, temperature=0.05, reduction="none", grad_output=weights)

@@ -267,7 +267,7 @@ def test_contrastive_kernels(launchers, dtype, n, m, d):
     grads = contrastive_backward(launchers, grad_row, torch.zeros(0), q, k, targets, out[2], out[3], scale, True,
                                  False, True, True)
     grads_ref = chunked.contrastive_backward(grad_row.double(), torch.zeros(0, dtype=torch.float64), q64, k64,
-                                             targets, ref[2], ref[3], scale, True, False, True, True)
+                                             targets, ref[2], ref[3], ref[0], ref[1], scale, True, False, True, True)
     _compare(grads, grads_ref, ("dq", "dk"), dtype)
     assert grads[0].dtype == dtype and grads[1].dtype == dtype
 
@@ -296,7 +296,7 @@ def test_contrastive_symmetric_and_options(launchers, dtype, normalize):
         grads = contrastive_backward(launchers, grad_row, grad_col, q, k, targets, out[2], out[3], scale, normalize,
                                      True, need_q, need_k)
         grads_ref = chunked.contrastive_backward(grad_row.double(), grad_col.double(), q64, k64, targets, ref[2],
-                                                 ref[3], scale, normalize, True, need_q, need_k)
+                                                 ref[3], ref[0], ref[1], scale, normalize, True, need_q, need_k)
         _compare(grads, grads_ref, ("dq", "dk"), dtype)
     fused = contrastive_forward_with_grad(launchers, q, k, targets, scale, normalize, False, True)
     fused_ref = chunked.contrastive_forward_with_grad(q64, k64, targets, scale, normalize, False, True)

@@ -25,7 +25,8 @@ def _sample_args(backend, device):
         (ops.contrastive_forward_with_grad, (q, k, targets, 20.0, True, True, True)),
         (ops.contrastive_forward_with_grad, (q, k.detach(), targets, 20.0, False, True, False)),
         (ops.contrastive_backward, (g, g, q.detach(), kq.detach(), arange, row_lse.detach(),
-                                    col_lse.detach(), 10.0, True, True, True, False)),
+                                    col_lse.detach(), row_loss.detach(), col_loss.detach(), 10.0, True, True,
+                                    True, False)),
     ]
     for kind in ("mse", "pearson", "kl"):
         samples.append((ops.structure_tile_forward, (s.detach(), t.detach(), kind, 2.0, True, 0, 11)))

@@ -14,8 +14,18 @@ namespace mmkd {
 namespace cpu {
 namespace {
 
-// Per row of a block z (rows × m): lse and loss = lse − z[target]. With `to_grad`, z becomes
-// softmax − onehot(target) in place: the gradient of the row's loss with respect to its logits.
+// ℓ = log(a + b) − log a for a = exp(z_t − max) (target_weight), b = Σ_{j≠t} exp(z_j − max)
+// (other) and z_t − max (shifted_target): log1p(b / a) while the target dominates, so that a nearly
+// aligned pair's small loss keeps its digits (lse − z_t would cancel them), log(a + b) − (z_t − max)
+// otherwise. As mmkd_kernels.chunked.target_loss.
+inline double target_loss(double shifted_target, double target_weight, double other) {
+  return target_weight >= other ? std::log1p(other / target_weight)
+                                : std::log(target_weight + other) - shifted_target;
+}
+
+// Per row of a block z (rows × m): lse and the loss. With `to_grad`, z becomes softmax −
+// onehot(target) in place, the target's entry taken as −Σ_{j≠t} p_j (exact where p_t rounds to 1):
+// the gradient of the row's loss with respect to its logits.
 template <typename scalar_t>
 void row_epilogue(scalar_t* z, int64_t rows, int64_t m, const int64_t* targets, scalar_t* lse,
                   scalar_t* loss, bool to_grad) {
@@ -27,40 +37,51 @@ void row_epilogue(scalar_t* z, int64_t rows, int64_t m, const int64_t* targets, 
       scalar_t max = -std::numeric_limits<scalar_t>::infinity();
 #pragma omp simd reduction(max : max)
       for (int64_t j = 0; j < m; ++j) max = row[j] > max ? row[j] : max;
-      const scalar_t target_logit = row[targets[r]];
-      double sum = 0;  // double: a float32 sum over M terms loses about sqrt(M)·eps
+      const int64_t t = targets[r];
+      const scalar_t shifted_target = row[t] - max;
+      // double: a float32 sum over M terms loses about sqrt(M)·eps, and the sum without the
+      // target, sum − a, keeps its digits in double even when it is 1e-6 of a.
+      double sum = 0;
       if (to_grad) {
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < m; ++j) {
           row[j] = fast_exp(row[j] - max);
           sum += row[j];
         }
-        const scalar_t inv = static_cast<scalar_t>(1.0 / sum);
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) row[j] *= inv;
-        row[targets[r]] -= 1;
       } else {
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < m; ++j) sum += fast_exp(row[j] - max);
       }
+      const double target_weight = fast_exp(shifted_target);
+      const double other = sum - target_weight;
       lse[r] = static_cast<scalar_t>(max + std::log(sum));
-      loss[r] = lse[r] - target_logit;
+      loss[r] = static_cast<scalar_t>(target_loss(shifted_target, target_weight, other));
+      if (to_grad) {
+        const scalar_t inv = static_cast<scalar_t>(1.0 / sum);
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) row[j] *= inv;
+        row[t] = static_cast<scalar_t>(-other / sum);
+      }
     }
   });
 }
 
-// Column statistics of one block merged into running (max, sum) over all rows so far: one pass
-// over z serves both directions of the symmetric loss.
+// Column statistics of one block (rows start..) merged into running (max, other) over all rows so
+// far, `other` summing exp(z_ij − max_j) without the diagonal i = j, whose logit goes to
+// `diagonal`: one pass over z serves both directions of the symmetric loss.
 template <typename scalar_t>
-void merge_columns(const scalar_t* z, int64_t rows, int64_t m, scalar_t* col_max, scalar_t* col_sum) {
+void merge_columns(const scalar_t* z, int64_t rows, int64_t m, int64_t start, scalar_t* col_max,
+                   scalar_t* col_other, scalar_t* diagonal) {
   at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       scalar_t max = col_max[j];
       for (int64_t r = 0; r < rows; ++r) max = z[r * m + j] > max || z[r * m + j] != z[r * m + j] ? z[r * m + j] : max;
-      scalar_t sum = col_max[j] == -std::numeric_limits<scalar_t>::infinity() ? 0 : col_sum[j] * fast_exp(col_max[j] - max);
-      for (int64_t r = 0; r < rows; ++r) sum += fast_exp(z[r * m + j] - max);
+      scalar_t sum = col_max[j] == -std::numeric_limits<scalar_t>::infinity() ? 0 : col_other[j] * fast_exp(col_max[j] - max);
+      const int64_t own = j - start;  // the row of this block on column j's diagonal, if any
+      for (int64_t r = 0; r < rows; ++r) sum += r == own ? 0 : fast_exp(z[r * m + j] - max);
+      if (own >= 0 && own < rows) diagonal[j] = z[own * m + j];
       col_max[j] = max;
-      col_sum[j] = sum;
+      col_other[j] = sum;
     }
   });
 }
@@ -68,23 +89,27 @@ void merge_columns(const scalar_t* z, int64_t rows, int64_t m, scalar_t* col_max
 // A recomputed block z (rows × m, rows start..) becomes dz in place:
 // dz_ij = g_i (p_ij − [j = t_i]) + g'_j (p'_ij − [i = j]), p the row softmax (lse), p' the column
 // softmax (col_lse; the column term only for the symmetric loss, col_lse == nullptr otherwise).
+// The target's p − 1 is expm1(−ℓ) from the forward's loss, exact where p rounds to 1. The
+// symmetric loss has t_i = i, so its two one-hot terms share the diagonal entry.
 template <typename scalar_t>
 void grad_epilogue(scalar_t* z, int64_t rows, int64_t m, int64_t start, const int64_t* targets,
-                   const scalar_t* lse, const scalar_t* g, const scalar_t* col_lse, const scalar_t* g_col) {
+                   const scalar_t* lse, const scalar_t* loss, const scalar_t* g, const scalar_t* col_lse,
+                   const scalar_t* col_loss, const scalar_t* g_col) {
   at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t i = start + r;
       scalar_t* row = z + r * m;
       const scalar_t gi = g[i], li = lse[i];
+      const double target_grad = gi * std::expm1(-static_cast<double>(loss[i]));
       if (col_lse != nullptr) {
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) row[j] = gi * fast_exp(row[j] - li) + g_col[j] * fast_exp(row[j] - col_lse[j]);
-        row[i] -= g_col[i];
+        row[i] = static_cast<scalar_t>(target_grad + g_col[i] * std::expm1(-static_cast<double>(col_loss[i])));
       } else {
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) row[j] = gi * fast_exp(row[j] - li);
+        row[targets[i]] = static_cast<scalar_t>(target_grad);
       }
-      row[targets[i]] -= gi;
     }
   });
 }
@@ -116,7 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
   const auto opts = in.qs.options();
   at::Tensor row_lse = at::empty({in.n}, opts), row_loss = at::empty({in.n}, opts);
   at::Tensor col_max = at::full({symmetric ? in.m : 0}, -std::numeric_limits<double>::infinity(), opts);
-  at::Tensor col_sum = at::zeros({symmetric ? in.m : 0}, opts);
+  at::Tensor col_other = at::zeros({symmetric ? in.m : 0}, opts);
+  at::Tensor diagonal = at::empty({symmetric ? in.m : 0}, opts);
   at::Tensor tgt = targets.contiguous();
   at::Tensor z = at::empty({in.block, in.m}, opts);
   AT_DISPATCH_FLOATING_TYPES(in.qs.scalar_type(), "contrastive_forward", [&] {
@@ -124,15 +150,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
       const int64_t rows = std::min(in.block, in.n - start);
       at::Tensor zb = z.narrow(0, 0, rows);
       at::mm_out(zb, in.qs.narrow(0, start, rows), in.k.rows.t());
-      if (symmetric) merge_columns(zb.data_ptr<scalar_t>(), rows, in.m, col_max.data_ptr<scalar_t>(), col_sum.data_ptr<scalar_t>());
+      if (symmetric) {
+        merge_columns(zb.data_ptr<scalar_t>(), rows, in.m, start, col_max.data_ptr<scalar_t>(),
+                      col_other.data_ptr<scalar_t>(), diagonal.data_ptr<scalar_t>());
+      }
       row_epilogue(zb.data_ptr<scalar_t>(), rows, in.m, tgt.data_ptr<int64_t>() + start,
                    row_lse.data_ptr<scalar_t>() + start, row_loss.data_ptr<scalar_t>() + start, false);
     }
   });
   if (!symmetric) return {row_loss, at::empty({0}, opts), row_lse, at::empty({0}, opts)};
-  at::Tensor col_lse = col_max + col_sum.log();
-  at::Tensor diagonal = (in.qs * in.k.rows.narrow(0, 0, in.n)).sum(1);
-  return {row_loss, col_lse - diagonal, row_lse, col_lse};
+  // symmetric: M == N and column j's positive is row j.
+  at::Tensor shifted = diagonal - col_max;
+  at::Tensor weight = shifted.exp();
+  at::Tensor col_lse = col_max + (weight + col_other).log();
+  at::Tensor col_loss = at::where(weight >= col_other, (col_other / weight).log1p(), (weight + col_other).log() - shifted);
+  return {row_loss, col_loss, row_lse, col_lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad(
@@ -166,14 +198,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad(
 
 std::tuple<at::Tensor, at::Tensor> contrastive_backward(
     const at::Tensor& grad_row, const at::Tensor& grad_col, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& targets, const at::Tensor& row_lse, const at::Tensor& col_lse, double scale,
-    bool normalize, bool symmetric, bool need_q, bool need_k) {
+    const at::Tensor& targets, const at::Tensor& row_lse, const at::Tensor& col_lse,
+    const at::Tensor& row_loss, const at::Tensor& col_loss, double scale, bool normalize, bool symmetric,
+    bool need_q, bool need_k) {
   Inputs in = prepare(q, k, scale, normalize);
   const auto opts = in.qs.options();
   at::Tensor g_row = grad_row.to(opts.dtype()).contiguous();
   at::Tensor g_col = symmetric ? grad_col.to(opts.dtype()).contiguous() : at::Tensor();
   at::Tensor r_lse = row_lse.to(opts.dtype()).contiguous();
   at::Tensor c_lse = symmetric ? col_lse.to(opts.dtype()).contiguous() : at::Tensor();
+  at::Tensor r_loss = row_loss.to(opts.dtype()).contiguous();
+  at::Tensor c_loss = symmetric ? col_loss.to(opts.dtype()).contiguous() : at::Tensor();
   at::Tensor tgt = targets.contiguous();
   at::Tensor dq = need_q ? at::empty({in.n, q.size(1)}, opts) : at::Tensor();
   at::Tensor dk = need_k ? at::zeros({in.m, k.size(1)}, opts) : at::Tensor();
@@ -187,8 +222,9 @@ std::tuple<at::Tensor, at::Tensor> contrastive_backward(
       const int64_t rows = std::min(in.block, in.n - start);
       at::Tensor zb = z.narrow(0, 0, rows);
       at::mm_out(zb, in.qs.narrow(0, start, rows), in.k.rows.t());
-      grad_epilogue(zb.data_ptr<scalar_t>(), rows, m, start, t, lse, g,
+      grad_epilogue(zb.data_ptr<scalar_t>(), rows, m, start, t, lse, r_loss.data_ptr<scalar_t>(), g,
                     symmetric ? c_lse.data_ptr<scalar_t>() : nullptr,
+                    symmetric ? c_loss.data_ptr<scalar_t>() : nullptr,
                     symmetric ? g_col.data_ptr<scalar_t>() : nullptr);
       if (need_q) {
         at::Tensor out = dq.narrow(0, start, rows);

@@ -160,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_forward(c
 std::tuple<at::Tensor, at::Tensor> contrastive_backward(const at::Tensor& grad_row, const at::Tensor& grad_col,
                                                         const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& targets, const at::Tensor& row_lse,
-                                                        const at::Tensor& col_lse, double scale, bool normalize,
+                                                        const at::Tensor& col_lse, const at::Tensor& row_loss,
+                                                        const at::Tensor& col_loss, double scale, bool normalize,
                                                         bool symmetric, bool need_q, bool need_k) {
   auto [qc, kc] = common_dtype(q, "q", k, "k");
   TORCH_CHECK(qc.size(1) == kc.size(1), "q and k must have the same width, got ", qc.sizes(), " and ", kc.sizes());

@@ -3,12 +3,15 @@
 Two kernels serve every direction, because z is the same matrix read by rows or by columns:
 
 - ``_lse_kernel`` streams over column tiles of z for a block of rows with an online
-  log-sum-exp (flash-attention style) and picks each row's target logit in the same pass. Run on
+  log-sum-exp (flash-attention style) and picks each row's target logit in the same pass; the sum
+  leaves the target out, so a nearly aligned pair's small loss is log1p(Σ_{j≠t} e^{z_j − z_t})
+  with its digits (lse − z_t would cancel them). Run on
   (q, k) it gives the row statistics; on (k, q) with targets = arange, the column statistics of the
   symmetric loss.
 - ``_grad_kernel`` recomputes z tiles and accumulates dÂ_a = scale · Σ_b dz_ab B̂_b for a block of
   rows a, where dz has a row term g_a (softmax_b − [b = t_a]) and a column term
-  g_b (softmax_a − [a = t'_b]). Run on (q, k) it writes dq̂, on (k, q) it writes dk̂: both are
+  g_b (softmax_a − [a = t'_b]); at a target the term is g·expm1(−ℓ), computed by the launcher,
+  exact where softmax rounds to 1. Run on (q, k) it writes dq̂, on (k, q) it writes dk̂: both are
   row-parallel, so no atomics.
 
 The L2 normalization is folded in: the kernels take the rows as they are and their inverse norms
@@ -25,16 +28,24 @@ from .tiles import blocks, check_dtypes, input_grad, inverse_norms, precision, s
 
 
 @triton.jit
+def _log1p(x):
+    """log(1 + x) for x ≥ 0 without losing a small x's digits (Goldberg's correction)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
+
+
+@triton.jit
 def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, n_a, n_b, d,
                 stride_a, stride_ad, stride_b, stride_bd, scale,
                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Per row a: LSE[a] = logsumexp_b z_ab and LOSS[a] = LSE[a] − z_{a, TARGETS[a]}."""
+    """Per row a: LSE[a] = logsumexp_b z_ab and LOSS[a] = LSE[a] − z_{a, TARGETS[a]}, the latter
+    as log1p(other / a_t) while the target's weight a_t = e^{z_t − max} dominates the others'."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     mask_a = offs_a < n_a
     inv_a = tl.load(INV_A + offs_a, mask=mask_a, other=0.0)
     target = tl.load(TARGETS + offs_a, mask=mask_a, other=-1)
     row_max = tl.full((BLOCK_A,), float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    row_other = tl.zeros((BLOCK_A,), dtype=tl.float32)  # Σ_{b ≠ target} exp(z_ab − row_max)
     target_logit = tl.zeros((BLOCK_A,), dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
@@ -44,22 +55,30 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, n_a, n_b, d,
                          inv_a, inv_b, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
         z = tl.where(mask_b[None, :], z, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(z, axis=1))
-        row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        is_target = offs_b[None, :] == target[:, None]
+        others = tl.where(is_target, 0.0, tl.exp(z - new_max[:, None]))
+        row_other = row_other * tl.exp(row_max - new_max) + tl.sum(others, axis=1)
         row_max = new_max
-        target_logit += tl.sum(tl.where(offs_b[None, :] == target[:, None], z, 0.0), axis=1)
-    lse = row_max + tl.log(row_sum)
-    tl.store(LSE + offs_a, lse, mask=mask_a)
-    tl.store(LOSS + offs_a, lse - target_logit, mask=mask_a)
+        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+    shifted_target = target_logit - row_max
+    target_weight = tl.exp(shifted_target)
+    total = target_weight + row_other
+    dominant = target_weight >= row_other
+    loss = tl.where(dominant, _log1p(row_other / tl.where(dominant, target_weight, 1.0)),
+                    tl.log(total) - shifted_target)
+    tl.store(LSE + offs_a, row_max + tl.log(total), mask=mask_a)
+    tl.store(LOSS + offs_a, loss, mask=mask_a)
 
 
 @triton.jit
-def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, LSE_B, G_B, T_B, DA, n_a, n_b, d,
+def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_B, DA, n_a, n_b, d,
                  stride_a, stride_ad, stride_b, stride_bd, scale,
                  HAS_A_TERM: tl.constexpr, HAS_B_TERM: tl.constexpr,
                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                  PRECISION: tl.constexpr):
     """DA[a, columns of this program] = scale · Σ_b dz_ab · inv_b[b] · B_b, with
-    dz_ab = G_A[a] (exp(z_ab − LSE_A[a]) − [b = T_A[a]]) + G_B[b] (exp(z_ab − LSE_B[b]) − [a = T_B[b]])."""
+    dz_ab = G_A[a] (exp(z_ab − LSE_A[a]) − [b = T_A[a]]) + G_B[b] (exp(z_ab − LSE_B[b]) − [a = T_B[b]]),
+    where a target's term is TG_A[a] (TG_B[b]) = G·expm1(−ℓ) instead."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     mask_a = offs_a < n_a
@@ -69,6 +88,7 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, LSE_B, G_B, T_B, DA, n_a, 
         lse_a = tl.load(LSE_A + offs_a, mask=mask_a, other=0.0)
         g_a = tl.load(G_A + offs_a, mask=mask_a, other=0.0)
         t_a = tl.load(T_A + offs_a, mask=mask_a, other=-1)
+        tg_a = tl.load(TG_A + offs_a, mask=mask_a, other=0.0)
     acc = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
@@ -78,14 +98,15 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, LSE_B, G_B, T_B, DA, n_a, 
                          inv_a, inv_b, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
         dz = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
         if HAS_A_TERM:
-            hit = (offs_b[None, :] == t_a[:, None]).to(tl.float32)
-            dz += g_a[:, None] * (tl.exp(z - lse_a[:, None]) - hit)
+            hit = offs_b[None, :] == t_a[:, None]
+            dz += tl.where(hit, tg_a[:, None], g_a[:, None] * tl.exp(z - lse_a[:, None]))
         if HAS_B_TERM:
             lse_b = tl.load(LSE_B + offs_b, mask=mask_b, other=0.0)
             g_b = tl.load(G_B + offs_b, mask=mask_b, other=0.0)
             t_b = tl.load(T_B + offs_b, mask=mask_b, other=-1)
-            hit = (offs_a[:, None] == t_b[None, :]).to(tl.float32)
-            dz += g_b[None, :] * (tl.exp(z - lse_b[None, :]) - hit)
+            tg_b = tl.load(TG_B + offs_b, mask=mask_b, other=0.0)
+            hit = offs_a[:, None] == t_b[None, :]
+            dz += tl.where(hit, tg_b[None, :], g_b[None, :] * tl.exp(z - lse_b[None, :]))
         dz = tl.where(mask_a[:, None] & mask_b[None, :], dz * (inv_b * scale)[None, :], 0.0)
         b = tl.load(B + offs_b[:, None] * stride_b + offs_do[None, :] * stride_bd,
                     mask=mask_b[:, None] & mask_do[None, :], other=0.0)
@@ -113,15 +134,16 @@ def _row_lse(a, b, inv_a, inv_b, targets, scale):
 
 
 def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
-    """dÂ (n_a, D) float32 for the rows of A; a_term / b_term = (lse, g, targets) or None."""
+    """dÂ (n_a, D) float32 for the rows of A; a_term / b_term = (lse, g, targets, g·expm1(−loss))
+    or None."""
     n_a, d = a.shape
     da = torch.empty(n_a, d, device=a.device, dtype=torch.float32)
     config = blocks(a)
     dummy = inv_a  # never read when its term is off (constexpr)
-    lse_a, g_a, t_a = a_term if a_term is not None else (dummy, dummy, dummy)
-    lse_b, g_b, t_b = b_term if b_term is not None else (dummy, dummy, dummy)
+    lse_a, g_a, t_a, tg_a = a_term if a_term is not None else (dummy,) * 4
+    lse_b, g_b, t_b, tg_b = b_term if b_term is not None else (dummy,) * 4
     grid = (triton.cdiv(n_a, config["BLOCK_A"]), triton.cdiv(d, config["BLOCK_DO"]))
-    _grad_kernel[grid](a, b, inv_a, inv_b, lse_a, g_a, t_a, lse_b, g_b, t_b, da, n_a, b.shape[0], d,
+    _grad_kernel[grid](a, b, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, da, n_a, b.shape[0], d,
                        a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale,
                        HAS_A_TERM=a_term is not None, HAS_B_TERM=b_term is not None,
                        BLOCK_A=config["BLOCK_A"], BLOCK_B=config["BLOCK_B"], BLOCK_D=config["BLOCK_D"],
@@ -141,13 +163,20 @@ def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric:
     return row_loss, col_loss, row_lse, col_lse
 
 
-def contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_lse,
+def _term(lse, grad, targets, loss):
+    """A direction's arguments of ``_grad_kernel``: p − 1 at a target is expm1(−ℓ), exact where
+    p = e^{−ℓ} rounds to 1."""
+    grad = grad.float().contiguous()
+    return lse, grad, targets, (grad * torch.expm1(-loss.float())).contiguous()
+
+
+def contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_lse, row_loss, col_loss,
                          scale: float, normalize: bool, symmetric: bool, need_q: bool, need_k: bool):
     """As chunked.contrastive_backward: (dq, dk) in the inputs' dtypes, (0,) where not needed."""
     check_dtypes(q, k)
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
-    row_term = (row_lse, grad_row.float().contiguous(), targets)
-    col_term = (col_lse, grad_col.float().contiguous(), torch.arange(k.shape[0], device=q.device)) if symmetric else None
+    row_term = _term(row_lse, grad_row, targets, row_loss)
+    col_term = _term(col_lse, grad_col, torch.arange(k.shape[0], device=q.device), col_loss) if symmetric else None
     dq = dk = None
     if need_q:
         dq = input_grad(_grad_rows(q, k, inv_q, inv_k, row_term, col_term, scale), q, normalize)
@@ -161,7 +190,7 @@ def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, 
     check_dtypes(q, k)
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
     row_lse, row_loss = _row_lse(q, k, inv_q, inv_k, targets, scale)
-    row_term = (row_lse, torch.ones_like(row_lse), targets)
+    row_term = _term(row_lse, torch.ones_like(row_lse), targets, row_loss)
     dq, dk = row_lse.new_empty(0), row_lse.new_empty(0)
     if need_q:
         dq = input_grad(_grad_rows(q, k, inv_q, inv_k, row_term, None, scale), q, normalize)
