@@ -28,8 +28,11 @@ def parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", default=["django"], metavar="SRC",
                    help="'django' (the .po catalogs of the installed django package) or parallel files "
-                   "[LANG=]PATH: TSV 'src<TAB>tgt' or JSONL {\"src\":..,\"tgt\":..[,\"lang\":..]}, .gz too; "
-                   "LANG defaults to the file name before its first dot")
+                   "[LANG=]PATH: TSV 'src<TAB>tgt[<TAB>alignment]' or JSONL "
+                   "{\"src\":..,\"tgt\":..[,\"lang\":..][,\"alignment\":..]}, .gz too; an alignment is "
+                   "Pharaoh links 'i-j ...' (source word i to target word j, whitespace words from 0, as "
+                   "fast_align writes them) and replaces the word level's aligner for its pair; LANG defaults "
+                   "to the file name before its first dot")
     d.add_argument("--languages", default=None,
                    help=f"languages to train on, comma-separated (django default: {DEFAULT_LANGUAGES}; files: all)")
     d.add_argument("--eval-languages", default=None,

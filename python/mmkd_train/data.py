@@ -6,9 +6,16 @@ sentence is ever trained on, whatever the order of the files or the set of langu
 
 File formats (plain or ``.gz``):
 
-- TSV (``.tsv``, ``.txt``): one pair a line, ``src<TAB>tgt``; blank lines are skipped.
+- TSV (``.tsv``, ``.txt``): one pair a line, ``src<TAB>tgt`` or ``src<TAB>tgt<TAB>alignment``;
+  blank lines are skipped.
 - JSONL (``.jsonl``, ``.json``): one object a line, ``{"src": "...", "tgt": "..."}``, optionally
-  ``"lang": "de"`` to override the file's language.
+  ``"lang": "de"`` to override the file's language and ``"alignment": "0-0 1-2"``.
+
+An alignment is the pair's word alignment in Pharaoh format, as fast_align and awesome-align write
+it: space-separated links ``i-j``, source word ``i`` aligned to target word ``j``, words being the
+whitespace-separated tokens of each side, counted from 0. An empty alignment (a TSV line ending in
+a tab, ``"alignment": ""``) is a pair with no aligned words; a pair without one is aligned by the
+trainer's mutual-argmax aligner. Repeated links count once.
 
 A file's language is given as ``LANG=PATH``, or else is its name up to the first dot
 (``de.tsv.gz`` -> ``de``).
@@ -33,9 +40,13 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
+    """One parallel pair; ``alignment``: sorted (source word, target word) links, or None when the
+    data gave none (module doc)."""
+
     src: str
     tgt: str
     lang: str
+    alignment: tuple[tuple[int, int], ...] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,14 +122,40 @@ def _open_text(path: str):
     return opener(path, "rt", encoding="utf-8")
 
 
-def _parse_tsv(line: str) -> tuple[str, str]:
+LINK = re.compile(r"([0-9]+)-([0-9]+)")
+
+
+def parse_alignment(text: str, source_words: int, target_words: int) -> tuple[tuple[int, int], ...]:
+    """Pharaoh links ``"0-0 1-2"`` -> ((0, 0), (1, 2)), sorted, repeats dropped.
+
+    ValueError for a link that is not ``i-j`` or whose index is not a word of its side
+    (``source_words``, ``target_words``: the whitespace-separated words of each side).
+    """
+    links = set()
+    for link in text.split():
+        match = LINK.fullmatch(link)
+        if match is None:
+            raise ValueError(f"alignment: {link!r} is not a link i-j (Pharaoh format, e.g. '0-0 1-2')")
+        i, j = int(match[1]), int(match[2])
+        if i >= source_words:
+            raise ValueError(f"alignment: link {link!r}: source word {i} is out of range "
+                             f"(the source has {source_words} words)")
+        if j >= target_words:
+            raise ValueError(f"alignment: link {link!r}: target word {j} is out of range "
+                             f"(the target has {target_words} words)")
+        links.add((i, j))
+    return tuple(sorted(links))
+
+
+def _parse_tsv(line: str) -> tuple[str, str, str | None]:
     fields = line.split("\t")
-    if len(fields) != 2:
-        raise ValueError(f"expected 'src<TAB>tgt' (2 fields), got {len(fields)} field(s)")
-    return fields[0], fields[1]
+    if len(fields) not in (2, 3):
+        raise ValueError(f"expected 'src<TAB>tgt' or 'src<TAB>tgt<TAB>alignment' (2 or 3 fields), "
+                         f"got {len(fields)} field(s)")
+    return fields[0], fields[1], fields[2] if len(fields) == 3 else None
 
 
-def _parse_jsonl(line: str) -> tuple[str, str, str | None]:
+def _parse_jsonl(line: str) -> tuple[str, str, str | None, str | None]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -128,17 +165,18 @@ def _parse_jsonl(line: str) -> tuple[str, str, str | None]:
     for key in ("src", "tgt"):
         if not isinstance(record.get(key), str):
             raise ValueError(f'expected a string at key "{key}", got {record.get(key)!r}')
-    lang = record.get("lang")
-    if lang is not None and not isinstance(lang, str):
-        raise ValueError(f'expected a string at key "lang", got {lang!r}')
-    return record["src"], record["tgt"], lang
+    for key in ("lang", "alignment"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f'expected a string at key "{key}", got {record[key]!r}')
+    return record["src"], record["tgt"], record.get("alignment"), record.get("lang")
 
 
 def read_file(path: str, lang: str, skip_bad_lines: bool = False) -> tuple[list[Pair], int]:
     """Pairs of one TSV or JSONL file (gz too) and the number of bad lines skipped.
 
-    A malformed line (wrong field count, bad JSON, missing key, an empty side) raises DataError
-    naming file and line, unless ``skip_bad_lines``, which counts it instead.
+    A malformed line (wrong field count, bad JSON, missing key, an empty side, an alignment that is
+    not Pharaoh links or points past a side's words) raises DataError naming file and line, unless
+    ``skip_bad_lines``, which counts it instead.
     """
     name = path[:-3] if path.endswith(".gz") else path
     is_json = name.endswith((".jsonl", ".json"))
@@ -151,18 +189,20 @@ def read_file(path: str, lang: str, skip_bad_lines: bool = False) -> tuple[list[
                     continue
                 try:
                     if is_json:
-                        src, tgt, line_lang = _parse_jsonl(line)
+                        src, tgt, alignment, line_lang = _parse_jsonl(line)
                     else:
-                        (src, tgt), line_lang = _parse_tsv(line), None
+                        (src, tgt, alignment), line_lang = _parse_tsv(line), None
                     src, tgt = " ".join(src.split()), " ".join(tgt.split())
                     if not src or not tgt:
                         raise ValueError("empty source or target")
+                    if alignment is not None:
+                        alignment = parse_alignment(alignment, src.count(" ") + 1, tgt.count(" ") + 1)
                 except ValueError as error:
                     if not skip_bad_lines:
                         raise DataError(f"{path}:{number}: {error} (use --skip-bad-lines to skip such lines)") from None
                     bad += 1
                     continue
-                pairs.append(Pair(src, tgt, line_lang or lang))
+                pairs.append(Pair(src, tgt, line_lang or lang, alignment))
         except (UnicodeDecodeError, OSError, EOFError) as error:
             raise DataError(f"{path}: cannot read ({error})") from None
     return pairs, bad

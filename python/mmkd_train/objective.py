@@ -7,8 +7,11 @@ teacher's T (B, Lt, D) of x (the student's are already projected to the teacher'
 
 - sentence: pooled s(y), s(x), t(x) (B, D); ``contrastive``: C(s(y), t(x)) + C(s(x), t(x)), or
   ``mse``: MSE(s(y), t(x)) + MSE(s(x), t(x)) (sentence-transformers' multilingual distillation).
-- word: word vectors (mean of sub-words, mk.segment_mean) of t(x) and s(y); mutual-argmax pairs
-  (align.py); C over all aligned pairs of the batch.
+- word: word vectors (mean of sub-words, mk.segment_mean) of t(x) and s(y); pairs from the data's
+  given alignments where a pair has one, else by mutual argmax (align.py); C over all aligned pairs
+  of the batch: one row per link, the columns the distinct teacher words of the links (a teacher
+  word linked to several student words is one column, the positive of each of their rows, never a
+  negative copy of itself).
 - token: ``contrastive`` (needs one tokenizer): student vs teacher states on x, position by position,
   C + structure over all non-padding tokens of the batch; ``tlm``: the student's masked-LM loss on
   the masked pair (x, y); ``both``: their sum.
@@ -111,20 +114,26 @@ def gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     return full[keep], sum(sizes[:rank])
 
 
-def contrastive(student: torch.Tensor, teacher: torch.Tensor, objective: Objective, group) -> torch.Tensor:
-    """InfoNCE of student rows against teacher rows (row i's positive: teacher row i) over every
-    rank's rows; the local row count may differ by rank and may be zero."""
+def contrastive(student: torch.Tensor, teacher: torch.Tensor, objective: Objective, group,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE of student rows (n, D) against teacher rows (m, D) over every rank's rows; row i's
+    positive is local teacher row ``targets[i]`` ((n,) int64; default i, then m == n). The local
+    counts may differ by rank and may be zero; the mean is over every rank's student rows."""
+    if targets is None:
+        targets = torch.arange(student.shape[0], device=student.device)
     if group is None:
         if student.shape[0] == 0:
             return student.sum()
-        return mk.contrastive_loss(student, teacher, temperature=objective.temperature, backend=objective.backend)
+        return mk.contrastive_loss(student, teacher, targets=targets, temperature=objective.temperature,
+                                   backend=objective.backend)
     world = dist.get_world_size(group)
     columns, offset = gather_rows(teacher, group)
-    total = columns.shape[0]
-    if student.shape[0] == 0 or total == 0:
+    rows = torch.tensor([student.shape[0]], device=student.device)
+    dist.all_reduce(rows, group=group)
+    total = int(rows)
+    if student.shape[0] == 0 or columns.shape[0] == 0:
         return student.sum()
-    targets = torch.arange(student.shape[0], device=student.device) + offset
-    loss_sum = mk.contrastive_loss(student, columns, targets=targets, reduction="sum",
+    loss_sum = mk.contrastive_loss(student, columns, targets=targets + offset, reduction="sum",
                                    temperature=objective.temperature, backend=objective.backend)
     return loss_sum * world / total
 
@@ -175,8 +184,10 @@ def mmkd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch:
     if "word" in objective.levels:
         t_words, t_count = words(teacher_hidden, batch["t_word_ids"])
         s_words, s_count = words(s_y, batch["s_word_ids"][:b])
-        links = align_batch(t_words.detach(), t_count, s_words.detach(), s_count)
-        parts["word"] = contrastive(s_words[links[:, 1]], t_words[links[:, 0]], objective, group)
+        links = align_batch(t_words.detach(), t_count, s_words.detach(), s_count,
+                            batch.get("aligned"), batch.get("given_links"))
+        columns, targets = torch.unique(links[:, 0], return_inverse=True)
+        parts["word"] = contrastive(s_words[links[:, 1]], t_words[columns], objective, group, targets)
     if "token" in objective.levels:
         token = 0.0
         if objective.token_loss in ("contrastive", "both"):

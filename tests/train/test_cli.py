@@ -118,3 +118,18 @@ def test_tlm_run_saves_a_masked_lm_student_and_refuses_one_without_a_head(
     AutoModel.from_pretrained(str(out / "model"), local_files_only=True)
     assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, tmp_path / "no", "--token-loss", "tlm")) == 2
     assert "masked-LM head" in capsys.readouterr().err
+
+
+def test_given_alignments_train_the_word_level(tiny_teacher, tiny_student, tmp_path, capsys):
+    from mmkd_train_test_support import make_pairs
+
+    pairs = make_pairs(40)
+    path = tmp_path / "xx.tsv"
+    path.write_text("".join(f"{s}\t{t}\t{' '.join(f'{i}-{i}' for i in range(len(s.split())))}\n" for s, t in pairs)
+                    + "bad\tline\t0-7\n", encoding="utf-8")
+    out = tmp_path / "run"
+    assert cli.main(tiny_args(str(path), tiny_teacher, tiny_student, out, "--max-steps", "2", "--levels", "word")) == 2
+    assert "xx.tsv:41: alignment: link '0-7': target word 7 is out of range" in capsys.readouterr().err
+    assert cli.main(tiny_args(str(path), tiny_teacher, tiny_student, out, "--max-steps", "2", "--levels", "word",
+                              "--skip-bad-lines")) == 0
+    assert all(0 < v < 1e4 for v in losses(out / "checkpoint-2").values())

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mmkd_train.data import DataError, load_corpus, read_django, read_file, split_pairs, Pair
+from mmkd_train.data import DataError, load_corpus, parse_alignment, read_django, read_file, split_pairs, Pair
 
 
 def test_tsv_jsonl_and_gz_read_alike(tmp_path):
@@ -32,8 +32,15 @@ def test_jsonl_lang_key_overrides_the_file_language(tmp_path):
 
 
 @pytest.mark.parametrize("name, text, message", [
-    ("a.tsv", "ok\tgut\nno tab here\n", "a.tsv:2: expected 'src<TAB>tgt' (2 fields), got 1"),
-    ("a.tsv", "one\ttwo\tthree\n", "a.tsv:1: expected 'src<TAB>tgt' (2 fields), got 3"),
+    ("a.tsv", "ok\tgut\nno tab here\n", "a.tsv:2: expected 'src<TAB>tgt' or 'src<TAB>tgt<TAB>alignment' (2 or 3 fields), got 1"),
+    ("a.tsv", "one\ttwo\t0-0\tfour\n", "a.tsv:1: expected 'src<TAB>tgt' or 'src<TAB>tgt<TAB>alignment' (2 or 3 fields), got 4"),
+    ("a.tsv", "one\ttwo\tthree\n", "a.tsv:1: alignment: 'three' is not a link i-j"),
+    ("a.tsv", "ok\tgut\na b\tx y\t0-0 1-\n", "a.tsv:2: alignment: '1-' is not a link i-j"),
+    ("a.tsv", "a b\tx y\t0-0 1-2\n", "a.tsv:1: alignment: link '1-2': target word 2 is out of range (the target has 2 words)"),
+    ("a.tsv", "a b\tx y\t2-1\n", "a.tsv:1: alignment: link '2-1': source word 2 is out of range (the source has 2 words)"),
+    ("a.tsv", "a b\tx y\t0-0,1-1\n", "a.tsv:1: alignment: '0-0,1-1' is not a link i-j"),
+    ("a.jsonl", '{"src": "a", "tgt": "b", "alignment": [[0, 0]]}\n', 'a.jsonl:1: expected a string at key "alignment"'),
+    ("a.jsonl", '{"src": "a", "tgt": "b", "alignment": "0-1"}\n', "a.jsonl:1: alignment: link '0-1': target word 1 is out of range"),
     ("a.tsv", "ok\tgut\n \t x\n", "a.tsv:2: empty source or target"),
     ("a.jsonl", '{"src": "a", "tgt": "b"}\n{not json\n', "a.jsonl:2: invalid JSON"),
     ("a.jsonl", '["a", "b"]\n', "a.jsonl:1: expected a JSON object"),
@@ -48,6 +55,33 @@ def test_a_malformed_line_names_file_and_line_or_is_skipped_and_counted(tmp_path
     assert message in str(error.value)
     pairs, bad = read_file(str(path), "de", skip_bad_lines=True)
     assert bad == 1 and len(pairs) == text.count("\n") - 1
+
+
+def test_alignments_in_tsv_jsonl_and_gz(tmp_path):
+    """A third TSV column or an "alignment" key gives the pair its links; without one a pair has None,
+    with an empty one it has no links. Indices count whitespace words after normalization."""
+    tsv = tmp_path / "de.tsv.gz"
+    with gzip.open(tsv, "wt", encoding="utf-8") as handle:
+        handle.write("the  red house\tdas rote Haus\t0-0 1-1 2-2 1-1\n"
+                     "a dog\tein Hund\n"
+                     "yes\tja\t\n")
+    jsonl = tmp_path / "de.jsonl"
+    jsonl.write_text('{"src": "the red house", "tgt": "das Haus", "alignment": "2-1 0-0"}\n'
+                     '{"src": "a dog", "tgt": "ein Hund", "alignment": null}\n', encoding="utf-8")
+    pairs, bad = read_file(str(tsv), "de")
+    assert bad == 0 and [p.alignment for p in pairs] == [((0, 0), (1, 1), (2, 2)), None, ()]
+    assert pairs[0].src == "the red house"
+    pairs, _ = read_file(str(jsonl), "de")
+    assert [p.alignment for p in pairs] == [((0, 0), (2, 1)), None]
+
+
+def test_parse_alignment_reads_pharaoh_links():
+    assert parse_alignment("0-0 1-2  3-1\t", 4, 3) == ((0, 0), (1, 2), (3, 1))
+    assert parse_alignment("", 1, 1) == ()
+    for text, message in [("0-3", "target word 3 is out of range"), ("4-0", "source word 4 is out of range"),
+                          ("0p1", "not a link"), ("-1-0", "not a link"), ("0-0-0.9", "not a link")]:
+        with pytest.raises(ValueError, match=message):
+            parse_alignment(text, 4, 3)
 
 
 def test_missing_and_undecodable_files(tmp_path):

@@ -26,11 +26,19 @@ OBJECTIVES = [
 PAIRS = 8
 
 
+def crossed(src: str) -> tuple:
+    n = len(src.split())
+    return tuple(sorted({(i, n - 1 - i) for i in range(n)} | {(0, 0)}))
+
+
 def loss_and_grads(teacher_path, student_path, indices, objective):
     tokenizer = load_tokenizer(teacher_path, "teacher")
     teacher = load_teacher(teacher_path)
     student = Student(load_encoder(student_path, masked_lm=False), teacher.config.hidden_size).eval()
-    dataset = PairDataset([Pair(s, t, "xx") for s, t in make_pairs(PAIRS, seed=5)])
+    # half the pairs carry a given word alignment (crossed, and source word 0 twice): the word level
+    # then has more rows than columns, and its counts differ by rank
+    dataset = PairDataset([Pair(s, t, "xx", crossed(s) if k % 2 else None)
+                           for k, (s, t) in enumerate(make_pairs(PAIRS, seed=5))])
     batch = Collator(tokenizer, tokenizer, 32)([dataset[i] for i in indices])
     t = teacher_hidden(teacher, batch["t_input_ids"], batch["t_attention_mask"])
     loss, _ = mmkd_loss(student(**batch)["hidden"], t, batch, objective)

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
+import mmkd_kernels as mk
 from mmkd_train_test_support import make_pairs
 from mmkd_train.collate import Collator, PairDataset
 from mmkd_train.data import Pair
 from mmkd_train.models import ModelError, Student, load_encoder, load_teacher, load_tokenizer, teacher_hidden
-from mmkd_train.objective import Objective, mmkd_loss
+from mmkd_train.objective import Objective, mmkd_loss, words
 
 FORMS = [
     ("sentence", dict(sentence_loss="contrastive")),
@@ -81,3 +82,43 @@ def test_tlm_trains_a_masked_lm_student(tiny_teacher, tiny_mlm_student):
 def test_tlm_refuses_a_student_without_a_masked_lm_head(tiny_student):
     with pytest.raises(ModelError, match="masked-LM head.*has none"):
         load_encoder(tiny_student, masked_lm=True)
+
+
+def test_word_level_pairs_the_words_of_a_given_alignment(tiny_teacher, tiny_student):
+    """Given links, here crossed (source word i to target word n-1-i) and one-to-many (source word 0
+    also to target word 0), decide which word vectors are paired; mutual argmax pairs others."""
+    tokenizer = load_tokenizer(tiny_teacher, "teacher")
+    teacher = load_teacher(tiny_teacher)
+    student = Student(load_encoder(tiny_student, masked_lm=False), teacher.config.hidden_size).eval()
+    items = []
+    for k, (src, tgt) in enumerate(make_pairs(6, seed=3)):
+        n = len(src.split())
+        links = tuple(sorted({(i, n - 1 - i) for i in range(n)} | {(0, 0)}))
+        items.append({"src": src, "tgt": tgt, "src_id": k, "alignment": links})
+    objective = Objective(levels=("word",))
+    batch = Collator(tokenizer, tokenizer, 32)(items)
+    with torch.no_grad():
+        hidden = student(**batch)["hidden"]
+    t = teacher_hidden(teacher, batch["t_input_ids"], batch["t_attention_mask"])
+    _, parts = mmkd_loss(hidden, t, batch, objective)
+
+    b = len(items)
+    t_words, t_count = words(t, batch["t_word_ids"])
+    s_words, s_count = words(hidden[:b], batch["s_word_ids"][:b])
+    assert t_count.tolist() == [len(item["src"].split()) for item in items]  # whitespace words
+    t_start, s_start = torch.cumsum(t_count, 0) - t_count, torch.cumsum(s_count, 0) - s_count
+    rows = torch.tensor([(int(t_start[k]) + i, int(s_start[k]) + j)
+                         for k, item in enumerate(items) for i, j in item["alignment"]])
+    columns, targets = torch.unique(rows[:, 0], return_inverse=True)
+    assert columns.shape[0] < rows.shape[0]  # a teacher word with two links is one column
+    expected = mk.contrastive_loss(s_words[rows[:, 1]], t_words[columns], targets=targets,
+                                   temperature=objective.temperature)
+    torch.testing.assert_close(parts["word"], expected)
+
+    plain = Collator(tokenizer, tokenizer, 32)([dict(item, alignment=None) for item in items])
+    with torch.no_grad():
+        plain_hidden = student(**plain)["hidden"]
+    _, argmax_parts = mmkd_loss(plain_hidden,
+                                teacher_hidden(teacher, plain["t_input_ids"], plain["t_attention_mask"]), plain,
+                                objective)
+    assert abs(argmax_parts["word"].item() - parts["word"].item()) > 1e-3
