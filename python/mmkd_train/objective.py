@@ -17,10 +17,10 @@ teacher's T (B, Lt, D) of x (the student's are already projected to the teacher'
   the masked pair (x, y); ``both``: their sum.
 - structure: structure(s(y), t(x)) on sentence vectors, kind kl | pearson | mse.
 
-Across ranks (torch.distributed up, world > 1): the sentence levels pass the default group to
-mmkd_kernels (every rank holds the same B); word and token counts differ by rank, so their rows are
-gathered here (padded to the largest rank) and the values scaled as mmkd_kernels does, so that
-DDP's gradient averaging gives the gradient of the global-batch loss.
+Across ranks (torch.distributed up, world > 1): every level passes the default group to mmkd_kernels,
+which takes each rank's local rows (the word and token levels' counts differ by rank), uses every
+rank's teacher rows as columns and scales the values so that DDP's gradient averaging gives the
+gradient of the global-batch loss.
 """
 
 import dataclasses
@@ -30,7 +30,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mmkd_kernels as mk
-from mmkd_kernels.distributed import all_gather_with_grad
 
 from .align import align_batch
 
@@ -87,65 +86,34 @@ def tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# Losses over rows whose count differs by rank
+# The word level's rows: their count differs by rank and may be zero
 # --------------------------------------------------------------------------------------------------
 
 
-def gather_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, int]:
-    """Every rank's rows of ``x`` (n_r, D), in rank order, and this rank's offset among them.
+def word_contrastive(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, objective: Objective,
+                     group) -> torch.Tensor:
+    """InfoNCE of the links' student words (n, D) against the distinct teacher words (m, D); row i's
+    positive is local teacher row ``targets[i]`` ((n,) int64), every rank's teacher rows are columns.
 
-    Ranks may hold different n_r: rows are padded to the largest before the all-gather and the
-    padding dropped after. Gradients flow back to each rank's own rows when ``x`` requires grad.
+    A batch whose given alignments are all empty (or truncated away) has no link: alone it has no
+    word loss (zero); across ranks mmkd_kernels needs rows on every rank, so the counts are checked
+    first (one small all-gather), and a rank without links while others have some is an error on
+    every rank (no rank is left waiting in a collective).
     """
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    size = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    sizes = [int(s) for s in sizes]
-    top = max(sizes)
-    padded = torch.cat([x, x.new_zeros(top - x.shape[0], *x.shape[1:])])
-    if x.requires_grad:
-        full = all_gather_with_grad(padded, group)
-    else:
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous(), group=group)
-        full = torch.cat(parts)
-    keep = torch.cat([torch.arange(n, device=x.device) + r * top for r, n in enumerate(sizes)])
-    return full[keep], sum(sizes[:rank])
-
-
-def contrastive(student: torch.Tensor, teacher: torch.Tensor, objective: Objective, group,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
-    """InfoNCE of student rows (n, D) against teacher rows (m, D) over every rank's rows; row i's
-    positive is local teacher row ``targets[i]`` ((n,) int64; default i, then m == n). The local
-    counts may differ by rank and may be zero; the mean is over every rank's student rows."""
-    if targets is None:
-        targets = torch.arange(student.shape[0], device=student.device)
+    kw = dict(targets=targets, temperature=objective.temperature, backend=objective.backend)
     if group is None:
-        if student.shape[0] == 0:
-            return student.sum()
-        return mk.contrastive_loss(student, teacher, targets=targets, temperature=objective.temperature,
-                                   backend=objective.backend)
-    world = dist.get_world_size(group)
-    columns, offset = gather_rows(teacher, group)
-    rows = torch.tensor([student.shape[0]], device=student.device)
-    dist.all_reduce(rows, group=group)
-    total = int(rows)
-    if student.shape[0] == 0 or columns.shape[0] == 0:
+        return mk.contrastive_loss(student, teacher, **kw) if student.shape[0] else student.sum()
+    count = torch.tensor([student.shape[0]], device=student.device)
+    counts = [torch.empty_like(count) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    if max(counts) == 0:
         return student.sum()
-    loss_sum = mk.contrastive_loss(student, columns, targets=targets + offset, reduction="sum",
-                                   temperature=objective.temperature, backend=objective.backend)
-    return loss_sum * world / total
-
-
-def structure_all_rows(student: torch.Tensor, teacher: torch.Tensor, objective: Objective, group) -> torch.Tensor:
-    """Structure loss of every rank's rows, counts differing by rank: the rows are gathered and every
-    rank computes the global loss (DDP's averaging of the summed gradients then gives its gradient)."""
-    if group is not None:
-        student, _ = gather_rows(student, group)
-        teacher, _ = gather_rows(teacher, group)
-    return mk.structure_loss(student, teacher, kind=objective.structure_kind,
-                             temperature=objective.structure_temperature, backend=objective.backend)
+    if min(counts) == 0:
+        raise ValueError(f"word level: rank(s) {[r for r, c in enumerate(counts) if c == 0]} have no aligned word "
+                         "pair in this step's batch (all its pairs' given alignments are empty or truncated away); "
+                         "across ranks every rank needs one: check the alignments or raise --batch-size")
+    return mk.contrastive_loss(student, teacher, process_group=group, **kw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +155,7 @@ def mmkd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch:
         links = align_batch(t_words.detach(), t_count, s_words.detach(), s_count,
                             batch.get("aligned"), batch.get("given_links"))
         columns, targets = torch.unique(links[:, 0], return_inverse=True)
-        parts["word"] = contrastive(s_words[links[:, 1]], t_words[columns], objective, group, targets)
+        parts["word"] = word_contrastive(s_words[links[:, 1]], t_words[columns], targets, objective, group)
     if "token" in objective.levels:
         token = 0.0
         if objective.token_loss in ("contrastive", "both"):
@@ -199,7 +167,11 @@ def mmkd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch:
                     f"token level: the student has {s_tok.shape[0]} tokens and the teacher {t_tok.shape[0]}; "
                     "they must tokenize alike"
                 )
-            token = contrastive(s_tok, t_tok, objective, group) + structure_all_rows(s_tok, t_tok, objective, group)
+            # every sequence has at least its special tokens: no rank is ever without rows here
+            token = mk.contrastive_loss(s_tok, t_tok, temperature=objective.temperature, backend=objective.backend,
+                                        process_group=group) + mk.structure_loss(
+                s_tok, t_tok, kind=objective.structure_kind, temperature=objective.structure_temperature,
+                backend=objective.backend, process_group=group)
         if objective.token_loss in ("tlm", "both"):
             if tlm_loss is None:
                 raise ValueError("--token-loss tlm: the batch has no masked pair (the collator needs tlm=True)")

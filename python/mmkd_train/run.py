@@ -62,7 +62,8 @@ def training_arguments(args) -> TrainingArguments:
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
         remove_unused_columns=False,
-        # the sentence levels pass mmkd_kernels one process group: every rank needs the same batch size
+        # the sentence MSE is a mean over the local batch: DDP's averaging of the ranks' gradients gives
+        # the global batch's only when every rank has the same batch size
         dataloader_drop_last=world > 1,
         ddp_backend=("nccl" if torch.cuda.is_available() else "gloo") if world > 1 else None,
     )

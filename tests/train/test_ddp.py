@@ -16,7 +16,7 @@ from mmkd_train_test_support import make_pairs
 from mmkd_train.collate import Collator, PairDataset
 from mmkd_train.data import Pair
 from mmkd_train.models import Student, load_encoder, load_teacher, load_tokenizer, teacher_hidden
-from mmkd_train.objective import Objective, mmkd_loss
+from mmkd_train.objective import Objective, mmkd_loss, word_contrastive
 
 OBJECTIVES = [
     Objective(),  # sentence contrastive, structure pearson (gram across ranks), word, token
@@ -62,6 +62,15 @@ def worker(rank, world, port, teacher_path, student_path, out_dir):
             g /= world  # DDP averages gradients over ranks
         if rank == 0:
             save_file({"loss": (loss / world).reshape(1), **grads}, os.path.join(out_dir, f"{k}.safetensors"))
+    # a rank without word links while the other has some: an error on both ranks, neither left waiting
+    n = 3 if rank == 0 else 0
+    try:
+        word_contrastive(torch.randn(n, 4), torch.randn(n, 4), torch.arange(n), Objective(), dist.group.WORLD)
+        outcome = "no error"
+    except ValueError as error:
+        outcome = str(error)
+    with open(os.path.join(out_dir, f"zero-links-{rank}.txt"), "w") as handle:
+        handle.write(outcome)
     dist.destroy_process_group()
 
 
@@ -83,3 +92,5 @@ def test_two_gloo_ranks_equal_one_process(tiny_teacher, tiny_student, tmp_path):
         assert set(ranks) == set(grads)
         for name, grad in grads.items():
             torch.testing.assert_close(ranks[name], grad, rtol=1e-4, atol=1e-6, msg=f"{objective}: {name}")
+    for rank in range(2):
+        assert "rank(s) [1] have no aligned word pair" in (tmp_path / f"zero-links-{rank}.txt").read_text()
