@@ -39,21 +39,18 @@ void row_epilogue(scalar_t* z, int64_t rows, int64_t m, const int64_t* targets, 
       for (int64_t j = 0; j < m; ++j) max = row[j] > max ? row[j] : max;
       const int64_t t = targets[r];
       const scalar_t shifted_target = row[t] - max;
-      // double: a float32 sum over M terms loses about sqrt(M)·eps, and the sum without the
-      // target, sum − a, keeps its digits in double even when it is 1e-6 of a.
-      double sum = 0;
-      if (to_grad) {
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < m; ++j) {
-          row[j] = fast_exp(row[j] - max);
-          sum += row[j];
-        }
-      } else {
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < m; ++j) sum += fast_exp(row[j] - max);
-      }
       const double target_weight = fast_exp(shifted_target);
-      const double other = sum - target_weight;
+      // The sum leaves the target out, so a nearly aligned pair's b = Σ_{j≠t} e^{z_j − max} keeps
+      // its digits beside a = 1.
+      double other;
+      if (to_grad) {
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) row[j] = fast_exp(row[j] - max);
+        other = blocked_sum_except(m, t, [row](int64_t j) { return row[j]; });
+      } else {
+        other = blocked_sum_except(m, t, [row, max](int64_t j) { return fast_exp(row[j] - max); });
+      }
+      const double sum = target_weight + other;
       lse[r] = static_cast<scalar_t>(max + std::log(sum));
       loss[r] = static_cast<scalar_t>(target_loss(shifted_target, target_weight, other));
       if (to_grad) {

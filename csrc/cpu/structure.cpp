@@ -25,8 +25,8 @@ Kind parse_kind(c10::string_view kind) {
   return Kind::kKl;
 }
 
-// Row sums accumulate in double: a float32 row of N = 16K terms summed in order loses about
-// sqrt(N)·eps, which took kl's loss past the 1e-5 tolerance at N = 4096.
+// Row sums go through blocked_sum (common.h): a float32 row of N = 16K terms summed in order loses
+// about sqrt(N)·eps, which took kl's loss past the 1e-5 tolerance at N = 4096.
 template <typename scalar_t>
 struct RowMath {
   scalar_t* gs;  // the row of G^S (n), becomes dG^S when gradients are wanted
@@ -36,10 +36,10 @@ struct RowMath {
 
   scalar_t mse(bool grad_s, bool grad_t) {
     const scalar_t others = scalar_t(n - 1);
-    double sum = 0;
     gs[diag] = gt[diag] = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) sum += (gs[j] - gt[j]) * (gs[j] - gt[j]);
+    scalar_t* s = gs;
+    scalar_t* t = gt;
+    const double sum = blocked_sum(0, n, [s, t](int64_t j) { return (s[j] - t[j]) * (s[j] - t[j]); });
     if (grad_s || grad_t) {
       const scalar_t c = scalar_t(2) / others;
 #pragma omp simd
@@ -54,27 +54,18 @@ struct RowMath {
 
   scalar_t pearson(bool grad_s, bool grad_t) {
     const scalar_t others = scalar_t(n - 1);
-    const scalar_t ds = gs[diag], dt = gt[diag];
-    double sum_s = 0, sum_t = 0;
-#pragma omp simd reduction(+ : sum_s, sum_t)
-    for (int64_t j = 0; j < n; ++j) {
-      sum_s += gs[j];
-      sum_t += gt[j];
-    }
-    const scalar_t mean_s = static_cast<scalar_t>((sum_s - ds) / others);
-    const scalar_t mean_t = static_cast<scalar_t>((sum_t - dt) / others);
+    scalar_t* s = gs;
+    scalar_t* t = gt;
+    const scalar_t mean_s = static_cast<scalar_t>(blocked_sum_except(n, diag, [s](int64_t j) { return s[j]; }) / others);
+    const scalar_t mean_t = static_cast<scalar_t>(blocked_sum_except(n, diag, [t](int64_t j) { return t[j]; }) / others);
     gs[diag] = mean_s;  // centered to 0: the diagonal drops out of every sum below
     gt[diag] = mean_t;
-    double var_sum_s = 0, var_sum_t = 0, cov_sum = 0;
-#pragma omp simd reduction(+ : var_sum_s, var_sum_t, cov_sum)
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t cs = gs[j] - mean_s, ct = gt[j] - mean_t;
-      var_sum_s += cs * cs;
-      var_sum_t += ct * ct;
-      cov_sum += cs * ct;
-    }
-    const scalar_t var_s = static_cast<scalar_t>(var_sum_s), var_t = static_cast<scalar_t>(var_sum_t);
-    const scalar_t cov = static_cast<scalar_t>(cov_sum);
+    const scalar_t var_s = static_cast<scalar_t>(
+        blocked_sum(0, n, [s, mean_s](int64_t j) { return (s[j] - mean_s) * (s[j] - mean_s); }));
+    const scalar_t var_t = static_cast<scalar_t>(
+        blocked_sum(0, n, [t, mean_t](int64_t j) { return (t[j] - mean_t) * (t[j] - mean_t); }));
+    const scalar_t cov = static_cast<scalar_t>(
+        blocked_sum(0, n, [s, t, mean_s, mean_t](int64_t j) { return (s[j] - mean_s) * (t[j] - mean_t); }));
     const scalar_t product = var_s * var_t, eps2 = scalar_t(kEps * kEps);
     const scalar_t denom = std::sqrt(product > eps2 ? product : eps2);
     const scalar_t r = cov / denom;
@@ -93,41 +84,45 @@ struct RowMath {
     return 1 - r;
   }
 
+  // KL(P ‖ Q) of the teacher's row softmax P (logits a = G^T/τ) to the student's Q (b = G^S/τ),
+  // the diagonal left out; every pass a vectorized loop over the two ranges beside the diagonal.
   scalar_t kl(bool grad_s, bool grad_t) {
-    // a = G^T/τ (teacher, P) and b = G^S/τ (student, Q), scaled in place once: every later use
-    // reads the same rounded value (no multiply left for the compiler to fuse differently).
-    const scalar_t minus_inf = -std::numeric_limits<scalar_t>::infinity();
-    scalar_t max_a = minus_inf, max_b = minus_inf;
+    // Scaled in place once: every later use reads the same rounded value (no multiply left for
+    // the compiler to fuse differently).
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      gt[j] *= scale;
+      gs[j] *= scale;
+    }
     gs[diag] = gt[diag] = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t a = gt[j] *= scale, b = gs[j] *= scale;
-      if (j == diag) continue;
-      max_a = a > max_a || a != a ? a : max_a;
-      max_b = b > max_b || b != b ? b : max_b;
+    scalar_t* a = gt;
+    scalar_t* b = gs;
+    // A NaN never wins these maxima, but it reaches the sums below through exp(NaN − max).
+    scalar_t max_a = -std::numeric_limits<scalar_t>::infinity(), max_b = max_a;
+    for (const auto& [lo, hi] : {std::pair<int64_t, int64_t>{0, diag}, {diag + 1, n}}) {
+#pragma omp simd reduction(max : max_a, max_b)
+      for (int64_t j = lo; j < hi; ++j) {
+        max_a = a[j] > max_a ? a[j] : max_a;
+        max_b = b[j] > max_b ? b[j] : max_b;
+      }
     }
-    gs[diag] = gt[diag] = minus_inf;  // exp(−inf) = 0: the diagonal drops out
-    double sum_a = 0, sum_b = 0, weighted = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t pa = fast_exp(gt[j] - max_a);
-      sum_a += pa;
-      sum_b += fast_exp(gs[j] - max_b);
-      if (j != diag) weighted += pa * (gt[j] - gs[j]);
-    }
+    const double sum_a = blocked_sum_except(n, diag, [a, max_a](int64_t j) { return fast_exp(a[j] - max_a); });
+    const double sum_b = blocked_sum_except(n, diag, [b, max_b](int64_t j) { return fast_exp(b[j] - max_b); });
+    const double weighted = blocked_sum_except(
+        n, diag, [a, b, max_a](int64_t j) { return fast_exp(a[j] - max_a) * (a[j] - b[j]); });
     // Differences first: with one column, (a − b) − ((max_a − max_b) + 0) is exactly 0.
     const scalar_t kl = static_cast<scalar_t>(weighted / sum_a - ((max_a - max_b) + (std::log(sum_a) - std::log(sum_b))));
     if (grad_s || grad_t) {
       const scalar_t lse_a = static_cast<scalar_t>(max_a + std::log(sum_a));
       const scalar_t lse_b = static_cast<scalar_t>(max_b + std::log(sum_b));
+#pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
-        if (j == diag) {
-          gs[j] = gt[j] = 0;
-          continue;
-        }
-        const scalar_t log_p = gt[j] - lse_a, log_q = gs[j] - lse_b;
+        const scalar_t log_p = a[j] - lse_a, log_q = b[j] - lse_b;
         const scalar_t p = fast_exp(log_p);
-        gs[j] = scale * (fast_exp(log_q) - p);
-        gt[j] = scale * p * (log_p - log_q - kl);
+        b[j] = scale * (fast_exp(log_q) - p);
+        a[j] = scale * p * (log_p - log_q - kl);
       }
+      gs[diag] = gt[diag] = 0;
     }
     return kl;
   }
