@@ -54,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
                    "(default: all; token only when student and teacher share a tokenizer or with --token-loss tlm)")
     o.add_argument("--weights", default="", help="level=weight,... (default 1 each), e.g. word=0.5,token=0.2")
     o.add_argument("--sentence-loss", choices=("contrastive", "mse"), default="contrastive")
+    o.add_argument("--sentence-heads", action="store_true",
+                   help="with --sentence-loss mse, the paper's form: projection + predictor heads on the student, "
+                   "MSE of its prediction to the projection of the teacher's vector under stop-gradient")
+    o.add_argument("--head-width", type=int, default=256, help="output width P of the --sentence-heads")
+    o.add_argument("--head-norm", choices=("layer", "batch"), default="layer",
+                   help="normalization inside the --sentence-heads (batch: SyncBatchNorm across ranks, CUDA only)")
     o.add_argument("--structure-kind", choices=("kl", "pearson", "mse"), default="pearson")
     o.add_argument("--token-loss", choices=("contrastive", "tlm", "both"), default="contrastive",
                    help="contrastive + structure over all tokens (ours), the paper's TLM (needs a masked-LM head), or both")
@@ -105,9 +111,21 @@ def objective_from(args) -> Objective:
     if args.backend != "auto" and args.backend not in mk.available_backends():
         raise ValueError(f"--backend {args.backend}: not available here; available: auto, "
                          f"{', '.join(mk.available_backends())}")
+    if args.sentence_heads:
+        if args.sentence_loss != "mse" or "sentence" not in levels:
+            raise ValueError("--sentence-heads is a form of --sentence-loss mse: it needs --sentence-loss mse and "
+                             "the sentence level in --levels")
+        if args.head_width < 1:
+            raise ValueError(f"--head-width must be at least 1, got {args.head_width}")
+        import torch
+
+        if args.head_norm == "batch" and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            raise ValueError("--head-norm batch across ranks needs SyncBatchNorm, which runs on CUDA only; "
+                             "use --head-norm layer")
     return Objective(levels=tuple(levels), weights=weights, sentence_loss=args.sentence_loss,
                      structure_kind=args.structure_kind, token_loss=args.token_loss, temperature=args.temperature,
-                     structure_temperature=args.structure_temperature, pooling=args.pooling, backend=args.backend)
+                     structure_temperature=args.structure_temperature, pooling=args.pooling, backend=args.backend,
+                     sentence_heads=args.sentence_heads, head_width=args.head_width, head_norm=args.head_norm)
 
 
 def say(*parts) -> None:

@@ -12,6 +12,8 @@ import shutil
 import torch
 from torch import nn
 
+from .objective import pool
+
 
 class ModelError(ValueError):
     """A model path that cannot serve: missing, not a transformers directory, no masked-LM head."""
@@ -76,20 +78,80 @@ def load_encoder(path: str, masked_lm: bool) -> nn.Module:
     return model
 
 
+HEAD_FILE = "head.safetensors"
+SENTENCE_HEADS_FILE = "sentence_heads.safetensors"
+HEAD_NORMS = ("layer", "batch")
+
+
+def _mlp(width_in: int, hidden: int, width_out: int, norm: str) -> nn.Sequential:
+    norm_layer = nn.LayerNorm(hidden) if norm == "layer" else nn.BatchNorm1d(hidden)
+    return nn.Sequential(nn.Linear(width_in, hidden), norm_layer, nn.ReLU(), nn.Linear(hidden, width_out))
+
+
+class SentenceHeads(nn.Module):
+    """The paper's sentence level as we read it (``--sentence-loss mse --sentence-heads``): a projection
+    head and a predictor on the student, SimSiam/BYOL style.
+
+        projection: Linear(D, D) -> LayerNorm(D) or BatchNorm(D) -> ReLU -> Linear(D, P)
+        predictor:  Linear(P, P) -> LayerNorm(P) or BatchNorm(P) -> ReLU -> Linear(P, P)
+        loss = MSE(predictor(projection(s(y))), sg(projection(t(x))))
+             + MSE(predictor(projection(s(x))), sg(projection(t(x))))
+
+    D is the teacher's width (the student's sentence vectors are already at it), P = ``width``.
+    Choices, where the recovered description (DESIGN §1.3: "MSE between a projection of the
+    teacher's sentence vector and the student's prediction") leaves them open:
+
+    - one projection serves both sides: the target is the student's projection head applied to the
+      teacher's vector under stop-gradient (SimSiam's target; BYOL's momentum copy would add a second
+      head and a decay rate to choose). The teacher stays frozen either way; the projection learns
+      from the prediction side only.
+    - LayerNorm by default: per-sentence, so the loss of a batch split over ranks is that of the whole
+      batch, and batches of any size work. BatchNorm (SimSiam's, ``--head-norm batch``) normalizes
+      over the local batch, SyncBatchNorm across ranks (CUDA only).
+    - the heads train with the student and are saved beside it (sentence_heads.safetensors); the
+      exported encoder stays a plain transformers model, and retrieval is evaluated on its pooled
+      vectors, not on the heads' outputs (as SimSiam/BYOL evaluate the backbone).
+    - nothing but the stop-gradient and the predictor stands against the collapse of both heads to a
+      constant (SimSiam's finding, not a guarantee); the loss of a collapsed pair of heads is zero.
+    """
+
+    def __init__(self, teacher_width: int, width: int = 256, norm: str = "layer"):
+        super().__init__()
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"--head-norm must be one of {', '.join(HEAD_NORMS)}, got {norm!r}")
+        self.config = {"teacher_width": teacher_width, "width": width, "norm": norm}
+        self.projection = _mlp(teacher_width, teacher_width, width, norm)
+        self.predictor = _mlp(width, width, width, norm)
+
+    def forward(self, sentence: torch.Tensor) -> torch.Tensor:
+        """(n, D) the student's sentence vectors -> (n, P) its predictions."""
+        return self.predictor(self.projection(sentence))
+
+    def target(self, sentence: torch.Tensor) -> torch.Tensor:
+        """(n, D) the teacher's sentence vectors -> (n, P) their projection, without gradient."""
+        with torch.no_grad():
+            return self.projection(sentence).detach()
+
+
 class Student(nn.Module):
     """The trained model: a transformers encoder and, when its width differs from the teacher's, a
-    linear head to the teacher's width, applied to every token state (it commutes with mean pooling).
+    linear head to the teacher's width, applied to every token state (it commutes with mean pooling);
+    optionally the sentence heads (``SentenceHeads``), which need the ``pooling`` of the sentence level.
 
-    One ``forward`` serves every level and TLM, so that DDP sees one forward per step.
+    One ``forward`` serves every level and TLM, so that DDP sees one forward per step (and every
+    parameter that gets a gradient is used inside it).
     """
 
     main_input_name = "s_input_ids"
 
-    def __init__(self, model: nn.Module, teacher_width: int):
+    def __init__(self, model: nn.Module, teacher_width: int, sentence_heads: SentenceHeads | None = None,
+                 pooling: str = "mean"):
         super().__init__()
         self.model = model
         width = model.config.hidden_size
         self.head = nn.Linear(width, teacher_width) if width != teacher_width else None
+        self.sentence_heads = sentence_heads
+        self.pooling = pooling
 
     @property
     def encoder(self) -> nn.Module:
@@ -105,8 +167,12 @@ class Student(nn.Module):
 
     def forward(self, s_input_ids, s_attention_mask, tlm_input_ids=None, tlm_attention_mask=None,
                 tlm_token_type_ids=None, tlm_labels=None, **_):
-        """Token states (2B, L, D_teacher) of [targets; sources], and the TLM loss when asked."""
+        """``hidden``: token states (2B, L, D_teacher) of [targets; sources]; ``tlm``: the TLM loss when
+        asked; ``sentence``: (2B, P) the sentence heads' predictions of the pooled states, when there
+        are heads."""
         out = {"hidden": self.encode(s_input_ids, s_attention_mask)}
+        if self.sentence_heads is not None:
+            out["sentence"] = self.sentence_heads(pool(out["hidden"], s_attention_mask, self.pooling))
         if tlm_input_ids is not None:
             out["tlm"] = self.model(
                 input_ids=tlm_input_ids, attention_mask=tlm_attention_mask,
@@ -128,22 +194,39 @@ def replace_dir(staging: str, final: str) -> None:
         shutil.rmtree(old)
 
 
-def save_student(student: Student, tokenizer, directory: str, max_length: int, pooling: str) -> None:
-    """Write ``directory`` as a transformers model (safetensors, config, tokenizer) that
-    sentence-transformers can also load (modules.json, pooling config); the head, when there is
-    one, goes to head.safetensors. Written beside and renamed, so it is whole or absent."""
+def save_module(module: nn.Module, path: str, metadata: dict | None = None) -> None:
+    """``module``'s state dict as safetensors at ``path``, written to a temporary name and renamed."""
     from safetensors.torch import save_file
 
+    staging = f"{path}.tmp-{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, staging,
+              metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    os.replace(staging, path)
+
+
+def save_heads(student: Student, directory: str) -> None:
+    """head.safetensors and sentence_heads.safetensors (with the heads' shape in its metadata) of the
+    student, those it has."""
+    if student.head is not None:
+        save_module(student.head, os.path.join(directory, HEAD_FILE))
+    if student.sentence_heads is not None:
+        save_module(student.sentence_heads, os.path.join(directory, SENTENCE_HEADS_FILE),
+                    {"config": student.sentence_heads.config})
+
+
+def save_student(student: Student, tokenizer, directory: str, max_length: int, pooling: str) -> None:
+    """Write ``directory`` as a transformers model (safetensors, config, tokenizer) that
+    sentence-transformers can also load (modules.json, pooling config); the heads, when there are,
+    go to head.safetensors and sentence_heads.safetensors. Written beside and renamed, so it is
+    whole or absent."""
     staging = directory.rstrip("/") + ".tmp"
     if os.path.exists(staging):
         shutil.rmtree(staging)
     os.makedirs(staging)
     student.model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
-    if student.head is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in student.head.state_dict().items()},
-                  os.path.join(staging, "head.safetensors"))
-    else:
+    save_heads(student, staging)
+    if student.head is None:
         _write_sentence_transformers_config(staging, student.model.config.hidden_size, max_length, pooling)
     replace_dir(staging, directory)
 
@@ -170,13 +253,26 @@ def _write_sentence_transformers_config(directory: str, width: int, max_length: 
             json.dump(content, handle, indent=2)
 
 
-def load_head(student: Student, directory: str) -> None:
-    """Load head.safetensors of ``directory`` into the student's head (when both exist)."""
+def load_heads(student: Student, directory: str) -> None:
+    """Load the student's heads from ``directory`` (a checkpoint): ModelError when a head the student
+    has is missing there or was saved with another shape (other --head-width or --head-norm)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    path = os.path.join(directory, "head.safetensors")
-    if student.head is not None and os.path.isfile(path):
-        student.head.load_state_dict(load_file(path))
+    for module, name, option in ((student.head, HEAD_FILE, "a student of another width"),
+                                 (student.sentence_heads, SENTENCE_HEADS_FILE, "--sentence-heads")):
+        if module is None:
+            continue
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise ModelError(f"{directory}: no {name}; this checkpoint was not trained with {option}")
+        if module is student.sentence_heads:
+            with safe_open(path, framework="pt") as handle:
+                saved = json.loads((handle.metadata() or {}).get("config", "null"))
+            if saved != module.config:
+                raise ModelError(f"{path}: sentence heads {saved} differ from this run's {module.config} "
+                                 "(--head-width, --head-norm)")
+        module.load_state_dict(load_file(path))
 
 
 def teacher_hidden(teacher: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ With B pairs (x English, y target), the student's token states S (2B, L, D) of [
 teacher's T (B, Lt, D) of x (the student's are already projected to the teacher's width D):
 
 - sentence: pooled s(y), s(x), t(x) (B, D); ``contrastive``: C(s(y), t(x)) + C(s(x), t(x)), or
-  ``mse``: MSE(s(y), t(x)) + MSE(s(x), t(x)) (sentence-transformers' multilingual distillation).
+  ``mse``: MSE(s(y), t(x)) + MSE(s(x), t(x)) (sentence-transformers' multilingual distillation), or
+  with ``sentence_heads`` the paper's form: MSE(pred(proj(s(y))), sg(proj(t(x)))) + the same for
+  s(x) (P-wide; models.SentenceHeads states the choices).
 - word: word vectors (mean of sub-words, mk.segment_mean) of t(x) and s(y); pairs from the data's
   given alignments where a pair has one, else by mutual argmax (align.py); C over all aligned pairs
   of the batch: one row per link, the columns the distinct teacher words of the links (a teacher
@@ -49,6 +51,9 @@ class Objective:
     structure_temperature: float = 0.1  # kl
     pooling: str = "mean"  # mean | cls
     backend: str = "auto"
+    sentence_heads: bool = False  # with sentence_loss mse: projection + predictor heads (the paper's form)
+    head_width: int = 256  # P, the heads' output width
+    head_norm: str = "layer"  # layer | batch
 
 
 def default_group():
@@ -122,11 +127,14 @@ def word_contrastive(student: torch.Tensor, teacher: torch.Tensor, targets: torc
 
 
 def mmkd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch: dict, objective: Objective,
-              tlm_loss: torch.Tensor | None = None, same_tokenizer: bool = True) -> tuple[torch.Tensor, dict]:
+              tlm_loss: torch.Tensor | None = None, same_tokenizer: bool = True, sentence_heads=None,
+              sentence_predictions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """(weighted total, {level: unweighted value}).
 
     student_hidden: (2B, L, D) of [y; x] (projected to the teacher's width); teacher_hidden:
-    (B, Lt, D) of x; batch: the Collator's dict (masks and word ids).
+    (B, Lt, D) of x; batch: the Collator's dict (masks and word ids). With ``objective.sentence_heads``:
+    sentence_heads, the student's ``models.SentenceHeads`` (its projection makes the target), and
+    sentence_predictions, (2B, P) its predictions of [y; x] from the student's forward.
     """
     group = default_group()
     student_hidden, teacher_hidden = student_hidden.float(), teacher_hidden.float()
@@ -139,7 +147,13 @@ def mmkd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, batch:
         sy, sx = pool(s_y, s_mask[:b], objective.pooling), pool(s_x, s_mask[b:], objective.pooling)
         tx = pool(teacher_hidden, t_mask, objective.pooling)
     if "sentence" in objective.levels:
-        if objective.sentence_loss == "mse":
+        if objective.sentence_heads:
+            if sentence_heads is None or sentence_predictions is None:
+                raise ValueError("--sentence-heads: the student has no sentence heads (build it with SentenceHeads)")
+            target = sentence_heads.target(tx).float()
+            predictions = sentence_predictions.float()
+            parts["sentence"] = F.mse_loss(predictions[:b], target) + F.mse_loss(predictions[b:], target)
+        elif objective.sentence_loss == "mse":
             parts["sentence"] = F.mse_loss(sy, tx) + F.mse_loss(sx, tx)
         else:
             kw = dict(temperature=objective.temperature, backend=objective.backend, process_group=group)

@@ -5,14 +5,14 @@ import os
 import time
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import cache as teacher_cache
 from .collate import Collator, PairDataset
 from .data import Corpus
 from .evaluate import evaluate, table, write_report
-from .models import (ModelError, Student, load_encoder, load_teacher, load_tokenizer, save_student)
+from .models import (ModelError, SentenceHeads, Student, load_encoder, load_teacher, load_tokenizer, save_student)
 from .objective import Objective, default_group
 from .trainer import MMKDTrainer
 
@@ -82,13 +82,19 @@ def run(args, objective: Objective, corpus: Corpus, teacher_path: str, student_p
     tlm = "token" in objective.levels and objective.token_loss in ("tlm", "both")
     teacher = load_teacher(teacher_path)
     encoder = load_encoder(student_path, masked_lm=tlm)
-    student = Student(encoder, teacher.config.hidden_size)
+    set_seed(args.seed)  # the heads start alike in every run (and on every rank)
+    heads = None
+    if objective.sentence_heads:
+        heads = SentenceHeads(teacher.config.hidden_size, objective.head_width, objective.head_norm)
+        if objective.head_norm == "batch" and training.world_size > 1:
+            heads = torch.nn.SyncBatchNorm.convert_sync_batchnorm(heads)
+    student = Student(encoder, teacher.config.hidden_size, heads, objective.pooling)
     if args.gradient_checkpointing:
         enable_checkpointing(encoder)
     trained = sorted({p.lang for p in corpus.train})
     say(f"mmkd-train: {len(corpus.train)} training pairs in {', '.join(trained)}; evaluating "
         f"{', '.join(corpus.evaluation) or 'nothing'}; levels {', '.join(objective.levels)}; "
-        f"sentence {objective.sentence_loss}, structure {objective.structure_kind}, token {objective.token_loss}")
+        f"sentence {objective.sentence_loss}{' with heads' if objective.sentence_heads else ''}, structure {objective.structure_kind}, token {objective.token_loss}")
     if corpus.skipped_lines:
         say(f"mmkd-train: skipped {corpus.skipped_lines} malformed line(s)")
 

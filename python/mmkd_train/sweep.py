@@ -18,6 +18,7 @@ DEFAULT = "all levels, sentence contrastive, structure pearson"
 VARIANTS = {
     DEFAULT: [],
     "sentence mse (paper's form)": ["--sentence-loss", "mse"],
+    "sentence mse with heads (paper's form)": ["--sentence-loss", "mse", "--sentence-heads"],
     "structure kl (paper's form)": ["--structure-kind", "kl"],
     "structure mse": ["--structure-kind", "mse"],
     "no structure level": ["--levels", "sentence,word,token"],

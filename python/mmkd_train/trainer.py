@@ -14,7 +14,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .models import load_head, replace_dir, teacher_hidden
+from .models import load_heads, replace_dir, save_heads, teacher_hidden
 from .objective import Objective, mmkd_loss
 
 STAGING = ".staging"
@@ -56,7 +56,9 @@ class MMKDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher = self.teacher_states(inputs)
         out = model(**inputs)
-        loss, parts = mmkd_loss(out["hidden"], teacher, inputs, self.objective, out.get("tlm"), self.same_tokenizer)
+        heads = self.accelerator.unwrap_model(model).sentence_heads
+        loss, parts = mmkd_loss(out["hidden"], teacher, inputs, self.objective, out.get("tlm"), self.same_tokenizer,
+                                sentence_heads=heads, sentence_predictions=out.get("sentence"))
         for level, value in parts.items():
             total = self._parts.setdefault(level, [0.0, 0])
             total[0] += float(value.detach()) if torch.is_tensor(value) else float(value)
@@ -79,18 +81,14 @@ class MMKDTrainer(Trainer):
     # ---- checkpoints: transformers directories, staged and renamed -----------------------------
 
     def _save(self, output_dir=None, state_dict=None) -> None:
-        """The student as a transformers directory (safetensors) + tokenizer + head.safetensors."""
-        from safetensors.torch import save_file
-
+        """The student as a transformers directory (safetensors) + tokenizer + its heads' safetensors."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         student = self.accelerator.unwrap_model(self.model)
         student.model.save_pretrained(output_dir, safe_serialization=True)
-        if student.head is not None:
-            weights = {k: v.detach().contiguous().cpu() for k, v in student.head.state_dict().items()}
-            save_file(weights, os.path.join(output_dir, "head.safetensors"))
+        save_heads(student, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
@@ -98,7 +96,7 @@ class MMKDTrainer(Trainer):
         student = model if model is not None else self.model
         saved = type(student.model).from_pretrained(resume_from_checkpoint, local_files_only=True)
         student.model.load_state_dict(saved.state_dict())
-        load_head(student, resume_from_checkpoint)
+        load_heads(student, resume_from_checkpoint)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)

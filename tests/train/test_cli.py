@@ -133,3 +133,32 @@ def test_given_alignments_train_the_word_level(tiny_teacher, tiny_student, tmp_p
     assert cli.main(tiny_args(str(path), tiny_teacher, tiny_student, out, "--max-steps", "2", "--levels", "word",
                               "--skip-bad-lines")) == 0
     assert all(0 < v < 1e4 for v in losses(out / "checkpoint-2").values())
+
+
+def test_sentence_heads_are_saved_and_resume_to_the_same_losses(monkeypatch, corpus_file, tiny_teacher, tiny_student,
+                                                                 tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    heads = ("--sentence-loss", "mse", "--sentence-heads", "--head-width", "8", "--max-steps", "6")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, whole, *heads)) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "MMKDTrainer", StopAfter3)
+        assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, cut, *heads)) == 0
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, cut, *heads, "--resume")) == 0
+    assert losses(cut / "checkpoint-6") == pytest.approx(losses(whole / "checkpoint-6"), rel=1e-4)
+    saved = load_file(str(whole / "model" / "sentence_heads.safetensors"))
+    assert saved["predictor.3.weight"].shape == (8, 8)
+    assert not torch.equal(saved["projection.0.weight"],
+                           load_file(str(cut / "checkpoint-3" / "sentence_heads.safetensors"))["projection.0.weight"])
+    AutoModel.from_pretrained(str(whole / "model"), local_files_only=True)
+
+    # heads asked for on resume from a checkpoint trained without them; heads without the mse form
+    plain = tmp_path / "plain"
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, plain, "--max-steps", "3")) == 0
+    capsys.readouterr()
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, plain, *heads, "--resume")) == 2
+    assert "no sentence_heads.safetensors; this checkpoint was not trained with --sentence-heads" in capsys.readouterr().err
+    assert cli.main(["--sentence-heads"]) == 2
+    assert "--sentence-heads is a form of --sentence-loss mse" in capsys.readouterr().err

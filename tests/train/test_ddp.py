@@ -15,13 +15,14 @@ import torch.multiprocessing as mp
 from mmkd_train_test_support import make_pairs
 from mmkd_train.collate import Collator, PairDataset
 from mmkd_train.data import Pair
-from mmkd_train.models import Student, load_encoder, load_teacher, load_tokenizer, teacher_hidden
+from mmkd_train.models import SentenceHeads, Student, load_encoder, load_teacher, load_tokenizer, teacher_hidden
 from mmkd_train.objective import Objective, mmkd_loss, word_contrastive
 
 OBJECTIVES = [
     Objective(),  # sentence contrastive, structure pearson (gram across ranks), word, token
     Objective(sentence_loss="mse", structure_kind="kl", levels=("sentence", "structure", "word", "token")),
     Objective(structure_kind="mse", levels=("structure", "token")),
+    Objective(sentence_loss="mse", sentence_heads=True, head_width=8, levels=("sentence", "word")),
 ]
 PAIRS = 8
 
@@ -34,14 +35,18 @@ def crossed(src: str) -> tuple:
 def loss_and_grads(teacher_path, student_path, indices, objective):
     tokenizer = load_tokenizer(teacher_path, "teacher")
     teacher = load_teacher(teacher_path)
-    student = Student(load_encoder(student_path, masked_lm=False), teacher.config.hidden_size).eval()
+    torch.manual_seed(0)  # the heads start alike on every rank, as DDP's broadcast makes them
+    heads = SentenceHeads(teacher.config.hidden_size, objective.head_width) if objective.sentence_heads else None
+    student = Student(load_encoder(student_path, masked_lm=False), teacher.config.hidden_size, heads).eval()
     # half the pairs carry a given word alignment (crossed, and source word 0 twice): the word level
     # then has more rows than columns, and its counts differ by rank
     dataset = PairDataset([Pair(s, t, "xx", crossed(s) if k % 2 else None)
                            for k, (s, t) in enumerate(make_pairs(PAIRS, seed=5))])
     batch = Collator(tokenizer, tokenizer, 32)([dataset[i] for i in indices])
     t = teacher_hidden(teacher, batch["t_input_ids"], batch["t_attention_mask"])
-    loss, _ = mmkd_loss(student(**batch)["hidden"], t, batch, objective)
+    out = student(**batch)
+    loss, _ = mmkd_loss(out["hidden"], t, batch, objective, sentence_heads=heads,
+                        sentence_predictions=out.get("sentence"))
     loss.backward()
     names = [n for n, p in student.named_parameters() if p.grad is not None]
     return loss.detach(), {n: p.grad for n, p in student.named_parameters() if n in names}

@@ -7,7 +7,8 @@ import mmkd_kernels as mk
 from mmkd_train_test_support import make_pairs
 from mmkd_train.collate import Collator, PairDataset
 from mmkd_train.data import Pair
-from mmkd_train.models import ModelError, Student, load_encoder, load_teacher, load_tokenizer, teacher_hidden
+from mmkd_train.models import (ModelError, SentenceHeads, Student, load_encoder, load_teacher, load_tokenizer,
+                               teacher_hidden)
 from mmkd_train.objective import Objective, mmkd_loss, words
 
 FORMS = [
@@ -122,3 +123,44 @@ def test_word_level_pairs_the_words_of_a_given_alignment(tiny_teacher, tiny_stud
                                 teacher_hidden(teacher, plain["t_input_ids"], plain["t_attention_mask"]), plain,
                                 objective)
     assert abs(argmax_parts["word"].item() - parts["word"].item()) > 1e-3
+
+
+def test_sentence_heads_train_with_the_student_behind_a_stop_gradient(tiny_teacher, tiny_student):
+    """The paper's sentence form: gradient reaches the encoder, the projection and the predictor;
+    none reaches the teacher or flows through the target's projection (stop-gradient)."""
+    tokenizer = load_tokenizer(tiny_teacher, "teacher")
+    teacher = load_teacher(tiny_teacher)
+    torch.manual_seed(0)
+    heads = SentenceHeads(32, width=16)
+    student = Student(load_encoder(tiny_student, masked_lm=False), 32, heads)
+    dataset = PairDataset([Pair(s, t, "xx") for s, t in make_pairs(8)])
+    batch = Collator(tokenizer, tokenizer, 32)([dataset[i] for i in range(8)])
+    objective = Objective(levels=("sentence",), sentence_loss="mse", sentence_heads=True, head_width=16)
+    t = teacher_hidden(teacher, batch["t_input_ids"], batch["t_attention_mask"]).requires_grad_()
+    out = student(**batch)
+    assert out["sentence"].shape == (16, 16)
+    loss, parts = mmkd_loss(out["hidden"], t, batch, objective, sentence_heads=heads,
+                            sentence_predictions=out["sentence"])
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert t.grad is None and all(p.grad is None for p in teacher.parameters())
+    for module in (student.encoder.encoder, heads.projection, heads.predictor):
+        assert all(p.grad is not None for p in module.parameters())
+        assert any(p.grad.abs().sum() > 0 for p in module.parameters())
+
+    # the projection's gradient is that of the prediction side alone: the target is a constant
+    got = [p.grad.clone() for p in heads.projection.parameters()]
+    student.zero_grad()
+    b = 8
+    tx = (t * batch["t_attention_mask"][..., None]).sum(1) / batch["t_attention_mask"].sum(1, keepdim=True)
+    constant = heads.projection(tx).detach()
+    again = student(**batch)["sentence"]
+    (torch.nn.functional.mse_loss(again[:b], constant) + torch.nn.functional.mse_loss(again[b:], constant)).backward()
+    for g, p in zip(got, heads.projection.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_sentence_heads_are_refused_without_heads_on_the_student(tiny_teacher, tiny_student):
+    teacher, student, batch = setup(tiny_teacher, tiny_student)
+    with pytest.raises(ValueError, match="no sentence heads"):
+        step(teacher, student, batch, Objective(levels=("sentence",), sentence_loss="mse", sentence_heads=True))
