@@ -1,11 +1,11 @@
 """The losses across data-parallel ranks, exact over the global batch (DESIGN §1.2 "Across ranks").
 
 Each rank holds its local rows; the counts may differ from rank to rank (a word or token level has
-as many rows as the rank's batch has words or tokens). Rank r's rows come after those of ranks
-0..r−1 in the global batch. Values are scaled by open_clip's ``local_loss`` convention: rank r
-returns L_r with Σ_r L_r = W·L (W ranks, L the global-batch loss), and its backward gives
-∂(Σ_r L_r)/∂(its own inputs). DDP then averages the gradients over ranks, which is exactly ∇L;
-the mean over ranks of the returned values is L.
+as many rows as the rank's batch has words or tokens), and a rank may hold none. Rank r's rows come
+after those of ranks 0..r−1 in the global batch. Values are scaled by open_clip's ``local_loss``
+convention: rank r returns L_r with Σ_r L_r = W·L (W ranks, L the global-batch loss), and its
+backward gives ∂(Σ_r L_r)/∂(its own inputs). DDP then averages the gradients over ranks, which is
+exactly ∇L; the mean over ranks of the returned values is L.
 
 - contrastive: every rank's teacher rows are all-gathered with gradient (O(N·D) traffic) and are
   the columns of the local rows; ``symmetric`` adds the columns' losses against the gathered
@@ -73,6 +73,21 @@ def all_gather_with_grad(x: torch.Tensor, group=None, counts: list[int] | None =
     return _AllGather.apply(x, group, list(counts))
 
 
+class _ZeroFrom(torch.autograd.Function):
+    """A zero scalar that depends on its inputs: a rank without rows of its own still passes the
+    (zero) gradients of the gathered rows back, so the collectives of the backward run on every
+    rank. Zero by construction, not 0·x, which would turn another rank's inf into NaN here."""
+
+    @staticmethod
+    def forward(ctx, dtype, *xs):
+        ctx.likes = [(x.shape, x.dtype, x.device) for x in xs]
+        return xs[0].new_zeros((), dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, _grad):
+        return None, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.likes)
+
+
 def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
     """A summed copy of ``x`` over the ranks of ``group`` (no autograd)."""
     x = x.contiguous().clone()
@@ -87,10 +102,18 @@ def contrastive_loss(q, k, targets, symmetric, reduction, group, local):
     world, rank = counts.shape[0], dist.get_rank(group)
     n_counts, m_counts = counts[:, 0].tolist(), counts[:, 1].tolist()
     n_total = sum(n_counts)
-    value = local(q, all_gather_with_grad(k, group, m_counts), targets + sum(m_counts[:rank]), False)
-    if symmetric:
-        own = torch.arange(q.shape[0], device=q.device) + sum(n_counts[:rank])
-        value = (value + local(k, all_gather_with_grad(q, group, n_counts), own, False)) / 2
+    if n_total == 0:
+        raise ValueError(f"student must have at least one row on some rank, got {n_counts} rows across ranks")
+    k_all = all_gather_with_grad(k, group, m_counts)
+    q_all = all_gather_with_grad(q, group, n_counts) if symmetric else None
+    if q.shape[0] == 0:
+        zero = _ZeroFrom.apply(accumulation_dtype(q, k), q, *(x for x in (k_all, q_all) if x is not None))
+        value = zero.expand(0) if reduction == "none" else zero
+    else:
+        value = local(q, k_all, targets + sum(m_counts[:rank]), False)
+        if symmetric:
+            own = torch.arange(q.shape[0], device=q.device) + sum(n_counts[:rank])
+            value = (value + local(k, q_all, own, False)) / 2
     if reduction == "none":
         return value
     total = value * world
@@ -129,6 +152,9 @@ def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group
         total = _GramAcrossRanks.apply(x, y, kind, n_total, group).sum()
     else:
         s_all, t_all = all_gather_with_grad(s, group, counts), all_gather_with_grad(t, group, counts)
-        total = sum_fn(s_all, t_all, kind, temperature, normalize, "tile", backend,
-                       row_start=sum(counts[:rank]), row_count=counts[rank])
+        if counts[rank] == 0:
+            total = _ZeroFrom.apply(accumulation_dtype(s, t), s, t, s_all, t_all)
+        else:
+            total = sum_fn(s_all, t_all, kind, temperature, normalize, "tile", backend,
+                           row_start=sum(counts[:rank]), row_count=counts[rank])
     return total * world / n_total

@@ -26,20 +26,22 @@ MIN_ROWS = {"pearson": 3, "mse": 2, "kl": 2}
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_embeddings(name: str, x) -> None:
+def _check_embeddings(name: str, x, allow_no_rows: bool = False) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D (rows, width), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    if x.shape[1] == 0 or (x.shape[0] == 0 and not allow_no_rows):
         raise ValueError(f"{name} must have at least one row and one column, got shape {tuple(x.shape)}")
 
 
-def _check_pair(student, teacher) -> None:
-    _check_embeddings("student", student)
-    _check_embeddings("teacher", teacher)
+def _check_pair(student, teacher, process_group=None) -> None:
+    """Across ranks, a rank may hold no rows (a batch without word links); the rows of all ranks
+    together are checked once their counts are known (distributed.py)."""
+    _check_embeddings("student", student, allow_no_rows=process_group is not None)
+    _check_embeddings("teacher", teacher, allow_no_rows=process_group is not None)
     if student.device != teacher.device:
         raise ValueError(f"student and teacher must be on one device, got {student.device} and {teacher.device}")
 
@@ -78,7 +80,7 @@ def _check_targets(targets, n: int, m: int, device: torch.device) -> torch.Tenso
         raise ValueError(f"targets must have shape ({n},) (one per student row), got {tuple(targets.shape)}")
     if targets.device != device:
         raise ValueError(f"targets must be on the inputs' device {device}, got {targets.device}")
-    if not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and n > 0:
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= m:
             raise ValueError(f"targets must lie in [0, {m}) (teacher rows), got values in [{low}, {high}]")
@@ -137,7 +139,7 @@ def contrastive_loss(
     the teacher rows of every rank are the columns, and the returned value is scaled so that the mean
     of it over ranks is the global-batch loss and DDP's gradient averaging gives its gradient.
     """
-    _check_pair(student, teacher)
+    _check_pair(student, teacher, process_group)
     if student.shape[1] != teacher.shape[1]:
         raise ValueError(
             f"student and teacher must have the same width D, got student {tuple(student.shape)} "
@@ -236,7 +238,7 @@ def structure_loss(
     With ``process_group``, each rank passes its local rows (N may differ from rank to rank) and gets
     the loss of the global batch, scaled as in ``contrastive_loss``.
     """
-    _check_pair(student, teacher)
+    _check_pair(student, teacher, process_group)
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(
             f"student and teacher must have the same number of rows N, got student {tuple(student.shape)} "

@@ -1,7 +1,7 @@
 """Across ranks: 2 gloo processes on CPU give the loss and gradients of one process on the
 concatenated batch (DESIGN §2 ``process_group``). Rank r returns L_r with mean_r L_r = L, and its
 gradient is W·∂L/∂(its rows), so that DDP's averaging gives ∇L. The ranks hold different row counts,
-as a word or token level does."""
+as a word or token level does, and a rank may hold none (a batch without word links)."""
 
 import socket
 
@@ -14,9 +14,13 @@ import mmkd_kernels as mk
 from mmkd_test_support import rel_err
 
 WORLD = 2
-N_LOCAL, M_LOCAL, D, DT = (6, 4), (9, 7), 8, 5  # rows per rank
-N_START = [sum(N_LOCAL[:r]) for r in range(WORLD)]
-M_START = [sum(M_LOCAL[:r]) for r in range(WORLD)]
+D, DT = 8, 5
+# (student rows, teacher rows) per rank
+LAYOUTS = {"uneven": ((6, 4), (9, 7)), "empty-rank": ((0, 5), (0, 7))}
+
+
+def _starts(counts):
+    return [sum(counts[:r]) for r in range(WORLD)]
 
 CONTRASTIVE_CASES = [
     {},
@@ -29,15 +33,15 @@ STRUCTURE_CASES = [("mse", "tile"), ("mse", "gram"), ("pearson", "tile"), ("pear
 BACKENDS = [b for b in mk.available_backends() if b in ("reference", "chunked")]
 
 
-def _global_inputs(seed):
-    """The global batch (float64): student, teacher (M_LOCAL per rank), local targets, structure pair."""
+def _global_inputs(seed, n_local, m_local):
+    """The global batch (float64): student, teacher (m_local per rank), local targets, structure pair."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(sum(N_LOCAL), D, generator=gen, dtype=torch.float64)
-    k = torch.randn(sum(M_LOCAL), D, generator=gen, dtype=torch.float64)
-    local_targets = [torch.randint(0, m, (n,), generator=gen) for n, m in zip(N_LOCAL, M_LOCAL)]
-    s = torch.randn(sum(N_LOCAL), D, generator=gen, dtype=torch.float64)
-    t = torch.randn(sum(N_LOCAL), DT, generator=gen, dtype=torch.float64)
-    weights = torch.rand(sum(N_LOCAL), generator=gen, dtype=torch.float64) + 0.5
+    q = torch.randn(sum(n_local), D, generator=gen, dtype=torch.float64)
+    k = torch.randn(sum(m_local), D, generator=gen, dtype=torch.float64)
+    local_targets = [torch.randint(0, max(m, 1), (n,), generator=gen) for n, m in zip(n_local, m_local)]
+    s = torch.randn(sum(n_local), D, generator=gen, dtype=torch.float64)
+    t = torch.randn(sum(n_local), DT, generator=gen, dtype=torch.float64)
+    weights = torch.rand(sum(n_local), generator=gen, dtype=torch.float64) + 0.5
     return q, k, local_targets, s, t, weights
 
 
@@ -50,11 +54,12 @@ def _contrastive(q, k, targets, case, backend, rank, process_group):
     return mk.contrastive_loss(q, k, backend=backend, process_group=process_group, **kwargs)
 
 
-def _run_rank(rank, port, results):
+def _run_rank(rank, port, results, n_local, m_local):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    q, k, local_targets, s, t, weights = _global_inputs(seed=0)
-    rows = slice(N_START[rank], N_START[rank] + N_LOCAL[rank])
-    cols = slice(M_START[rank], M_START[rank] + M_LOCAL[rank])
+    q, k, local_targets, s, t, weights = _global_inputs(0, n_local, m_local)
+    n_start, m_start = _starts(n_local), _starts(m_local)
+    rows = slice(n_start[rank], n_start[rank] + n_local[rank])
+    cols = slice(m_start[rank], m_start[rank] + m_local[rank])
     out = {}
     for backend in BACKENDS:
         for i, case in enumerate(CONTRASTIVE_CASES):
@@ -69,6 +74,11 @@ def _run_rank(rank, port, results):
                                       process_group=dist.group.WORLD)
             ds, dt = torch.autograd.grad(value, (sl, tl))
             out[("structure", backend, kind, algorithm)] = (value.detach(), ds, dt)
+    try:  # no rows on any rank: the same error everywhere, never a hang
+        mk.contrastive_loss(q[:0], k[:0], process_group=dist.group.WORLD)
+        out["no rows"] = None
+    except ValueError as error:
+        out["no rows"] = str(error)
     results[rank] = out
     dist.destroy_process_group()
 
@@ -79,30 +89,34 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def rank_results():
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request):
+    """(student rows per rank, teacher rows per rank, every rank's results)."""
+    n_local, m_local = LAYOUTS[request.param]
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
-    mp.start_processes(_run_rank, args=(_free_port(), results), nprocs=WORLD, start_method="spawn")
-    return dict(results)
+    mp.start_processes(_run_rank, args=(_free_port(), results, n_local, m_local), nprocs=WORLD, start_method="spawn")
+    return n_local, m_local, dict(results)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case_index", range(len(CONTRASTIVE_CASES)))
-def test_contrastive_across_ranks_equals_one_process(rank_results, backend, case_index):
+def test_contrastive_across_ranks_equals_one_process(layout, backend, case_index):
+    n_local, m_local, rank_results = layout
+    n_start, m_start = _starts(n_local), _starts(m_local)
     case = CONTRASTIVE_CASES[case_index]
-    q, k, local_targets, _, _, weights = _global_inputs(seed=0)
+    q, k, local_targets, _, _, weights = _global_inputs(0, n_local, m_local)
     q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
-    global_targets = torch.cat([t + M_START[r] for r, t in enumerate(local_targets)])
+    global_targets = torch.cat([t + m_start[r] for r, t in enumerate(local_targets)])
     if case.get("symmetric"):
         # Column j's positive is student row j: the teacher rows of the symmetric case are the first
-        # N_LOCAL[r] of each rank's block.
-        k_sym = torch.cat([k[M_START[r] : M_START[r] + N_LOCAL[r]] for r in range(WORLD)])
+        # n_local[r] of each rank's block.
+        k_sym = torch.cat([k[m_start[r] : m_start[r] + n_local[r]] for r in range(WORLD)])
         value = mk.contrastive_loss(q, k_sym, backend=backend, symmetric=True)
     else:
         kwargs = {key: v for key, v in case.items() if key != "targets"}
         value = mk.contrastive_loss(q, k, backend=backend, targets=global_targets if case.get("targets") else
-                                    torch.cat([torch.arange(N_LOCAL[r]) + M_START[r] for r in range(WORLD)]), **kwargs)
+                                    torch.cat([torch.arange(n_local[r]) + m_start[r] for r in range(WORLD)]), **kwargs)
     none = case.get("reduction") == "none"
     objective = (value * weights).sum() if none else value
     dq, dk = torch.autograd.grad(objective, (q, k))
@@ -118,8 +132,9 @@ def test_contrastive_across_ranks_equals_one_process(rank_results, backend, case
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,algorithm", STRUCTURE_CASES)
-def test_structure_across_ranks_equals_one_process(rank_results, backend, kind, algorithm):
-    _, _, _, s, t, _ = _global_inputs(seed=0)
+def test_structure_across_ranks_equals_one_process(layout, backend, kind, algorithm):
+    n_local, m_local, rank_results = layout
+    _, _, _, s, t, _ = _global_inputs(0, n_local, m_local)
     s, t = s.clone().requires_grad_(), t.clone().requires_grad_()
     value = mk.structure_loss(s, t, kind=kind, algorithm=algorithm, temperature=0.3, backend=backend)
     ds, dt = torch.autograd.grad(value, (s, t))
@@ -127,3 +142,9 @@ def test_structure_across_ranks_equals_one_process(rank_results, backend, kind, 
     assert rel_err(torch.stack([v for v, _, _ in per_rank]).mean(), value) <= 1e-6
     assert rel_err(torch.cat([g for _, g, _ in per_rank]) / WORLD, ds) <= 1e-6
     assert rel_err(torch.cat([g for _, _, g in per_rank]) / WORLD, dt) <= 1e-6
+
+
+def test_no_rows_on_any_rank_is_an_error_on_every_rank(layout):
+    _, _, rank_results = layout
+    for r in range(WORLD):
+        assert "at least one row on some rank, got [0, 0]" in rank_results[r]["no rows"]
