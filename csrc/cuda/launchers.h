@@ -47,7 +47,8 @@ enum mmkd_structure_side { MMKD_STUDENT = 0, MMKD_TEACHER = 1 };
  *   A (n_a, d), B (n_b, d) of `dtype`; inv_a (n_a,), inv_b (n_b,) float32; targets (n_a,) int64
  *   in [0, n_b).
  * Writes lse (n_a,) float32: lse[a] = log Σ_b exp z[a, b], and loss (n_a,) float32:
- * loss[a] = lse[a] − z[a, targets[a]].
+ * loss[a] = lse[a] − z[a, targets[a]], computed as log1p(Σ_{b≠t} e^{z_b − z_t}) while the target
+ * dominates, so that a nearly aligned pair's small loss keeps its digits.
  * Run on (q, k) it gives the row statistics; on (k, q) with targets = arange, the column ones. */
 int mmkd_contrastive_lse(int dtype, const void* A, const void* B, const float* inv_a, const float* inv_b,
                          const int64_t* targets, float* lse, float* loss, int64_t n_a, int64_t n_b, int64_t d,
@@ -58,15 +59,18 @@ int mmkd_contrastive_lse(int dtype, const void* A, const void* B, const float* i
  *   dA[a, :] = scale · Σ_b dz[a, b] · inv_b[b] · B_b,
  *   dz[a, b] = g_a[a] (exp(z[a, b] − lse_a[a]) − [b = t_a[a]])      (row term)
  *            + g_b[b] (exp(z[a, b] − lse_b[b]) − [a = t_b[b]])      (column term)
- *   A, B, inv_a, inv_b as for mmkd_contrastive_lse. Row term: lse_a, g_a (n_a,) float32, t_a (n_a,)
- *   int64; column term: lse_b, g_b (n_b,) float32, t_b (n_b,) int64. A term whose three pointers are
- *   all NULL is off (mixing NULL and non-NULL in one term is an error).
+ *   where a target's term is tg_a[a] (tg_b[b]) instead: g·expm1(−loss), exact where the softmax
+ *   rounds to 1 (the caller computes it from mmkd_contrastive_lse's loss).
+ *   A, B, inv_a, inv_b as for mmkd_contrastive_lse. Row term: lse_a, g_a, tg_a (n_a,) float32, t_a
+ *   (n_a,) int64; column term: lse_b, g_b, tg_b (n_b,) float32, t_b (n_b,) int64. A term whose four
+ *   pointers are all NULL is off (mixing NULL and non-NULL in one term is an error).
  * Writes dA (n_a, d) float32, contiguous: the gradient of the normalized rows (the normalization's
  * own backward is the caller's). Run on (q, k) it gives dq̂, on (k, q) with the terms swapped dk̂:
  * row-parallel both ways, no atomics. */
 int mmkd_contrastive_grad(int dtype, const void* A, const void* B, const float* inv_a, const float* inv_b,
-                          const float* lse_a, const float* g_a, const int64_t* t_a, const float* lse_b,
-                          const float* g_b, const int64_t* t_b, float* dA, int64_t n_a, int64_t n_b, int64_t d,
+                          const float* lse_a, const float* g_a, const int64_t* t_a, const float* tg_a,
+                          const float* lse_b, const float* g_b, const int64_t* t_b, const float* tg_b, float* dA,
+                          int64_t n_a, int64_t n_b, int64_t d,
                           int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale,
                           cudaStream_t stream);
 

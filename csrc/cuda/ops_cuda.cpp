@@ -19,6 +19,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "../ops.h"
 #include "launchers.h"
@@ -89,10 +90,16 @@ at::Tensor input_grad(at::Tensor d_hat, const at::Tensor& x, bool normalize) {
 // Contrastive loss
 // --------------------------------------------------------------------------------------------------
 
-// One term of dz (see mmkd_contrastive_grad): log-sum-exps, weights (float32) and targets (int64).
+// One term of dz (see mmkd_contrastive_grad): log-sum-exps, weights (float32), targets (int64) and
+// the target entries g·expm1(−loss) (float32), exact where the softmax rounds to 1.
 struct Term {
-  at::Tensor lse, g, t;
+  at::Tensor lse, g, t, tg;
 };
+
+Term make_term(at::Tensor lse, at::Tensor g, at::Tensor t, const at::Tensor& loss) {
+  at::Tensor tg = (g * at::expm1(-loss.to(at::kFloat))).contiguous();
+  return Term{std::move(lse), std::move(g), std::move(t), std::move(tg)};
+}
 
 // (lse (n_a,), loss (n_a,)) of z = scale·Â B̂ᵀ read by rows of A.
 std::tuple<at::Tensor, at::Tensor> lse_by_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_a,
@@ -116,9 +123,11 @@ at::Tensor grad_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
                             inv_b.data_ptr<float>(), a_term ? a_term->lse.data_ptr<float>() : nullptr,
                             a_term ? a_term->g.data_ptr<float>() : nullptr,
                             a_term ? a_term->t.data_ptr<int64_t>() : nullptr,
+                            a_term ? a_term->tg.data_ptr<float>() : nullptr,
                             b_term ? b_term->lse.data_ptr<float>() : nullptr,
                             b_term ? b_term->g.data_ptr<float>() : nullptr,
-                            b_term ? b_term->t.data_ptr<int64_t>() : nullptr, da.data_ptr<float>(), a.size(0),
+                            b_term ? b_term->t.data_ptr<int64_t>() : nullptr,
+                            b_term ? b_term->tg.data_ptr<float>() : nullptr, da.data_ptr<float>(), a.size(0),
                             b.size(0), a.size(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                             static_cast<float>(scale), stream()),
       "mmkd_contrastive_grad");
@@ -169,12 +178,12 @@ std::tuple<at::Tensor, at::Tensor> contrastive_backward(const at::Tensor& grad_r
   const int64_t n = qc.size(0), m = kc.size(0);
   const at::Tensor inv_q = inverse_norms(qc, normalize);
   const at::Tensor inv_k = inverse_norms(kc, normalize);
-  const Term row_term{vector_f32(row_lse, "row_lse", n, qc), vector_f32(grad_row, "grad_row", n, qc),
-                      row_targets(targets, qc)};
+  const Term row_term = make_term(vector_f32(row_lse, "row_lse", n, qc), vector_f32(grad_row, "grad_row", n, qc),
+                                  row_targets(targets, qc), vector_f32(row_loss, "row_loss", n, qc));
   std::optional<Term> col_term;
   if (symmetric) {
-    col_term = Term{vector_f32(col_lse, "col_lse", m, qc), vector_f32(grad_col, "grad_col", m, qc),
-                    at::arange(m, qc.options().dtype(at::kLong))};
+    col_term = make_term(vector_f32(col_lse, "col_lse", m, qc), vector_f32(grad_col, "grad_col", m, qc),
+                         at::arange(m, qc.options().dtype(at::kLong)), vector_f32(col_loss, "col_loss", m, qc));
   }
   const Term* cols = col_term ? &*col_term : nullptr;
   at::Tensor dq = q.new_empty({0});
@@ -199,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad(con
   const at::Tensor inv_q = inverse_norms(qc, normalize);
   const at::Tensor inv_k = inverse_norms(kc, normalize);
   auto [lse_rows, loss_rows] = lse_by_rows(qc, kc, inv_q, inv_k, t, scale);
-  const Term row_term{lse_rows, at::ones_like(lse_rows), t};
+  const Term row_term = make_term(lse_rows, at::ones_like(lse_rows), t, loss_rows);
   at::Tensor dq = lse_rows.new_empty({0});
   at::Tensor dk = lse_rows.new_empty({0});
   if (need_q) dq = input_grad(grad_rows(qc, kc, inv_q, inv_k, &row_term, nullptr, scale), qc, normalize);
