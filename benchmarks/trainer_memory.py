@@ -20,8 +20,8 @@ so freed memory leaves the process) that builds the models and the batch, runs o
 ``measure.PeakMemory`` around the first gives the peak extra resident memory over the memory held
 before the step (models, optimizer state, batch), the median wall time of all of them the step
 time. The loss of the warm-up step is recorded: both backends see the same weights and batch, so
-it must agree. A size whose memory, predicted from the previous one (quadratic for the reference,
-linear for the fused backend), would pass 70% of MemAvailable is skipped and said so; a worker
+it must agree. A size whose memory, predicted from the sizes measured before it, would pass 70% of
+MemAvailable is skipped and said so (``predicted_skip``); a worker
 that dies or times out is recorded as such. Writes ``<out>/trainer-memory-<date>.{json,md}``;
 progress goes to stderr.
 """
@@ -44,7 +44,6 @@ from benchmarks import isolate, report
 from benchmarks.run import _available_mib
 
 DEFAULT_BATCHES = (32, 64, 128, 256)
-WORDS_PER_SENTENCE = 48  # enough of Django's short strings to fill 64 tokens and more
 
 
 def log(message: str) -> None:
@@ -56,17 +55,18 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def long_pairs(count: int) -> list[tuple[str, str]]:
+def long_pairs(count: int, max_length: int) -> list[tuple[str, str]]:
     """``count`` (English, German) pairs, each Django strings of the ``de`` catalog joined until the
-    English side has WORDS_PER_SENTENCE words; deterministic, and no two alike."""
+    English side has ``max_length`` words, so at least as many tokens: truncated, it fills
+    ``max_length``. Deterministic; no two alike while ``count`` is at most the catalog's size (544)."""
     from mmkd_train.data import read_django
 
     catalog = sorted({(p.src, p.tgt) for p in read_django(["de"])})
-    pairs, k = [], 0
+    pairs = []
     for i in range(count):
         src, tgt = [], []
-        k = (k + 7 * i + 1) % len(catalog)  # a different stride through the catalog for each pair
-        while sum(len(s.split()) for s in src) < WORDS_PER_SENTENCE:
+        k = i * 37 % len(catalog)  # each pair starts at another string of the catalog
+        while sum(len(s.split()) for s in src) < max_length:
             src.append(catalog[k][0])
             tgt.append(catalog[k][1])
             k = (k + 1) % len(catalog)
@@ -92,7 +92,7 @@ def worker(spec: dict) -> dict:
     student = Student(load_encoder(spec["student"], masked_lm=False), teacher.config.hidden_size).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=5e-5, weight_decay=0.01)
     objective = Objective(levels=("token",), token_loss="contrastive", backend=spec["backend"])
-    dataset = PairDataset([Pair(s, t, "de") for s, t in long_pairs(spec["batch"])])
+    dataset = PairDataset([Pair(s, t, "de") for s, t in long_pairs(spec["batch"], spec["max_length"])])
     batch = Collator(tokenizer, tokenizer, spec["max_length"])([dataset[i] for i in range(len(dataset))])
     n_tokens = int(batch["t_attention_mask"].sum())
     log(f"  {spec['backend']} B={spec['batch']}: models and batch ready ({n_tokens} tokens) "
@@ -154,12 +154,24 @@ def run_worker(spec: dict, timeout: float) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def predicted_skip(backend: str, n: int, last: dict | None) -> str | None:
-    """A reason not to start size n, from the same backend's last measured row, or None."""
+def predicted_skip(backend: str, n: int, last: dict | None, fused_now: dict | None = None,
+                   fused_last: dict | None = None) -> str | None:
+    """A reason not to start size n, or None.
+
+    last: the backend's row at its last measured size. The fused backend's step grows linearly in
+    N (activations, O(N) losses). The reference's is the fused step plus its N×N matrices: with the
+    fused rows at n (``fused_now``) and at last's size (``fused_last``), the prediction is
+    fused_now + (last − fused_last)·(n/n_last)²; without them, last·(n/n_last)².
+    """
     if last is None:
         return None
-    growth = (n / last["n_tokens"]) ** (2 if backend == "reference" else 1)
-    need = last["peak_extra_mib"] * growth
+    ratio = n / last["n_tokens"]
+    if backend != "reference":
+        need = last["peak_extra_mib"] * ratio
+    elif fused_now is not None and fused_last is not None:
+        need = fused_now["peak_extra_mib"] + (last["peak_extra_mib"] - fused_last["peak_extra_mib"]) * ratio**2
+    else:
+        need = last["peak_extra_mib"] * ratio**2
     available = _available_mib()
     if available is not None and need > 0.7 * available:
         return f"skipped: predicted out of memory ({need / 1024:.1f} GiB of {available / 1024:.1f} GiB free)"
@@ -248,7 +260,7 @@ def main(argv=None) -> int:
     teacher = check_model_path(args.teacher or default, "teacher")
     student = check_model_path(args.student, "student") if args.student else teacher
     started = time.perf_counter()
-    rows, last = [], {}
+    rows, last, measured = [], {}, {}
     plan = [(batch, backend) for batch in sorted(args.batches) for backend in ("auto", "reference")]
     for k, (batch, backend) in enumerate(plan, start=1):
         n = batch * args.max_length
@@ -256,7 +268,8 @@ def main(argv=None) -> int:
         if previous is not None and previous["status"] != "ok":
             reason = f"skipped: a smaller size ended '{previous['status']}'"
         else:
-            reason = predicted_skip(backend, n, previous)
+            fused = (measured.get(("auto", batch)), measured.get(("auto", previous["batch"])) if previous else None)
+            reason = predicted_skip(backend, n, previous, *fused)
         if reason is not None:
             log(f"[{k}/{len(plan)}] {backend} B={batch}: {reason}")
             row = {"status": reason, "backend": backend, "batch": batch}
@@ -270,6 +283,8 @@ def main(argv=None) -> int:
             if row["status"] != "ok":
                 log(f"[{k}/{len(plan)}] {backend} B={batch}: {row['status']}")
             last[backend] = row
+            if row["status"] == "ok":
+                measured[(backend, batch)] = row
         rows.append(row)
 
     meta = report.environment(torch.device("cpu"))
@@ -281,7 +296,7 @@ def main(argv=None) -> int:
         student_name="the teacher's weights" if student == teacher else student,
         batches=sorted(args.batches), max_length=args.max_length, steps=args.steps,
         objective=dataclasses.asdict(Objective(levels=("token",), token_loss="contrastive")),
-        memory_method=measure.CPU_MEMORY_METHOD,
+        memory_method=measure.CPU_MEMORY_METHOD.replace("per loss x backend", "per (backend, B)"),
         elapsed_s=round(time.perf_counter() - started, 1),
     )
     result = {"schema": 1, "meta": meta, "rows": rows}
