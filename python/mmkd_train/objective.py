@@ -100,25 +100,22 @@ def word_contrastive(student: torch.Tensor, teacher: torch.Tensor, targets: torc
     """InfoNCE of the links' student words (n, D) against the distinct teacher words (m, D); row i's
     positive is local teacher row ``targets[i]`` ((n,) int64), every rank's teacher rows are columns.
 
-    A batch whose given alignments are all empty (or truncated away) has no link: alone it has no
-    word loss (zero); across ranks mmkd_kernels needs rows on every rank, so the counts are checked
-    first (one small all-gather), and a rank without links while others have some is an error on
-    every rank (no rank is left waiting in a collective).
+    A rank may hold no link (all its pairs' given alignments empty or truncated away): mmkd_kernels
+    then gives it a zero that still joins the collectives. A step without any link in the whole
+    batch (every rank's) has no word loss to take a mean of: ValueError, alone as across ranks
+    (where mmkd_kernels raises it on every rank, so none is left waiting).
     """
-    kw = dict(targets=targets, temperature=objective.temperature, backend=objective.backend)
-    if group is None:
-        return mk.contrastive_loss(student, teacher, **kw) if student.shape[0] else student.sum()
-    count = torch.tensor([student.shape[0]], device=student.device)
-    counts = [torch.empty_like(count) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(counts, count, group=group)
-    counts = [int(c) for c in counts]
-    if max(counts) == 0:
-        return student.sum()
-    if min(counts) == 0:
-        raise ValueError(f"word level: rank(s) {[r for r, c in enumerate(counts) if c == 0]} have no aligned word "
-                         "pair in this step's batch (all its pairs' given alignments are empty or truncated away); "
-                         "across ranks every rank needs one: check the alignments or raise --batch-size")
-    return mk.contrastive_loss(student, teacher, process_group=group, **kw)
+    why = ("word level: no aligned word pair in this step's batch on any rank (every pair's given alignment "
+           "is empty or truncated away); check the alignments, or raise --batch-size or --max-length")
+    if group is None and student.shape[0] == 0:
+        raise ValueError(why)
+    try:
+        return mk.contrastive_loss(student, teacher, targets=targets, temperature=objective.temperature,
+                                   backend=objective.backend, process_group=group)
+    except ValueError as error:
+        if student.shape[0] == 0:  # the only check a rank without rows can fail: no rows anywhere
+            raise ValueError(f"{why} ({error})") from error
+        raise
 
 
 # --------------------------------------------------------------------------------------------------

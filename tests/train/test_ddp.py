@@ -4,6 +4,7 @@ Each rank collates its own half (its own padding, its own word and token counts,
 torchrun); the gradients are averaged over ranks as DDP does.
 """
 
+import json
 import os
 import socket
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import mmkd_kernels as mk
 from mmkd_train_test_support import make_pairs
 from mmkd_train.collate import Collator, PairDataset
 from mmkd_train.data import Pair
@@ -67,15 +69,23 @@ def worker(rank, world, port, teacher_path, student_path, out_dir):
             g /= world  # DDP averages gradients over ranks
         if rank == 0:
             save_file({"loss": (loss / world).reshape(1), **grads}, os.path.join(out_dir, f"{k}.safetensors"))
-    # a rank without word links while the other has some: an error on both ranks, neither left waiting
+    # a rank without word links: its zero joins the collectives, the loss is that of the other's rows
+    gen = torch.Generator().manual_seed(9)
+    q, k, targets = torch.randn(3, 4, generator=gen), torch.randn(2, 4, generator=gen), torch.tensor([0, 1, 1])
     n = 3 if rank == 0 else 0
-    try:
-        word_contrastive(torch.randn(n, 4), torch.randn(n, 4), torch.arange(n), Objective(), dist.group.WORLD)
-        outcome = "no error"
+    q_local = q[:n].clone().requires_grad_()
+    value = word_contrastive(q_local, k[: min(n, 2)], targets[:n], Objective(), dist.group.WORLD)
+    value.backward()
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    outcome = {"zero-rank loss": float(value) / world}
+    try:  # no link on any rank: an error on both, neither left waiting
+        word_contrastive(q[:0], k[:0], targets[:0], Objective(), dist.group.WORLD)
+        outcome["no links"] = "no error"
     except ValueError as error:
-        outcome = str(error)
-    with open(os.path.join(out_dir, f"zero-links-{rank}.txt"), "w") as handle:
-        handle.write(outcome)
+        outcome["no links"] = str(error)
+    with open(os.path.join(out_dir, f"zero-links-{rank}.json"), "w") as handle:
+        json.dump(outcome, handle)
     dist.destroy_process_group()
 
 
@@ -97,5 +107,10 @@ def test_two_gloo_ranks_equal_one_process(tiny_teacher, tiny_student, tmp_path):
         assert set(ranks) == set(grads)
         for name, grad in grads.items():
             torch.testing.assert_close(ranks[name], grad, rtol=1e-4, atol=1e-6, msg=f"{objective}: {name}")
+    gen = torch.Generator().manual_seed(9)
+    q, k = torch.randn(3, 4, generator=gen), torch.randn(2, 4, generator=gen)
+    alone = mk.contrastive_loss(q, k, targets=torch.tensor([0, 1, 1]), temperature=Objective().temperature)
     for rank in range(2):
-        assert "rank(s) [1] have no aligned word pair" in (tmp_path / f"zero-links-{rank}.txt").read_text()
+        outcome = json.loads((tmp_path / f"zero-links-{rank}.json").read_text())
+        assert outcome["zero-rank loss"] == pytest.approx(alone.item(), rel=1e-5)
+        assert outcome["no links"].startswith("word level: no aligned word pair in this step's batch on any rank")

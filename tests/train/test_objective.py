@@ -164,3 +164,13 @@ def test_sentence_heads_are_refused_without_heads_on_the_student(tiny_teacher, t
     teacher, student, batch = setup(tiny_teacher, tiny_student)
     with pytest.raises(ValueError, match="no sentence heads"):
         step(teacher, student, batch, Objective(levels=("sentence",), sentence_loss="mse", sentence_heads=True))
+
+
+def test_a_batch_without_any_word_link_is_an_error(tiny_teacher, tiny_student):
+    tokenizer = load_tokenizer(tiny_teacher, "teacher")
+    teacher = load_teacher(tiny_teacher)
+    student = Student(load_encoder(tiny_student, masked_lm=False), 32)
+    items = [{"src": s, "tgt": t, "src_id": k, "alignment": ()} for k, (s, t) in enumerate(make_pairs(4))]
+    batch = Collator(tokenizer, tokenizer, 32)(items)
+    with pytest.raises(ValueError, match="word level: no aligned word pair in this step's batch"):
+        step(teacher, student, batch, Objective(levels=("word",)))
