@@ -47,9 +47,9 @@ def target_loss(shifted_target, target_weight, other_sum):
 
 
 def _row_statistics(z, targets):
-    """z: (b, M) logits, targets: (b,). Returns (lse (b,), loss (b,), e (b, M), denominator (b,)):
-    e = exp(z − rowmax) with its target entries zeroed (the softmax numerators of the other columns),
-    denominator = Σ_j exp(z_j − rowmax)."""
+    """z: (b, M) logits, targets: (b,). Returns (lse (b,), loss (b,), e (b, M), other (b,),
+    denominator (b,)): e = exp(z − rowmax) with its target entries zeroed (the softmax numerators of
+    the other columns), other = Σ_{j≠t} e_j, denominator = Σ_j exp(z_j − rowmax)."""
     rows = torch.arange(z.shape[0], device=z.device)
     row_max = z.amax(dim=1)
     shifted_target = z[rows, targets] - row_max
@@ -58,7 +58,8 @@ def _row_statistics(z, targets):
     other = e.sum(dim=1)
     target_weight = torch.exp(shifted_target)
     denominator = target_weight + other
-    return row_max + torch.log(denominator), target_loss(shifted_target, target_weight, other), e, denominator
+    loss = target_loss(shifted_target, target_weight, other)
+    return row_max + torch.log(denominator), loss, e, other, denominator
 
 
 def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric: bool):
@@ -81,7 +82,7 @@ def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric:
     for start in range(0, n, block):
         stop = min(start + block, n)
         z = torch.mm(qn[start:stop], kn.T).mul_(scale)
-        row_lse[start:stop], row_loss[start:stop], _, _ = _row_statistics(z, targets[start:stop])
+        row_lse[start:stop], row_loss[start:stop], _, _, _ = _row_statistics(z, targets[start:stop])
         if symmetric:
             rows = torch.arange(stop - start, device=z.device)
             diagonal[start:stop] = z[rows, rows + start]
@@ -164,10 +165,10 @@ def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, 
         rows = torch.arange(stop - start, device=qn.device)
         block_targets = targets[start:stop]
         z = torch.mm(qn[start:stop], kn.T).mul_(scale)
-        _, loss, p, denominator = _row_statistics(z, block_targets)
+        _, loss, p, other, denominator = _row_statistics(z, block_targets)
         loss_sum += loss.sum()
         p.div_(denominator[:, None])
-        p[rows, block_targets] = -p.sum(dim=1)
+        p[rows, block_targets] = -other / denominator
         p.mul_(scale)
         if need_q:
             torch.mm(p, kn, out=dqn[start:stop])
