@@ -8,6 +8,12 @@ Two kernels serve every direction, because z is the same matrix read by rows or 
   with its digits (lse − z_t would cancel them). Run on
   (q, k) it gives the row statistics; on (k, q) with targets = arange, the column statistics of the
   symmetric loss.
+- ``_lse_grad_kernel`` is ``_lse_kernel`` that also accumulates the row term of the gradient,
+  flash-attention style: Σ_{b≠t} e^{z_ab − max} B̂_b rescaled whenever the running max moves, so
+  a forward with gradients for the rows' side costs one pass (z and P·B̂), not a pass for the
+  statistics and another that recomputes z. Each program owns a BLOCK_DO-wide chunk of D for its
+  accumulator (BLOCK_A × D floats would not fit in registers at D = 768), so z is recomputed once
+  per chunk: the autotuner weighs wider chunks against register pressure.
 - ``_grad_kernel`` recomputes z tiles and accumulates dÂ_a = scale · Σ_b dz_ab B̂_b for a block of
   rows a, where dz has a row term g_a (softmax_b − [b = t_a]) and a column term
   g_b (softmax_a − [a = t'_b]); at a target the term is g·expm1(−ℓ), computed by the launcher,
@@ -24,7 +30,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import blocks, check_dtypes, input_grad, inverse_norms, precision, similarity_tile
+from .tiles import autotuned, check_dtypes, configs, input_grad, inverse_norms, precision, similarity_tile, size_key
+
+# Configs for an H100 (block sizes, warps, stages), none of which spills registers there
+# (benchmarks/triton_sm90.py, results/triton-sm90-*.md); the autotuner times them per D, octave of
+# the streamed length and dtype.
+_STATS = ("BLOCK_A", "BLOCK_B", "BLOCK_D")
+_GRAD = _STATS + ("BLOCK_DO",)
+_STATS_HALF = configs([(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+                       (64, 128, 64, 4, 4), (128, 64, 32, 4, 4)], _STATS)
+_STATS_FLOAT32 = configs([(64, 64, 32, 8, 2), (64, 64, 16, 4, 2), (128, 64, 16, 8, 2)], _STATS)
+_GRAD_HALF = configs([(64, 64, 64, 64, 4, 3), (64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3),
+                      (64, 64, 64, 256, 8, 2), (64, 128, 64, 128, 8, 2)], _GRAD)
+_GRAD_FLOAT32 = configs([(64, 64, 32, 64, 8, 2), (64, 64, 16, 128, 8, 2), (64, 64, 32, 64, 4, 2)], _GRAD)
+_INTERPRETER = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64)
+_KEY = ["d", "n_key"]
 
 
 @triton.jit
@@ -35,8 +55,25 @@ def _log1p(x):
 
 
 @triton.jit
+def _expm1(x):
+    """exp(x) − 1 for x ≤ 0 without losing a small x's digits (Kahan's correction)."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, (u - 1.0) * (x / tl.log(u))))
+
+
+@triton.jit
+def _loss_from_weights(target_weight, row_other, shifted_target):
+    """−log softmax at the target from its weight e^{z_t − max} and the others' Σ e^{z_b − max}:
+    log1p(others / target) while the target dominates, so a nearly aligned pair keeps its digits."""
+    dominant = target_weight >= row_other
+    return tl.where(dominant, _log1p(row_other / tl.where(dominant, target_weight, 1.0)),
+                    tl.log(target_weight + row_other) - shifted_target)
+
+
+@autotuned(_STATS_HALF, _STATS_FLOAT32, triton.Config(_INTERPRETER), _KEY, "A")
+@triton.jit
 def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, n_a, n_b, d,
-                stride_a, stride_ad, stride_b, stride_bd, scale,
+                stride_a, stride_ad, stride_b, stride_bd, scale, n_key,
                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Per row a: LSE[a] = logsumexp_b z_ab and LOSS[a] = LSE[a] − z_{a, TARGETS[a]}, the latter
     as log1p(other / a_t) while the target's weight a_t = e^{z_t − max} dominates the others'."""
@@ -62,17 +99,65 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, n_a, n_b, d,
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
     shifted_target = target_logit - row_max
     target_weight = tl.exp(shifted_target)
+    tl.store(LSE + offs_a, row_max + tl.log(target_weight + row_other), mask=mask_a)
+    tl.store(LOSS + offs_a, _loss_from_weights(target_weight, row_other, shifted_target), mask=mask_a)
+
+
+@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64)), _KEY, "A")
+@triton.jit
+def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
+                     stride_a, stride_ad, stride_b, stride_bd, scale, n_key,
+                     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """``_lse_kernel``'s LSE and LOSS (stored by the programs of the first D chunk) and, for this
+    program's chunk of D, DA[a] = ∂(Σ_a LOSS[a])/∂Â_a = scale · (Σ_{b≠t} p_ab inv_b B_b
+    + expm1(−LOSS[a]) inv_t B_t), with t = TARGETS[a] and p the row's softmax: p_t − 1 = expm1(−ℓ),
+    exact where p_t rounds to 1."""
+    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    mask_a = offs_a < n_a
+    mask_do = offs_do < d
+    inv_a = tl.load(INV_A + offs_a, mask=mask_a, other=0.0)
+    target = tl.load(TARGETS + offs_a, mask=mask_a, other=-1)
+    row_max = tl.full((BLOCK_A,), float("-inf"), dtype=tl.float32)
+    row_other = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)  # Σ_{b≠t} e^{z_ab − row_max} inv_b B_b
+    for b0 in range(0, n_b, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < n_b
+        inv_b = tl.load(INV_B + offs_b, mask=mask_b, other=0.0)
+        z = similarity_tile(A, B, offs_a, offs_b, mask_a, mask_b, d, stride_a, stride_ad, stride_b, stride_bd,
+                            inv_a, inv_b, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+        z = tl.where(mask_b[None, :], z, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(z, axis=1))
+        rescale = tl.exp(row_max - new_max)
+        is_target = offs_b[None, :] == target[:, None]
+        others = tl.where(is_target, 0.0, tl.exp(z - new_max[:, None]))
+        row_other = row_other * rescale + tl.sum(others, axis=1)
+        row_max = new_max
+        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        b = tl.load(B + offs_b[:, None] * stride_b + offs_do[None, :] * stride_bd,
+                    mask=mask_b[:, None] & mask_do[None, :], other=0.0)
+        acc = acc * rescale[:, None] + tl.dot((others * inv_b[None, :]).to(b.dtype), b, input_precision=PRECISION)
+    shifted_target = target_logit - row_max
+    target_weight = tl.exp(shifted_target)
     total = target_weight + row_other
-    dominant = target_weight >= row_other
-    loss = tl.where(dominant, _log1p(row_other / tl.where(dominant, target_weight, 1.0)),
-                    tl.log(total) - shifted_target)
-    tl.store(LSE + offs_a, row_max + tl.log(total), mask=mask_a)
-    tl.store(LOSS + offs_a, loss, mask=mask_a)
+    loss = _loss_from_weights(target_weight, row_other, shifted_target)
+    first_chunk = tl.program_id(1) == 0
+    tl.store(LSE + offs_a, row_max + tl.log(total), mask=mask_a & first_chunk)
+    tl.store(LOSS + offs_a, loss, mask=mask_a & first_chunk)
+    inv_t = tl.load(INV_B + target, mask=mask_a, other=0.0)
+    b_t = tl.load(B + target[:, None] * stride_b + offs_do[None, :] * stride_bd,
+                  mask=mask_a[:, None] & mask_do[None, :], other=0.0).to(tl.float32)
+    da = acc / total[:, None] + (_expm1(-loss) * inv_t)[:, None] * b_t
+    tl.store(DA + offs_a[:, None] * d + offs_do[None, :], da * scale, mask=mask_a[:, None] & mask_do[None, :])
 
 
+@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64)), _KEY, "A")
 @triton.jit
 def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_B, DA, n_a, n_b, d,
-                 stride_a, stride_ad, stride_b, stride_bd, scale,
+                 stride_a, stride_ad, stride_b, stride_bd, scale, n_key,
                  HAS_A_TERM: tl.constexpr, HAS_B_TERM: tl.constexpr,
                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                  PRECISION: tl.constexpr):
@@ -119,18 +204,31 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_
 # --------------------------------------------------------------------------------------------------
 
 
+def _strides(a, b):
+    return a.stride(0), a.stride(1), b.stride(0), b.stride(1)
+
+
 def _row_lse(a, b, inv_a, inv_b, targets, scale):
     """(lse (n_a,), loss (n_a,)) of z = scale·Â B̂ᵀ read by rows of A."""
-    n_a = a.shape[0]
+    n_a, d = a.shape
     lse = torch.empty(n_a, device=a.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
-    config = blocks(a)
-    grid = (triton.cdiv(n_a, config["BLOCK_A"]),)
-    _lse_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, n_a, b.shape[0], a.shape[1],
-                      a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale,
-                      BLOCK_A=config["BLOCK_A"], BLOCK_B=config["BLOCK_B"], BLOCK_D=config["BLOCK_D"],
-                      PRECISION=precision(a))
+    grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]),)  # noqa: E731
+    _lse_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, n_a, b.shape[0], d, *_strides(a, b), scale,
+                      size_key(b.shape[0]), PRECISION=precision(a))
     return lse, loss
+
+
+def _row_lse_grad(a, b, inv_a, inv_b, targets, scale):
+    """(lse, loss, dÂ (n_a, D) float32 of Σ loss) in one pass over z = scale·Â B̂ᵀ by rows of A."""
+    n_a, d = a.shape
+    lse = torch.empty(n_a, device=a.device, dtype=torch.float32)
+    loss = torch.empty_like(lse)
+    da = torch.empty(n_a, d, device=a.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
+    _lse_grad_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, da, n_a, b.shape[0], d, *_strides(a, b), scale,
+                           size_key(b.shape[0]), PRECISION=precision(a))
+    return lse, loss, da
 
 
 def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
@@ -138,16 +236,13 @@ def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
     or None."""
     n_a, d = a.shape
     da = torch.empty(n_a, d, device=a.device, dtype=torch.float32)
-    config = blocks(a)
     dummy = inv_a  # never read when its term is off (constexpr)
     lse_a, g_a, t_a, tg_a = a_term if a_term is not None else (dummy,) * 4
     lse_b, g_b, t_b, tg_b = b_term if b_term is not None else (dummy,) * 4
-    grid = (triton.cdiv(n_a, config["BLOCK_A"]), triton.cdiv(d, config["BLOCK_DO"]))
+    grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
     _grad_kernel[grid](a, b, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, da, n_a, b.shape[0], d,
-                       a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale,
-                       HAS_A_TERM=a_term is not None, HAS_B_TERM=b_term is not None,
-                       BLOCK_A=config["BLOCK_A"], BLOCK_B=config["BLOCK_B"], BLOCK_D=config["BLOCK_D"],
-                       BLOCK_DO=config["BLOCK_DO"], PRECISION=precision(a))
+                       *_strides(a, b), scale, size_key(b.shape[0]),
+                       HAS_A_TERM=a_term is not None, HAS_B_TERM=b_term is not None, PRECISION=precision(a))
     return da
 
 
@@ -186,14 +281,18 @@ def contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_lse, ro
 
 
 def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, need_q: bool, need_k: bool):
-    """As chunked.contrastive_forward_with_grad: (loss_sum (), dq, dk) in float32."""
+    """As chunked.contrastive_forward_with_grad: (loss_sum (), dq, dk) in float32. dq comes from the
+    statistics' own pass; dk, a sum over rows that needs every row's final statistics, from a
+    second pass."""
     check_dtypes(q, k)
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
-    row_lse, row_loss = _row_lse(q, k, inv_q, inv_k, targets, scale)
-    row_term = _term(row_lse, torch.ones_like(row_lse), targets, row_loss)
-    dq, dk = row_lse.new_empty(0), row_lse.new_empty(0)
+    dq, dk = q.new_empty(0, dtype=torch.float32), k.new_empty(0, dtype=torch.float32)
     if need_q:
-        dq = input_grad(_grad_rows(q, k, inv_q, inv_k, row_term, None, scale), q, normalize)
+        row_lse, row_loss, dq_hat = _row_lse_grad(q, k, inv_q, inv_k, targets, scale)
+        dq = input_grad(dq_hat, q, normalize)
+    else:
+        row_lse, row_loss = _row_lse(q, k, inv_q, inv_k, targets, scale)
     if need_k:
+        row_term = _term(row_lse, torch.ones_like(row_lse), targets, row_loss)
         dk = input_grad(_grad_rows(k, q, inv_k, inv_q, None, row_term, scale), k, normalize)
     return row_loss.sum(), dq, dk

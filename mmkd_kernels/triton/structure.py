@@ -21,11 +21,24 @@ import triton
 import triton.language as tl
 
 from .. import chunked
-from .tiles import blocks, check_dtypes, input_grad, inverse_norms, precision, similarity_tile
+from .tiles import autotuned, check_dtypes, configs, input_grad, inverse_norms, precision, similarity_tile, size_key
 
 KIND_CODES = {"mse": 0, "pearson": 1, "kl": 2}
 N_STATS = 5  # per-row statistics saved for the gradient (see _rows_kernel)
 # 1e-16 in the kernels is reference.EPS²: the pearson denominator is sqrt(max(var_s·var_t, eps²)).
+
+# Configs for an H100 (block sizes, warps, stages), none of which spills registers there
+# (benchmarks/triton_sm90.py, results/triton-sm90-*.md); every kernel holds two similarity tiles
+# at once, so the tiles are smaller than the contrastive kernels'.
+_ROWS = ("BLOCK_A", "BLOCK_B", "BLOCK_D")
+_GRAD = _ROWS + ("BLOCK_DO",)
+_ROWS_HALF = configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 32, 4, 4)], _ROWS)
+_ROWS_FLOAT32 = configs([(64, 64, 32, 8, 2), (64, 64, 16, 4, 2), (64, 64, 16, 8, 2)], _ROWS)
+_GRAD_HALF = configs([(64, 64, 64, 64, 4, 3), (64, 64, 64, 128, 8, 2), (128, 64, 64, 128, 8, 2),
+                      (64, 64, 64, 256, 8, 2)], _GRAD)
+_GRAD_FLOAT32 = configs([(64, 64, 32, 64, 8, 2), (64, 64, 16, 64, 4, 2), (64, 64, 16, 128, 8, 2)], _GRAD)
+_INTERPRETER = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64)
+_KEY = ["ds", "dt", "n_key"]
 
 
 @triton.jit
@@ -44,9 +57,10 @@ def _both_tiles(S, T, INV_S, INV_T, offs_a, offs_b, mask_a, mask_b, ds, dt, s_ro
     return gs, gt, valid
 
 
+@autotuned(_ROWS_HALF, _ROWS_FLOAT32, triton.Config(_INTERPRETER), _KEY, "S")
 @triton.jit
 def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, dt,
-                 s_row, s_col, t_row, t_col, scale,
+                 s_row, s_col, t_row, t_col, scale, n_key,
                  KIND: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
                  PRECISION: tl.constexpr):
     """Per-row losses LOSS[i − row_start] and STATS[i − row_start, :5]:
@@ -176,9 +190,10 @@ def _d_similarity(S, T, INV_S, INV_T, STATS, G, offs_a, offs_b, mask_a, mask_b, 
     return dg
 
 
+@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64)), _KEY, "S")
 @triton.jit
 def _grad_rows_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, dt,
-                      s_row, s_col, t_row, t_col, scale,
+                      s_row, s_col, t_row, t_col, scale, n_key,
                       KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
     """DX[i − row_start, chunk] = Σ_j dG_ij x̂_j for this program's rows i (x̂ of SIDE)."""
@@ -205,9 +220,10 @@ def _grad_rows_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count,
     tl.store(DX + local[:, None] * dx + offs_do[None, :], acc, mask=mask_a[:, None] & mask_do[None, :])
 
 
+@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64)), _KEY, "S")
 @triton.jit
 def _grad_cols_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, dt,
-                      s_row, s_col, t_row, t_col, scale,
+                      s_row, s_col, t_row, t_col, scale, n_key,
                       KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
     """DX[j, chunk] = Σ_i dG_ij x̂_i over the computed rows i, for this program's columns j."""
@@ -241,19 +257,18 @@ def _grad_cols_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count,
 
 def _common(s, t, scale, row_start, row_count):
     """The arguments every kernel takes after its pointers, in order."""
-    return (s.shape[0], row_start, row_count, s.shape[1], t.shape[1],
-            s.stride(0), s.stride(1), t.stride(0), t.stride(1), scale)
+    n = s.shape[0]
+    return (n, row_start, row_count, s.shape[1], t.shape[1],
+            s.stride(0), s.stride(1), t.stride(0), t.stride(1), scale, size_key(n))
 
 
 def _rows(s, t, inv_s, inv_t, kind, scale, row_start, row_count):
     check_dtypes(s, t)
     loss = torch.empty(row_count, device=s.device, dtype=torch.float32)
     stats = torch.empty(row_count, N_STATS, device=s.device, dtype=torch.float32)
-    config = blocks(s)
-    grid = (triton.cdiv(row_count, config["BLOCK_A"]),)
+    grid = lambda meta: (triton.cdiv(row_count, meta["BLOCK_A"]),)  # noqa: E731
     _rows_kernel[grid](s, t, inv_s, inv_t, loss, stats, *_common(s, t, scale, row_start, row_count),
-                       KIND=KIND_CODES[kind], BLOCK_A=config["BLOCK_A"], BLOCK_B=config["BLOCK_B"],
-                       BLOCK_D=config["BLOCK_D"], PRECISION=precision(s))
+                       KIND=KIND_CODES[kind], PRECISION=precision(s))
     return loss, stats
 
 
@@ -261,15 +276,13 @@ def _side_grad(s, t, inv_s, inv_t, stats, grad, kind, scale, row_start, row_coun
     """dx̂ (N, D_side) float32 of one side: the row part on the computed rows plus the column part."""
     x = s if side == 0 else t
     n, d = x.shape
-    config = blocks(s)
-    kwargs = dict(KIND=KIND_CODES[kind], SIDE=side, BLOCK_A=config["BLOCK_A"], BLOCK_B=config["BLOCK_B"],
-                  BLOCK_D=config["BLOCK_D"], BLOCK_DO=config["BLOCK_DO"], PRECISION=precision(s))
+    kwargs = dict(KIND=KIND_CODES[kind], SIDE=side, PRECISION=precision(s))
     common = _common(s, t, scale, row_start, row_count)
     rows_part = torch.empty(row_count, d, device=s.device, dtype=torch.float32)
-    grid = (triton.cdiv(row_count, config["BLOCK_A"]), triton.cdiv(d, config["BLOCK_DO"]))
+    grid = lambda meta: (triton.cdiv(row_count, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
     _grad_rows_kernel[grid](s, t, inv_s, inv_t, stats, grad, rows_part, *common, **kwargs)
     d_hat = torch.empty(n, d, device=s.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, config["BLOCK_B"]), triton.cdiv(d, config["BLOCK_DO"]))
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_B"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
     _grad_cols_kernel[grid](s, t, inv_s, inv_t, stats, grad, d_hat, *common, **kwargs)
     d_hat[row_start : row_start + row_count] += rows_part
     return d_hat

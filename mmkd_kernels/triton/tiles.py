@@ -4,15 +4,47 @@ normalization (inverse norms in, the normalization's backward as an N×D epilogu
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 
 from ..normalization import normalize_backward, normalize_forward
 from ..reference import EPS
 
-# Block sizes. The interpreter (CI on CPU) runs each program and loop step in Python over numpy
-# arrays, so fewer, larger blocks are much faster there (64 against 32: about 15x here).
-# These are correct everywhere; tuning them on the GPU is owed (issue 4).
-_GPU_BLOCKS = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64, BLOCK_DO=64)
-_INTERPRETER_BLOCKS = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64, BLOCK_DO=64)
+def configs(block_sizes: list[tuple], names: tuple[str, ...]) -> list[triton.Config]:
+    """triton.Configs from rows (*block sizes in the order of ``names``, num_warps, num_stages)."""
+    return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in block_sizes]
+
+
+def autotuned(half_configs: list, float32_configs: list, interpreter_config: triton.Config, key: list, input_arg: str):
+    """``triton.autotune`` keyed on ``key`` (and, as Triton adds, the pointer dtypes), timed once per
+    key and cached on disk, over ``half_configs`` when ``input_arg`` is float16/bfloat16 (tensor-core
+    dots) and ``float32_configs`` when float32 (exact FMA dots, which need more registers per
+    output, so smaller D steps). Under ``TRITON_INTERPRET=1`` (CI on a CPU) the one
+    ``interpreter_config`` instead, because autotuning times configs on a device the interpreter
+    lacks, and because the interpreter runs fewer, larger blocks fastest (64 against 32: about 15x).
+    Decided when the kernel is defined, as ``triton.jit`` decides between compiling and interpreting.
+    ``benchmarks/triton_sm90.py`` compiles every config for an H100 and reports its registers,
+    spills and shared memory; the returned autotuner keeps both lists as ``configs_by_dtype``."""
+    float32_ids = {id(c) for c in float32_configs}
+
+    def for_dtype(all_configs, named_args, **_):
+        want_float32 = named_args[input_arg].dtype == torch.float32
+        return [c for c in all_configs if (id(c) in float32_ids) == want_float32]
+
+    def wrap(kernel):
+        if knobs.runtime.interpret:
+            return triton.autotune([interpreter_config], key=[])(kernel)
+        tuner = triton.autotune(half_configs + float32_configs, key=key, cache_results=True,
+                                prune_configs_by=dict(early_config_prune=for_dtype))(kernel)
+        tuner.configs_by_dtype = dict(half=half_configs, float32=float32_configs)
+        return tuner
+
+    return wrap
+
+
+def size_key(n: int) -> int:
+    """The autotune key of a streamed length: its power of two, so that a trainer whose token count
+    changes every step tunes once per octave, not once per step."""
+    return triton.next_power_of_2(max(int(n), 1))
 
 
 def check_dtypes(*tensors: torch.Tensor) -> None:
@@ -20,10 +52,6 @@ def check_dtypes(*tensors: torch.Tensor) -> None:
     for x in tensors:
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise TypeError(f"mmkd_triton ops take float32, float16 or bfloat16 inputs, got {x.dtype}")
-
-
-def blocks(x: torch.Tensor) -> dict:
-    return _GPU_BLOCKS if x.is_cuda else _INTERPRETER_BLOCKS
 
 
 def precision(x: torch.Tensor) -> str:
