@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu/run.sh            with .whl carried (benchmarks/gpu/prepare.sh made it)
 # Builds mmkd_kernels._C with its CUDA kernels, runs the library's tests on the GPU (compiled Triton,
 # native CUDA, bf16), then the benchmark suite, writing everything under $OUT (the device tool brings
-# it back): nvidia-smi.txt, build.log, pytest.log, and the benchmark's <device>-<date>.{json,md,png}.
+# it back): nvidia-smi.txt, build.log, pytest.log, bench.log (with the autotuner's choices), and the benchmark's <device>-<date>.{json,md,png}.
 # Copy the benchmark files into benchmarks/results/ and commit them.
 set -uo pipefail
 OUT=${OUT:-/tmp/mmkd-gpu-out}
@@ -21,8 +21,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 echo "build exit $? (tail of build.log:)"; tail -n 5 "$OUT/build.log"
 
 # The library's tests on the GPU: every backend at full sizes, bf16 included (about 3 minutes).
-timeout 240 python3 -m pytest -q -x tests --ignore=tests/train -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -n 15
+# --maxfail, not -x: one GPU run should show every failure it can, not the first.
+timeout 240 python3 -m pytest -q --maxfail=20 tests --ignore=tests/train -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | tail -n 15
 
 # The benchmark suite: contrastive at N = 4K..256K, structure at N = 4K..128K, every backend and peer.
-timeout 300 python3 -m benchmarks.run --device cuda --time-budget 20 --out "$OUT" 2>&1 | tail -n 40
+# TRITON_PRINT_AUTOTUNING: the config each Triton kernel chose per shape, for the next tuning.
+TRITON_PRINT_AUTOTUNING=1 timeout 300 python3 -m benchmarks.run --device cuda --time-budget 20 --out "$OUT" 2>&1 \
+  | tee "$OUT/bench.log" | tail -n 40
 ls -l "$OUT"
