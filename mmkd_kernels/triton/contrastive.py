@@ -11,9 +11,10 @@ Two kernels serve every direction, because z is the same matrix read by rows or 
 - ``_lse_grad_kernel`` is ``_lse_kernel`` that also accumulates the row term of the gradient,
   flash-attention style: Σ_{b≠t} e^{z_ab − max} B̂_b rescaled whenever the running max moves, so
   a forward with gradients for the rows' side costs one pass (z and P·B̂), not a pass for the
-  statistics and another that recomputes z. Each program owns a BLOCK_DO-wide chunk of D for its
-  accumulator (BLOCK_A × D floats would not fit in registers at D = 768), so z is recomputed once
-  per chunk: the autotuner weighs wider chunks against register pressure.
+  statistics and another that recomputes z. Each program owns up to three BLOCK_DO-wide
+  accumulators (BLOCK_A × 384 floats fit in an H100's registers, BLOCK_A × 768 do not), so z is
+  computed once at D ≤ 384 and once per span of D beyond: the autotuner weighs wider spans
+  against register pressure.
 - ``_grad_kernel`` recomputes z tiles and accumulates dÂ_a = scale · Σ_b dz_ab B̂_b for a block of
   rows a, where dz has a row term g_a (softmax_b − [b = t_a]) and a column term
   g_b (softmax_a − [a = t'_b]); at a target the term is g·expm1(−ℓ), computed by the launcher,
@@ -43,6 +44,11 @@ _STATS_FLOAT32 = configs([(64, 64, 32, 8, 2), (64, 64, 16, 4, 2), (128, 64, 16, 
 _GRAD_HALF = configs([(64, 64, 64, 64, 4, 3), (64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3),
                       (64, 64, 64, 256, 8, 2), (64, 128, 64, 128, 8, 2)], _GRAD)
 _GRAD_FLOAT32 = configs([(64, 64, 32, 64, 8, 2), (64, 64, 16, 128, 8, 2), (64, 64, 32, 64, 4, 2)], _GRAD)
+_FUSED = _GRAD + ("CHUNKS",)
+# Three 128-wide accumulators keep D = 384 in one program (z computed once) and D = 768 in two.
+_FUSED_HALF = configs([(64, 64, 64, 128, 3, 8, 2), (64, 64, 64, 128, 3, 8, 3), (64, 64, 32, 128, 3, 8, 3),
+                       (64, 64, 64, 128, 2, 8, 2), (64, 64, 64, 256, 1, 8, 2), (64, 64, 64, 64, 2, 4, 3)], _FUSED)
+_FUSED_FLOAT32 = configs([(64, 64, 32, 64, 1, 8, 2), (64, 64, 16, 128, 1, 8, 2), (64, 64, 32, 64, 1, 4, 2)], _FUSED)
 _INTERPRETER = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64)
 _KEY = ["d", "n_key"]
 
@@ -103,26 +109,49 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, n_a, n_b, d,
     tl.store(LOSS + offs_a, _loss_from_weights(target_weight, row_other, shifted_target), mask=mask_a)
 
 
-@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64)), _KEY, "A")
+@triton.jit
+def _accumulate(acc, rescale, weights, B, offs_b, mask_b, offs_do, d, stride_b, stride_bd, PRECISION: tl.constexpr):
+    """acc · rescale + weights @ B[offs_b, offs_do]: one chunk of the online P·B̂."""
+    b = tl.load(B + offs_b[:, None] * stride_b + offs_do[None, :] * stride_bd,
+                mask=mask_b[:, None] & (offs_do < d)[None, :], other=0.0)
+    return acc * rescale[:, None] + tl.dot(weights.to(b.dtype), b, input_precision=PRECISION)
+
+
+@triton.jit
+def _store_grad_chunk(DA, acc, total, target_coef, B, target, offs_a, mask_a, offs_do, d, stride_b, stride_bd,
+                      scale):
+    """DA[a, chunk] = scale · (acc / total + target_coef · B[target, chunk])."""
+    mask = mask_a[:, None] & (offs_do < d)[None, :]
+    b_t = tl.load(B + target[:, None] * stride_b + offs_do[None, :] * stride_bd, mask=mask, other=0.0)
+    da = acc / total[:, None] + target_coef[:, None] * b_t.to(tl.float32)
+    tl.store(DA + offs_a[:, None] * d + offs_do[None, :], da * scale, mask=mask)
+
+
+@autotuned(_FUSED_HALF, _FUSED_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "A")
 @triton.jit
 def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
                      stride_a, stride_ad, stride_b, stride_bd, scale, n_key,
                      BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """``_lse_kernel``'s LSE and LOSS (stored by the programs of the first D chunk) and, for this
-    program's chunk of D, DA[a] = ∂(Σ_a LOSS[a])/∂Â_a = scale · (Σ_{b≠t} p_ab inv_b B_b
-    + expm1(−LOSS[a]) inv_t B_t), with t = TARGETS[a] and p the row's softmax: p_t − 1 = expm1(−ℓ),
-    exact where p_t rounds to 1."""
+                     CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+    """``_lse_kernel``'s LSE and LOSS (stored by the programs of the first D span) and, for this
+    program's span of D (CHUNKS accumulators of BLOCK_DO columns, 1 to 3), DA[a] = ∂(Σ_a LOSS[a])/∂Â_a
+    = scale · (Σ_{b≠t} p_ab inv_b B_b + expm1(−LOSS[a]) inv_t B_t), with t = TARGETS[a] and p the
+    row's softmax: p_t − 1 = expm1(−ℓ), exact where p_t rounds to 1."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    span = tl.program_id(1) * (CHUNKS * BLOCK_DO)
+    offs_do0 = span + tl.arange(0, BLOCK_DO)
+    offs_do1 = offs_do0 + BLOCK_DO
+    offs_do2 = offs_do1 + BLOCK_DO
     mask_a = offs_a < n_a
-    mask_do = offs_do < d
     inv_a = tl.load(INV_A + offs_a, mask=mask_a, other=0.0)
     target = tl.load(TARGETS + offs_a, mask=mask_a, other=-1)
     row_max = tl.full((BLOCK_A,), float("-inf"), dtype=tl.float32)
     row_other = tl.zeros((BLOCK_A,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_A,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)  # Σ_{b≠t} e^{z_ab − row_max} inv_b B_b
+    # Σ_{b≠t} e^{z_ab − row_max} inv_b B_b, chunk by chunk (the ones past CHUNKS stay unused).
+    acc0 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < n_b
@@ -137,21 +166,27 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
         row_other = row_other * rescale + tl.sum(others, axis=1)
         row_max = new_max
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
-        b = tl.load(B + offs_b[:, None] * stride_b + offs_do[None, :] * stride_bd,
-                    mask=mask_b[:, None] & mask_do[None, :], other=0.0)
-        acc = acc * rescale[:, None] + tl.dot((others * inv_b[None, :]).to(b.dtype), b, input_precision=PRECISION)
+        weights = others * inv_b[None, :]
+        acc0 = _accumulate(acc0, rescale, weights, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd, PRECISION)
+        if CHUNKS > 1:
+            acc1 = _accumulate(acc1, rescale, weights, B, offs_b, mask_b, offs_do1, d, stride_b, stride_bd, PRECISION)
+        if CHUNKS > 2:
+            acc2 = _accumulate(acc2, rescale, weights, B, offs_b, mask_b, offs_do2, d, stride_b, stride_bd, PRECISION)
     shifted_target = target_logit - row_max
     target_weight = tl.exp(shifted_target)
     total = target_weight + row_other
     loss = _loss_from_weights(target_weight, row_other, shifted_target)
-    first_chunk = tl.program_id(1) == 0
-    tl.store(LSE + offs_a, row_max + tl.log(total), mask=mask_a & first_chunk)
-    tl.store(LOSS + offs_a, loss, mask=mask_a & first_chunk)
-    inv_t = tl.load(INV_B + target, mask=mask_a, other=0.0)
-    b_t = tl.load(B + target[:, None] * stride_b + offs_do[None, :] * stride_bd,
-                  mask=mask_a[:, None] & mask_do[None, :], other=0.0).to(tl.float32)
-    da = acc / total[:, None] + (_expm1(-loss) * inv_t)[:, None] * b_t
-    tl.store(DA + offs_a[:, None] * d + offs_do[None, :], da * scale, mask=mask_a[:, None] & mask_do[None, :])
+    first_span = tl.program_id(1) == 0
+    tl.store(LSE + offs_a, row_max + tl.log(total), mask=mask_a & first_span)
+    tl.store(LOSS + offs_a, loss, mask=mask_a & first_span)
+    target_coef = _expm1(-loss) * tl.load(INV_B + target, mask=mask_a, other=0.0)
+    _store_grad_chunk(DA, acc0, total, target_coef, B, target, offs_a, mask_a, offs_do0, d, stride_b, stride_bd, scale)
+    if CHUNKS > 1:
+        _store_grad_chunk(DA, acc1, total, target_coef, B, target, offs_a, mask_a, offs_do1, d, stride_b, stride_bd,
+                          scale)
+    if CHUNKS > 2:
+        _store_grad_chunk(DA, acc2, total, target_coef, B, target, offs_a, mask_a, offs_do2, d, stride_b, stride_bd,
+                          scale)
 
 
 @autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64)), _KEY, "A")
@@ -225,7 +260,7 @@ def _row_lse_grad(a, b, inv_a, inv_b, targets, scale):
     lse = torch.empty(n_a, device=a.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     da = torch.empty(n_a, d, device=a.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))  # noqa: E731
     _lse_grad_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, da, n_a, b.shape[0], d, *_strides(a, b), scale,
                            size_key(b.shape[0]), PRECISION=precision(a))
     return lse, loss, da
