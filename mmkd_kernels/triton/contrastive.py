@@ -31,24 +31,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import autotuned, check_dtypes, configs, input_grad, inverse_norms, precision, similarity_tile, size_key
+from .tiles import (accumulate_chunk, autotuned, check_dtypes, configs, input_grad, inverse_norms, precision,
+                    similarity_tile, size_key, store_chunk)
 
 # Configs for an H100 (block sizes, warps, stages), none of which spills registers there
 # (benchmarks/triton_sm90.py, results/triton-sm90-*.md); the autotuner times them per D, octave of
 # the streamed length and dtype.
 _STATS = ("BLOCK_A", "BLOCK_B", "BLOCK_D")
-_GRAD = _STATS + ("BLOCK_DO",)
 _STATS_HALF = configs([(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
                        (64, 128, 64, 4, 4), (128, 64, 32, 4, 4)], _STATS)
 _STATS_FLOAT32 = configs([(64, 64, 32, 8, 2), (64, 64, 16, 4, 2), (128, 64, 16, 8, 2)], _STATS)
-_GRAD_HALF = configs([(64, 64, 64, 64, 4, 3), (64, 64, 64, 128, 4, 3), (128, 64, 64, 128, 8, 3),
-                      (64, 64, 64, 256, 8, 2), (64, 128, 64, 128, 8, 2)], _GRAD)
-_GRAD_FLOAT32 = configs([(64, 64, 32, 64, 8, 2), (64, 64, 16, 128, 8, 2), (64, 64, 32, 64, 4, 2)], _GRAD)
-_FUSED = _GRAD + ("CHUNKS",)
-# Three 128-wide accumulators keep D = 384 in one program (z computed once) and D = 768 in two.
-_FUSED_HALF = configs([(64, 64, 64, 128, 3, 8, 2), (64, 64, 64, 128, 3, 8, 3), (64, 64, 32, 128, 3, 8, 3),
-                       (64, 64, 64, 128, 2, 8, 2), (64, 64, 64, 256, 1, 8, 2), (64, 64, 64, 64, 2, 4, 3)], _FUSED)
-_FUSED_FLOAT32 = configs([(64, 64, 32, 64, 1, 8, 2), (64, 64, 16, 128, 1, 8, 2), (64, 64, 32, 64, 1, 4, 2)], _FUSED)
+# The gradient kernels: up to three 128-wide accumulators keep D = 384 in one program (z computed
+# once) and D = 768 in two.
+_GRAD = _STATS + ("BLOCK_DO", "CHUNKS")
+_GRAD_HALF = configs([(64, 64, 64, 128, 3, 8, 2), (64, 64, 64, 128, 3, 8, 3), (64, 64, 32, 128, 3, 8, 3),
+                      (64, 64, 64, 128, 2, 8, 2), (64, 64, 64, 256, 1, 8, 2), (64, 64, 64, 64, 2, 4, 3)], _GRAD)
+_GRAD_FLOAT32 = configs([(64, 64, 32, 64, 1, 8, 2), (64, 64, 16, 128, 1, 8, 2), (64, 64, 32, 64, 1, 4, 2)], _GRAD)
 _INTERPRETER = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64)
 _KEY = ["d", "n_key"]
 
@@ -110,24 +108,16 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, n_a, n_b, d,
 
 
 @triton.jit
-def _accumulate(acc, rescale, weights, B, offs_b, mask_b, offs_do, d, stride_b, stride_bd, PRECISION: tl.constexpr):
-    """acc · rescale + weights @ B[offs_b, offs_do]: one chunk of the online P·B̂."""
-    b = tl.load(B + offs_b[:, None] * stride_b + offs_do[None, :] * stride_bd,
-                mask=mask_b[:, None] & (offs_do < d)[None, :], other=0.0)
-    return acc * rescale[:, None] + tl.dot(weights.to(b.dtype), b, input_precision=PRECISION)
-
-
-@triton.jit
 def _store_grad_chunk(DA, acc, total, target_coef, B, target, offs_a, mask_a, offs_do, d, stride_b, stride_bd,
                       scale):
     """DA[a, chunk] = scale · (acc / total + target_coef · B[target, chunk])."""
-    mask = mask_a[:, None] & (offs_do < d)[None, :]
-    b_t = tl.load(B + target[:, None] * stride_b + offs_do[None, :] * stride_bd, mask=mask, other=0.0)
-    da = acc / total[:, None] + target_coef[:, None] * b_t.to(tl.float32)
-    tl.store(DA + offs_a[:, None] * d + offs_do[None, :], da * scale, mask=mask)
+    b_t = tl.load(B + target[:, None] * stride_b + offs_do[None, :] * stride_bd,
+                  mask=mask_a[:, None] & (offs_do < d)[None, :], other=0.0)
+    store_chunk(DA, (acc / total[:, None] + target_coef[:, None] * b_t.to(tl.float32)) * scale, offs_a, mask_a,
+                 offs_do, d)
 
 
-@autotuned(_FUSED_HALF, _FUSED_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "A")
+@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "A")
 @triton.jit
 def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
                      stride_a, stride_ad, stride_b, stride_bd, scale, n_key,
@@ -167,11 +157,14 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
         row_max = new_max
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         weights = others * inv_b[None, :]
-        acc0 = _accumulate(acc0, rescale, weights, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd, PRECISION)
+        acc0 = accumulate_chunk(acc0 * rescale[:, None], weights, B, offs_b, mask_b, offs_do0, d,
+                              stride_b, stride_bd, PRECISION)
         if CHUNKS > 1:
-            acc1 = _accumulate(acc1, rescale, weights, B, offs_b, mask_b, offs_do1, d, stride_b, stride_bd, PRECISION)
+            acc1 = accumulate_chunk(acc1 * rescale[:, None], weights, B, offs_b, mask_b, offs_do1, d,
+                                  stride_b, stride_bd, PRECISION)
         if CHUNKS > 2:
-            acc2 = _accumulate(acc2, rescale, weights, B, offs_b, mask_b, offs_do2, d, stride_b, stride_bd, PRECISION)
+            acc2 = accumulate_chunk(acc2 * rescale[:, None], weights, B, offs_b, mask_b, offs_do2, d,
+                                  stride_b, stride_bd, PRECISION)
     shifted_target = target_logit - row_max
     target_weight = tl.exp(shifted_target)
     total = target_weight + row_other
@@ -189,27 +182,30 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
                           scale)
 
 
-@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64)), _KEY, "A")
+@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "A")
 @triton.jit
 def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_B, DA, n_a, n_b, d,
                  stride_a, stride_ad, stride_b, stride_bd, scale, n_key,
                  HAS_A_TERM: tl.constexpr, HAS_B_TERM: tl.constexpr,
                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """DA[a, columns of this program] = scale · Σ_b dz_ab · inv_b[b] · B_b, with
+                 CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+    """DA[a, this program's span of D (CHUNKS chunks of BLOCK_DO)] = scale · Σ_b dz_ab · inv_b[b] · B_b, with
     dz_ab = G_A[a] (exp(z_ab − LSE_A[a]) − [b = T_A[a]]) + G_B[b] (exp(z_ab − LSE_B[b]) − [a = T_B[b]]),
     where a target's term is TG_A[a] (TG_B[b]) = G·expm1(−ℓ) instead."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    offs_do0 = tl.program_id(1) * (CHUNKS * BLOCK_DO) + tl.arange(0, BLOCK_DO)
+    offs_do1 = offs_do0 + BLOCK_DO
+    offs_do2 = offs_do1 + BLOCK_DO
     mask_a = offs_a < n_a
-    mask_do = offs_do < d
     inv_a = tl.load(INV_A + offs_a, mask=mask_a, other=0.0)
     if HAS_A_TERM:
         lse_a = tl.load(LSE_A + offs_a, mask=mask_a, other=0.0)
         g_a = tl.load(G_A + offs_a, mask=mask_a, other=0.0)
         t_a = tl.load(T_A + offs_a, mask=mask_a, other=-1)
         tg_a = tl.load(TG_A + offs_a, mask=mask_a, other=0.0)
-    acc = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < n_b
@@ -228,10 +224,16 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_
             hit = offs_a[:, None] == t_b[None, :]
             dz += tl.where(hit, tg_b[None, :], g_b[None, :] * tl.exp(z - lse_b[None, :]))
         dz = tl.where(mask_a[:, None] & mask_b[None, :], dz * (inv_b * scale)[None, :], 0.0)
-        b = tl.load(B + offs_b[:, None] * stride_b + offs_do[None, :] * stride_bd,
-                    mask=mask_b[:, None] & mask_do[None, :], other=0.0)
-        acc += tl.dot(dz.to(b.dtype), b, input_precision=PRECISION)
-    tl.store(DA + offs_a[:, None] * d + offs_do[None, :], acc, mask=mask_a[:, None] & mask_do[None, :])
+        acc0 = accumulate_chunk(acc0, dz, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd, PRECISION)
+        if CHUNKS > 1:
+            acc1 = accumulate_chunk(acc1, dz, B, offs_b, mask_b, offs_do1, d, stride_b, stride_bd, PRECISION)
+        if CHUNKS > 2:
+            acc2 = accumulate_chunk(acc2, dz, B, offs_b, mask_b, offs_do2, d, stride_b, stride_bd, PRECISION)
+    store_chunk(DA, acc0, offs_a, mask_a, offs_do0, d)
+    if CHUNKS > 1:
+        store_chunk(DA, acc1, offs_a, mask_a, offs_do1, d)
+    if CHUNKS > 2:
+        store_chunk(DA, acc2, offs_a, mask_a, offs_do2, d)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -274,7 +276,7 @@ def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
     dummy = inv_a  # never read when its term is off (constexpr)
     lse_a, g_a, t_a, tg_a = a_term if a_term is not None else (dummy,) * 4
     lse_b, g_b, t_b, tg_b = b_term if b_term is not None else (dummy,) * 4
-    grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))  # noqa: E731
     _grad_kernel[grid](a, b, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, da, n_a, b.shape[0], d,
                        *_strides(a, b), scale, size_key(b.shape[0]),
                        HAS_A_TERM=a_term is not None, HAS_B_TERM=b_term is not None, PRECISION=precision(a))

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from .. import chunked
-from .tiles import autotuned, check_dtypes, configs, input_grad, inverse_norms, precision, similarity_tile, size_key
+from .tiles import (accumulate_chunk, autotuned, check_dtypes, configs, input_grad, inverse_norms, precision,
+                    similarity_tile, size_key, store_chunk)
 
 KIND_CODES = {"mse": 0, "pearson": 1, "kl": 2}
 N_STATS = 5  # per-row statistics saved for the gradient (see _rows_kernel)
@@ -31,12 +32,14 @@ N_STATS = 5  # per-row statistics saved for the gradient (see _rows_kernel)
 # (benchmarks/triton_sm90.py, results/triton-sm90-*.md); every kernel holds two similarity tiles
 # at once, so the tiles are smaller than the contrastive kernels'.
 _ROWS = ("BLOCK_A", "BLOCK_B", "BLOCK_D")
-_GRAD = _ROWS + ("BLOCK_DO",)
+_GRAD = _ROWS + ("BLOCK_DO", "CHUNKS")
 _ROWS_HALF = configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 32, 4, 4)], _ROWS)
 _ROWS_FLOAT32 = configs([(64, 64, 32, 8, 2), (64, 64, 16, 4, 2), (64, 64, 16, 8, 2)], _ROWS)
-_GRAD_HALF = configs([(64, 64, 64, 64, 4, 3), (64, 64, 64, 128, 8, 2), (128, 64, 64, 128, 8, 2),
-                      (64, 64, 64, 256, 8, 2)], _GRAD)
-_GRAD_FLOAT32 = configs([(64, 64, 32, 64, 8, 2), (64, 64, 16, 64, 4, 2), (64, 64, 16, 128, 8, 2)], _GRAD)
+# The gradient kernels: up to three 128-wide accumulators keep D = 384 in one program (the two tiles
+# computed once) and D = 768 in two.
+_GRAD_HALF = configs([(64, 64, 64, 128, 3, 8, 2), (64, 64, 32, 128, 3, 8, 2), (64, 64, 64, 128, 2, 8, 2),
+                      (64, 64, 64, 256, 1, 8, 2), (64, 64, 64, 64, 1, 4, 3)], _GRAD)
+_GRAD_FLOAT32 = configs([(64, 64, 32, 64, 1, 8, 2), (64, 64, 16, 64, 1, 4, 2), (64, 64, 16, 128, 1, 8, 2)], _GRAD)
 _INTERPRETER = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64)
 _KEY = ["ds", "dt", "n_key"]
 
@@ -190,13 +193,14 @@ def _d_similarity(S, T, INV_S, INV_T, STATS, G, offs_a, offs_b, mask_a, mask_b, 
     return dg
 
 
-@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64)), _KEY, "S")
+@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "S")
 @triton.jit
 def _grad_rows_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, dt,
                       s_row, s_col, t_row, t_col, scale, n_key,
                       KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
-    """DX[i − row_start, chunk] = Σ_j dG_ij x̂_j for this program's rows i (x̂ of SIDE)."""
+                      BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+    """DX[i − row_start, span] = Σ_j dG_ij x̂_j for this program's rows i (x̂ of SIDE) and span of D
+    (CHUNKS chunks of BLOCK_DO)."""
     local = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     mask_a = local < row_count
     offs_a = row_start + local
@@ -204,50 +208,67 @@ def _grad_rows_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count,
         X, INV, dx, x_row, x_col = S, INV_S, ds, s_row, s_col
     else:
         X, INV, dx, x_row, x_col = T, INV_T, dt, t_row, t_col
-    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    mask_do = offs_do < dx
-    acc = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
+    offs_do0 = tl.program_id(1) * (CHUNKS * BLOCK_DO) + tl.arange(0, BLOCK_DO)
+    offs_do1 = offs_do0 + BLOCK_DO
+    offs_do2 = offs_do1 + BLOCK_DO
+    acc0 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     for b0 in range(0, n, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < n
         dg = _d_similarity(S, T, INV_S, INV_T, STATS, G, offs_a, offs_b, mask_a, mask_b, n, row_start, ds, dt,
                            s_row, s_col, t_row, t_col, scale, KIND, SIDE, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
-        inv_b = tl.load(INV + offs_b, mask=mask_b, other=0.0)
-        xb = tl.load(X + offs_b[:, None] * x_row + offs_do[None, :] * x_col,
-                     mask=mask_b[:, None] & mask_do[None, :], other=0.0)
-        dg = dg * inv_b[None, :]
-        acc += tl.dot(dg.to(xb.dtype), xb, input_precision=PRECISION)
-    tl.store(DX + local[:, None] * dx + offs_do[None, :], acc, mask=mask_a[:, None] & mask_do[None, :])
+        dg = dg * tl.load(INV + offs_b, mask=mask_b, other=0.0)[None, :]
+        acc0 = accumulate_chunk(acc0, dg, X, offs_b, mask_b, offs_do0, dx, x_row, x_col, PRECISION)
+        if CHUNKS > 1:
+            acc1 = accumulate_chunk(acc1, dg, X, offs_b, mask_b, offs_do1, dx, x_row, x_col, PRECISION)
+        if CHUNKS > 2:
+            acc2 = accumulate_chunk(acc2, dg, X, offs_b, mask_b, offs_do2, dx, x_row, x_col, PRECISION)
+    store_chunk(DX, acc0, local, mask_a, offs_do0, dx)
+    if CHUNKS > 1:
+        store_chunk(DX, acc1, local, mask_a, offs_do1, dx)
+    if CHUNKS > 2:
+        store_chunk(DX, acc2, local, mask_a, offs_do2, dx)
 
 
-@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64)), _KEY, "S")
+@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "S")
 @triton.jit
 def _grad_cols_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, dt,
                       s_row, s_col, t_row, t_col, scale, n_key,
                       KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr):
-    """DX[j, chunk] = Σ_i dG_ij x̂_i over the computed rows i, for this program's columns j."""
+                      BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+    """DX[j, span] = Σ_i dG_ij x̂_i over the computed rows i, for this program's columns j and span
+    of D (CHUNKS chunks of BLOCK_DO)."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < n
     if SIDE == 0:
         X, INV, dx, x_row, x_col = S, INV_S, ds, s_row, s_col
     else:
         X, INV, dx, x_row, x_col = T, INV_T, dt, t_row, t_col
-    offs_do = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
-    mask_do = offs_do < dx
-    acc = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
+    offs_do0 = tl.program_id(1) * (CHUNKS * BLOCK_DO) + tl.arange(0, BLOCK_DO)
+    offs_do1 = offs_do0 + BLOCK_DO
+    offs_do2 = offs_do1 + BLOCK_DO
+    acc0 = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
     for a0 in range(0, row_count, BLOCK_A):
         local = a0 + tl.arange(0, BLOCK_A)
         mask_a = local < row_count
         offs_a = row_start + local
         dg = _d_similarity(S, T, INV_S, INV_T, STATS, G, offs_a, offs_b, mask_a, mask_b, n, row_start, ds, dt,
                            s_row, s_col, t_row, t_col, scale, KIND, SIDE, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
-        inv_a = tl.load(INV + offs_a, mask=mask_a, other=0.0)
-        xa = tl.load(X + offs_a[:, None] * x_row + offs_do[None, :] * x_col,
-                     mask=mask_a[:, None] & mask_do[None, :], other=0.0)
-        dg = dg * inv_a[:, None]
-        acc += tl.dot(tl.trans(dg).to(xa.dtype), xa, input_precision=PRECISION)
-    tl.store(DX + offs_b[:, None] * dx + offs_do[None, :], acc, mask=mask_b[:, None] & mask_do[None, :])
+        dg_t = tl.trans(dg * tl.load(INV + offs_a, mask=mask_a, other=0.0)[:, None])
+        acc0 = accumulate_chunk(acc0, dg_t, X, offs_a, mask_a, offs_do0, dx, x_row, x_col, PRECISION)
+        if CHUNKS > 1:
+            acc1 = accumulate_chunk(acc1, dg_t, X, offs_a, mask_a, offs_do1, dx, x_row, x_col, PRECISION)
+        if CHUNKS > 2:
+            acc2 = accumulate_chunk(acc2, dg_t, X, offs_a, mask_a, offs_do2, dx, x_row, x_col, PRECISION)
+    store_chunk(DX, acc0, offs_b, mask_b, offs_do0, dx)
+    if CHUNKS > 1:
+        store_chunk(DX, acc1, offs_b, mask_b, offs_do1, dx)
+    if CHUNKS > 2:
+        store_chunk(DX, acc2, offs_b, mask_b, offs_do2, dx)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,10 +300,10 @@ def _side_grad(s, t, inv_s, inv_t, stats, grad, kind, scale, row_start, row_coun
     kwargs = dict(KIND=KIND_CODES[kind], SIDE=side, PRECISION=precision(s))
     common = _common(s, t, scale, row_start, row_count)
     rows_part = torch.empty(row_count, d, device=s.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(row_count, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(row_count, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))  # noqa: E731
     _grad_rows_kernel[grid](s, t, inv_s, inv_t, stats, grad, rows_part, *common, **kwargs)
     d_hat = torch.empty(n, d, device=s.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_B"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_B"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))  # noqa: E731
     _grad_cols_kernel[grid](s, t, inv_s, inv_t, stats, grad, d_hat, *common, **kwargs)
     d_hat[row_start : row_start + row_count] += rows_part
     return d_hat

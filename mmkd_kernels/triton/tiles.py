@@ -94,3 +94,18 @@ def similarity_tile(A, B, offs_a, offs_b, mask_a, mask_b, d, stride_a, stride_ad
     # inv_a·inv_b first: a commutative product, so that the tile read by rows (q, k) and by
     # columns (k, q) rounds alike and softmax − target is exactly 0 where it should be.
     return acc * (inv_a[:, None] * inv_b[None, :]) * scale
+
+
+@triton.jit
+def accumulate_chunk(acc, weights, B, offs_b, mask_b, offs_do, d, stride_b, stride_bd, PRECISION: tl.constexpr):
+    """acc + weights @ B[offs_b, offs_do] (masked past the rows and past D): one BLOCK_DO-wide
+    chunk of a gradient accumulated as (weights of a tile) · (rows of an input)."""
+    b = tl.load(B + offs_b[:, None] * stride_b + offs_do[None, :] * stride_bd,
+                mask=mask_b[:, None] & (offs_do < d)[None, :], other=0.0)
+    return acc + tl.dot(weights.to(b.dtype), b, input_precision=PRECISION)
+
+
+@triton.jit
+def store_chunk(OUT, acc, offs, mask, offs_do, d):
+    """OUT[offs, offs_do] = acc for a contiguous (rows, d) float32 output, masked past both."""
+    tl.store(OUT + offs[:, None] * d + offs_do[None, :], acc, mask=mask[:, None] & (offs_do < d)[None, :])
