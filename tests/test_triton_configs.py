@@ -7,6 +7,12 @@ end mid-chunk and past D, against the float64 chunked backend. Small blocks keep
 fast; on a GPU the same configs run compiled.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import triton
@@ -20,9 +26,9 @@ N, M, D = 45, 77, 70  # 70 = 4 chunks of 16 and a part: spans of 1, 2 and 3 chun
 
 
 def _only(monkeypatch, kernel, config):
+    """Run ``kernel`` with ``config`` alone: one config is run without timing or pruning."""
     monkeypatch.setattr(kernel, "configs", [config])
-    if hasattr(kernel, "configs_by_dtype"):  # compiled (GPU): the dtype prune picks from these
-        monkeypatch.setattr(kernel, "configs_by_dtype", dict(half=[config], float32=[config]))
+    monkeypatch.setattr(kernel, "early_config_prune", None)
 
 
 def _chunked_config(chunks):
@@ -87,3 +93,43 @@ def test_structure_gradients_for_each_chunk_count(monkeypatch, chunks, kind):
                                                     True, True)
     for out, ref in zip(got, want):
         assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+_PLUMBING = """
+import json, sys, torch
+from mmkd_kernels.triton import contrastive, structure
+out = {}
+for name, kernel, arg in (("lse", contrastive._lse_kernel, "A"), ("grad", contrastive._grad_kernel, "A"),
+                          ("rows", structure._rows_kernel, "S")):
+    picks = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        chosen = kernel.early_config_prune(kernel.configs, {arg: torch.empty(0, dtype=dtype)})
+        half = kernel.configs_by_dtype["float32" if dtype == torch.float32 else "half"]
+        picks[str(dtype)] = [half.index(c) for c in chosen]
+    # _do_bench: the timer given to triton.autotune (None: the driver's, which needs a GPU to exist).
+    timed = None if kernel._do_bench is None else kernel._do_bench(lambda: None, quantiles=(0.5, 0.2, 0.8))
+    out[name] = dict(picks=picks, n=len(kernel.configs), timed=timed)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("autotune", ["1", "0"])
+def test_gpu_autotuning_plumbing(autotune):
+    """What a GPU process builds (no interpreter): each dtype is offered its own list, all of it when
+    tuning and its first config, untimed, with MMKD_TRITON_AUTOTUNE=0. Checked in a process of its
+    own, since this one interprets; nothing is launched, so no GPU is needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MMKD_TRITON_AUTOTUNE"] = autotune
+    run = subprocess.run([sys.executable, "-c", _PLUMBING], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for name in ("lse", "grad", "rows"):
+        picks = out[name]["picks"]
+        if autotune == "1":
+            assert picks["torch.float32"] == list(range(len(picks["torch.float32"]))) and len(picks["torch.float32"]) > 1
+            assert picks["torch.float16"] == picks["torch.bfloat16"] == list(range(len(picks["torch.float16"])))
+            assert len(picks["torch.float16"]) > 1 and out[name]["timed"] is None
+        else:
+            assert picks == {"torch.float32": [0], "torch.float16": [0], "torch.bfloat16": [0]}
+            assert out[name]["n"] == 2 and out[name]["timed"] == [0.0, 0.0, 0.0]

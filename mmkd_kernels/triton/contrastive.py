@@ -34,7 +34,7 @@ import triton.language as tl
 from .tiles import (accumulate_chunk, autotuned, check_dtypes, configs, input_grad, inverse_norms, precision,
                     similarity_tile, size_key, store_chunk)
 
-# Configs for an H100 (block sizes, warps, stages), none of which spills registers there
+# Configs for an H100 (block sizes, warps, stages); no half-precision one spills registers there
 # (benchmarks/triton_sm90.py, results/triton-sm90-*.md); the autotuner times them per D, octave of
 # the streamed length and dtype.
 _STATS = ("BLOCK_A", "BLOCK_B", "BLOCK_D")

@@ -28,7 +28,7 @@ KIND_CODES = {"mse": 0, "pearson": 1, "kl": 2}
 N_STATS = 5  # per-row statistics saved for the gradient (see _rows_kernel)
 # 1e-16 in the kernels is reference.EPS²: the pearson denominator is sqrt(max(var_s·var_t, eps²)).
 
-# Configs for an H100 (block sizes, warps, stages), none of which spills registers there
+# Configs for an H100 (block sizes, warps, stages); no half-precision one spills registers there
 # (benchmarks/triton_sm90.py, results/triton-sm90-*.md); every kernel holds two similarity tiles
 # at once, so the tiles are smaller than the contrastive kernels'.
 _ROWS = ("BLOCK_A", "BLOCK_B", "BLOCK_D")

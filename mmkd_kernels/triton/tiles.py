@@ -1,5 +1,7 @@
-"""What every Triton kernel here shares: the similarity tile, block sizes, and the host-side
-normalization (inverse norms in, the normalization's backward as an N×D epilogue out)."""
+"""What every Triton kernel here shares: the similarity tile, the gradient chunks, autotuning, and the
+host-side normalization (inverse norms in, the normalization's backward as an N×D epilogue out)."""
+
+import os
 
 import torch
 import triton
@@ -8,6 +10,7 @@ from triton import knobs
 
 from ..normalization import normalize_backward, normalize_forward
 from ..reference import EPS
+
 
 def configs(block_sizes: list[tuple], names: tuple[str, ...]) -> list[triton.Config]:
     """triton.Configs from rows (*block sizes in the order of ``names``, num_warps, num_stages)."""
@@ -21,7 +24,9 @@ def autotuned(half_configs: list, float32_configs: list, interpreter_config: tri
     output, so smaller D steps). Under ``TRITON_INTERPRET=1`` (CI on a CPU) the one
     ``interpreter_config`` instead, because autotuning times configs on a device the interpreter
     lacks, and because the interpreter runs fewer, larger blocks fastest (64 against 32: about 15x).
-    Decided when the kernel is defined, as ``triton.jit`` decides between compiling and interpreting.
+    ``MMKD_TRITON_AUTOTUNE=0`` keeps each list's first config and times nothing (the tests on a GPU,
+    which see hundreds of shapes, each a new key). Decided when the kernel is defined, as
+    ``triton.jit`` decides between compiling and interpreting.
     ``benchmarks/triton_sm90.py`` compiles every config for an H100 and reports its registers,
     spills and shared memory; the returned autotuner keeps both lists as ``configs_by_dtype``."""
     float32_ids = {id(c) for c in float32_configs}
@@ -33,12 +38,21 @@ def autotuned(half_configs: list, float32_configs: list, interpreter_config: tri
     def wrap(kernel):
         if knobs.runtime.interpret:
             return triton.autotune([interpreter_config], key=[])(kernel)
-        tuner = triton.autotune(half_configs + float32_configs, key=key, cache_results=True,
-                                prune_configs_by=dict(early_config_prune=for_dtype))(kernel)
+        tune = os.environ.get("MMKD_TRITON_AUTOTUNE", "1") != "0"
+        half, float32 = (half_configs, float32_configs) if tune else (half_configs[:1], float32_configs[:1])
+        tuner = triton.autotune(half + float32, key=key, cache_results=tune,
+                                prune_configs_by=dict(early_config_prune=for_dtype),
+                                do_bench=None if tune else _untimed)(kernel)
         tuner.configs_by_dtype = dict(half=half_configs, float32=float32_configs)
         return tuner
 
     return wrap
+
+
+def _untimed(kernel_call, quantiles=None):
+    """The autotuner's timer when MMKD_TRITON_AUTOTUNE=0: one config per dtype is left, so there is
+    nothing to choose and nothing is run to time it."""
+    return [0.0, 0.0, 0.0] if quantiles else 0.0
 
 
 def size_key(n: int) -> int:
