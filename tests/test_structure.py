@@ -7,8 +7,10 @@ import mmkd_kernels as mk
 from mmkd_test_support import TARGETS, TOLERANCE, Target, grads_of, leaf, randn, rel_err, runs
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# (N, Ds, Dt): the smallest N each kind allows, odd sizes, widths that differ, N = 1000.
-SHAPES = [(2, 7, 1), (3, 1, 7), (17, 64, 7), (17, 384, 384), (130, 100, 48), (1000, 64, 48), (257, 384, 96)]
+# (N, Ds, Dt): the smallest N each kind allows, odd sizes, widths that differ, N = 1000, and
+# N = 1100: past the native tile kernel's 1024-row block, so its column-side gradients cross blocks.
+SHAPES = [(2, 7, 1), (3, 1, 7), (17, 64, 7), (17, 384, 384), (130, 100, 48), (1000, 64, 48), (257, 384, 96),
+          (1100, 24, 16)]
 CASES = [("mse", "tile"), ("mse", "gram"), ("pearson", "tile"), ("pearson", "gram"), ("kl", "tile")]
 
 
