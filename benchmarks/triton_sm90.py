@@ -56,8 +56,7 @@ def _kernels():
         ("contrastive._grad_kernel", contrastive._grad_kernel,
          [dict(HAS_A_TERM=a, HAS_B_TERM=b) for a, b in ((True, False), (False, True), (True, True))]),
         ("structure._rows_kernel", structure._rows_kernel, kinds),
-        ("structure._grad_rows_kernel", structure._grad_rows_kernel, [dict(k, SIDE=s) for k in kinds for s in (0, 1)]),
-        ("structure._grad_cols_kernel", structure._grad_cols_kernel, [dict(k, SIDE=s) for k in kinds for s in (0, 1)]),
+        ("structure._grad_kernel", structure._grad_kernel, [dict(k, SIDE=s) for k in kinds for s in (0, 1)]),
     ]
 
 

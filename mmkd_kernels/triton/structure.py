@@ -8,9 +8,11 @@ never stored; the diagonal (i, i) is masked out. Kinds are a constexpr: 0 mse, 1
   merged tile by tile with Chan's parallel formulas (each tile centered on its own mean: no
   Σw² − (Σw)²/n cancellation); kl two online softmaxes and the running Σ P·(a − b). Writes the
   per-row losses and the statistics the gradient needs.
-- ``_grad_rows_kernel`` / ``_grad_cols_kernel``: recompute the tiles and turn the per-row
-  statistics into dG (of one side: student or teacher), then accumulate dĜ x̂ for the rows
-  (row-parallel) and dĜᵀ x̂ for the columns (column-parallel): G = x̂x̂ᵀ gets both, without atomics.
+- ``_grad_kernel``: recomputes the tiles and turns the per-row statistics into dG (of one side:
+  student or teacher). G = x̂x̂ᵀ sends dG_ij to x̂_i and to x̂_j; since G is symmetric, one tile of
+  rows j × columns i gives both terms of row j (its own statistics' dG_ji, and read transposed,
+  the columns' dG_ij), so each program accumulates its rows' whole gradient with each tile
+  computed once and without atomics.
 
 The gram algorithm needs no custom kernel on a GPU: its D×D products are cuBLAS matmuls
 (``chunked.structure_gram_*``).
@@ -35,11 +37,12 @@ _ROWS = ("BLOCK_A", "BLOCK_B", "BLOCK_D")
 _GRAD = _ROWS + ("BLOCK_DO", "CHUNKS")
 _ROWS_HALF = configs([(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 64, 32, 4, 4)], _ROWS)
 _ROWS_FLOAT32 = configs([(64, 64, 32, 8, 2), (64, 64, 16, 4, 2), (64, 64, 16, 8, 2)], _ROWS)
-# The gradient kernels: up to three 128-wide accumulators keep D = 384 in one program (the two tiles
-# computed once) and D = 768 in two.
-_GRAD_HALF = configs([(64, 64, 64, 128, 3, 8, 2), (64, 64, 32, 128, 3, 8, 2), (64, 64, 64, 128, 2, 8, 2),
-                      (64, 64, 64, 256, 1, 8, 2), (64, 64, 64, 64, 1, 4, 3)], _GRAD)
-_GRAD_FLOAT32 = configs([(64, 64, 32, 64, 1, 8, 2), (64, 64, 16, 64, 1, 4, 2), (64, 64, 16, 128, 1, 8, 2)], _GRAD)
+# The gradient kernel: up to three 128-wide accumulators keep D = 384 in one program (the two tiles
+# computed once) and D = 768 in two; it holds a tile's row and column dG at once, hence 32-wide
+# column steps with three chunks.
+_GRAD_HALF = configs([(64, 32, 64, 128, 3, 8, 2), (64, 32, 32, 128, 3, 8, 3), (64, 32, 64, 128, 2, 8, 2),
+                      (64, 64, 64, 128, 1, 8, 2), (64, 64, 64, 64, 1, 8, 2)], _GRAD)
+_GRAD_FLOAT32 = configs([(64, 64, 16, 128, 1, 8, 2), (64, 64, 32, 64, 1, 8, 2), (32, 32, 16, 64, 1, 4, 2)], _GRAD)
 _INTERPRETER = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64)
 _KEY = ["ds", "dt", "n_key"]
 
@@ -146,14 +149,11 @@ def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, d
 
 
 @triton.jit
-def _d_similarity(S, T, INV_S, INV_T, STATS, G, offs_a, offs_b, mask_a, mask_b, n, row_start, ds, dt,
-                  s_row, s_col, t_row, t_col, scale,
-                  KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """dG of one side (SIDE 0: G^S, 1: G^T) on the tile rows offs_a × columns offs_b, zero off the
-    pairs i ≠ j; the rows' statistics come from STATS, their gradient weights from G."""
-    gs, gt, valid = _both_tiles(S, T, INV_S, INV_T, offs_a, offs_b, mask_a, mask_b, ds, dt,
-                                s_row, s_col, t_row, t_col, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+def _d_from_tiles(gs, gt, valid, STATS, G, offs_a, mask_a, n, row_start, scale,
+                  KIND: tl.constexpr, SIDE: tl.constexpr):
+    """dG of one side (SIDE 0: G^S, 1: G^T) on a tile whose rows offs_a are computed rows
+    (mask_a) and whose similarity tiles gs, gt are given; zero off ``valid``. The rows'
+    statistics come from STATS, their gradient weights from G."""
     base = STATS + (offs_a - row_start) * 5
     g = tl.load(G + offs_a - row_start, mask=mask_a, other=0.0)
     if KIND == 0:
@@ -195,80 +195,55 @@ def _d_similarity(S, T, INV_S, INV_T, STATS, G, offs_a, offs_b, mask_a, mask_b, 
 
 @autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "S")
 @triton.jit
-def _grad_rows_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, dt,
-                      s_row, s_col, t_row, t_col, scale, n_key,
-                      KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
-    """DX[i − row_start, span] = Σ_j dG_ij x̂_j for this program's rows i (x̂ of SIDE) and span of D
-    (CHUNKS chunks of BLOCK_DO)."""
-    local = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    mask_a = local < row_count
-    offs_a = row_start + local
+def _grad_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, dt,
+                 s_row, s_col, t_row, t_col, scale, n_key,
+                 KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+    """DX[j, span] = Σ_i (dG_ji + dG_ij) x̂_i for this program's rows j (of all N) and span of D
+    (CHUNKS chunks of BLOCK_DO), x̂ of SIDE: G = x̂x̂ᵀ sends row i's dG_ij to x̂_i (the row term, where
+    j is a computed row) and to x̂_j (the column term, where i is). Since G is symmetric, the tile of
+    rows j × columns i serves both terms: its rows' statistics give dG_ji, and read transposed with
+    the columns' statistics it gives dG_ij. So each tile is computed once, and no atomics. A
+    program whose rows are not computed rows only has column terms: it loops over the computed
+    rows alone."""
+    offs_j = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    mask_j = offs_j < n
+    computed_j = mask_j & (offs_j >= row_start) & (offs_j < row_start + row_count)
     if SIDE == 0:
         X, INV, dx, x_row, x_col = S, INV_S, ds, s_row, s_col
     else:
         X, INV, dx, x_row, x_col = T, INV_T, dt, t_row, t_col
+    block_start = tl.program_id(0) * BLOCK_A
+    has_rows = (block_start < row_start + row_count) & (block_start + BLOCK_A > row_start)
+    lo = tl.where(has_rows, 0, row_start)
+    hi = tl.where(has_rows, n, row_start + row_count)
     offs_do0 = tl.program_id(1) * (CHUNKS * BLOCK_DO) + tl.arange(0, BLOCK_DO)
     offs_do1 = offs_do0 + BLOCK_DO
     offs_do2 = offs_do1 + BLOCK_DO
     acc0 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
-    for b0 in range(0, n, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < n
-        dg = _d_similarity(S, T, INV_S, INV_T, STATS, G, offs_a, offs_b, mask_a, mask_b, n, row_start, ds, dt,
-                           s_row, s_col, t_row, t_col, scale, KIND, SIDE, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
-        dg = dg * tl.load(INV + offs_b, mask=mask_b, other=0.0)[None, :]
-        acc0 = accumulate_chunk(acc0, dg, X, offs_b, mask_b, offs_do0, dx, x_row, x_col, PRECISION)
+    for i0 in range(lo, hi, BLOCK_B):
+        offs_i = i0 + tl.arange(0, BLOCK_B)
+        mask_i = offs_i < hi
+        computed_i = mask_i & (offs_i >= row_start) & (offs_i < row_start + row_count)
+        gs, gt, valid = _both_tiles(S, T, INV_S, INV_T, offs_j, offs_i, mask_j, mask_i, ds, dt,
+                                    s_row, s_col, t_row, t_col, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+        rows = _d_from_tiles(gs, gt, valid & computed_j[:, None], STATS, G, offs_j, computed_j, n, row_start,
+                             scale, KIND, SIDE)
+        cols = _d_from_tiles(tl.trans(gs), tl.trans(gt), tl.trans(valid & computed_i[None, :]), STATS, G, offs_i,
+                             computed_i, n, row_start, scale, KIND, SIDE)
+        weights = (rows + tl.trans(cols)) * tl.load(INV + offs_i, mask=mask_i, other=0.0)[None, :]
+        acc0 = accumulate_chunk(acc0, weights, X, offs_i, mask_i, offs_do0, dx, x_row, x_col, PRECISION)
         if CHUNKS > 1:
-            acc1 = accumulate_chunk(acc1, dg, X, offs_b, mask_b, offs_do1, dx, x_row, x_col, PRECISION)
+            acc1 = accumulate_chunk(acc1, weights, X, offs_i, mask_i, offs_do1, dx, x_row, x_col, PRECISION)
         if CHUNKS > 2:
-            acc2 = accumulate_chunk(acc2, dg, X, offs_b, mask_b, offs_do2, dx, x_row, x_col, PRECISION)
-    store_chunk(DX, acc0, local, mask_a, offs_do0, dx)
+            acc2 = accumulate_chunk(acc2, weights, X, offs_i, mask_i, offs_do2, dx, x_row, x_col, PRECISION)
+    store_chunk(DX, acc0, offs_j, mask_j, offs_do0, dx)
     if CHUNKS > 1:
-        store_chunk(DX, acc1, local, mask_a, offs_do1, dx)
+        store_chunk(DX, acc1, offs_j, mask_j, offs_do1, dx)
     if CHUNKS > 2:
-        store_chunk(DX, acc2, local, mask_a, offs_do2, dx)
-
-
-@autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "S")
-@triton.jit
-def _grad_cols_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, dt,
-                      s_row, s_col, t_row, t_col, scale, n_key,
-                      KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
-    """DX[j, span] = Σ_i dG_ij x̂_i over the computed rows i, for this program's columns j and span
-    of D (CHUNKS chunks of BLOCK_DO)."""
-    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask_b = offs_b < n
-    if SIDE == 0:
-        X, INV, dx, x_row, x_col = S, INV_S, ds, s_row, s_col
-    else:
-        X, INV, dx, x_row, x_col = T, INV_T, dt, t_row, t_col
-    offs_do0 = tl.program_id(1) * (CHUNKS * BLOCK_DO) + tl.arange(0, BLOCK_DO)
-    offs_do1 = offs_do0 + BLOCK_DO
-    offs_do2 = offs_do1 + BLOCK_DO
-    acc0 = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_B, BLOCK_DO), dtype=tl.float32)
-    for a0 in range(0, row_count, BLOCK_A):
-        local = a0 + tl.arange(0, BLOCK_A)
-        mask_a = local < row_count
-        offs_a = row_start + local
-        dg = _d_similarity(S, T, INV_S, INV_T, STATS, G, offs_a, offs_b, mask_a, mask_b, n, row_start, ds, dt,
-                           s_row, s_col, t_row, t_col, scale, KIND, SIDE, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
-        dg_t = tl.trans(dg * tl.load(INV + offs_a, mask=mask_a, other=0.0)[:, None])
-        acc0 = accumulate_chunk(acc0, dg_t, X, offs_a, mask_a, offs_do0, dx, x_row, x_col, PRECISION)
-        if CHUNKS > 1:
-            acc1 = accumulate_chunk(acc1, dg_t, X, offs_a, mask_a, offs_do1, dx, x_row, x_col, PRECISION)
-        if CHUNKS > 2:
-            acc2 = accumulate_chunk(acc2, dg_t, X, offs_a, mask_a, offs_do2, dx, x_row, x_col, PRECISION)
-    store_chunk(DX, acc0, offs_b, mask_b, offs_do0, dx)
-    if CHUNKS > 1:
-        store_chunk(DX, acc1, offs_b, mask_b, offs_do1, dx)
-    if CHUNKS > 2:
-        store_chunk(DX, acc2, offs_b, mask_b, offs_do2, dx)
+        store_chunk(DX, acc2, offs_j, mask_j, offs_do2, dx)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,18 +269,13 @@ def _rows(s, t, inv_s, inv_t, kind, scale, row_start, row_count):
 
 
 def _side_grad(s, t, inv_s, inv_t, stats, grad, kind, scale, row_start, row_count, side):
-    """dx̂ (N, D_side) float32 of one side: the row part on the computed rows plus the column part."""
+    """dx̂ (N, D_side) float32 of one side: the row terms of the computed rows and the column terms."""
     x = s if side == 0 else t
     n, d = x.shape
-    kwargs = dict(KIND=KIND_CODES[kind], SIDE=side, PRECISION=precision(s))
-    common = _common(s, t, scale, row_start, row_count)
-    rows_part = torch.empty(row_count, d, device=s.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(row_count, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))  # noqa: E731
-    _grad_rows_kernel[grid](s, t, inv_s, inv_t, stats, grad, rows_part, *common, **kwargs)
     d_hat = torch.empty(n, d, device=s.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_B"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))  # noqa: E731
-    _grad_cols_kernel[grid](s, t, inv_s, inv_t, stats, grad, d_hat, *common, **kwargs)
-    d_hat[row_start : row_start + row_count] += rows_part
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))  # noqa: E731
+    _grad_kernel[grid](s, t, inv_s, inv_t, stats, grad, d_hat, *_common(s, t, scale, row_start, row_count),
+                       KIND=KIND_CODES[kind], SIDE=side, PRECISION=precision(s))
     return d_hat
 
 
