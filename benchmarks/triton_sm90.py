@@ -41,6 +41,7 @@ DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # pointer is a float32 buffer of the launchers.
 INPUT_POINTERS = {"A", "B", "S", "T"}
 TARGET_POINTERS = {"TARGETS", "T_A", "T_B"}
+FLOAT_SCALARS = {"scale", "shift"}
 UNIT_STRIDES = {"stride_ad", "stride_bd", "s_col", "t_col"}  # contiguous rows: Triton specializes 1s
 # Widths and row strides that are multiples of 16 (D = 384, 768), which Triton's launcher marks as
 # such, letting the loads vectorize; the row counts stay arbitrary.
@@ -51,7 +52,7 @@ def _kernels():
     """(name, autotuner, the constexpr variants the launchers use)."""
     kinds = [dict(KIND=code) for code in structure.KIND_CODES.values()]
     return [
-        ("contrastive._lse_kernel", contrastive._lse_kernel, [{}]),
+        ("contrastive._lse_kernel", contrastive._lse_kernel, [dict(COLUMNS=False), dict(COLUMNS=True)]),
         ("contrastive._lse_grad_kernel", contrastive._lse_grad_kernel, [{}]),
         ("contrastive._grad_kernel", contrastive._grad_kernel,
          [dict(HAS_A_TERM=a, HAS_B_TERM=b) for a, b in ((True, False), (False, True), (True, True))]),
@@ -76,7 +77,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
             signature[name] = "*i64"
         elif name.isupper() or name[0].isupper():
             signature[name] = "*fp32"
-        elif name == "scale":
+        elif name in FLOAT_SCALARS:
             signature[name] = "fp32"
         else:
             signature[name] = "i32"

@@ -133,3 +133,26 @@ def test_gpu_autotuning_plumbing(autotune):
         else:
             assert picks == {"torch.float32": [0], "torch.float16": [0], "torch.bfloat16": [0]}
             assert out[name]["n"] == 2 and out[name]["timed"] == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("normalize,scale,deterministic,passes", [
+    (True, 20.0, False, 1),  # columns' statistics from the rows' pass (fixed shift, atomic sums)
+    (True, 20.0, True, 2),  # bitwise reproducibility asked for: a second pass, no atomics
+    (True, 50.0, False, 2),  # e^{−2|scale|} too small for a fixed shift
+    (False, 20.0, False, 2),  # z unbounded
+])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_symmetric_column_statistics(monkeypatch, normalize, scale, deterministic, passes, aligned):
+    calls = []
+    row_lse = contrastive._row_lse
+    monkeypatch.setattr(contrastive, "_row_lse", lambda *args: calls.append(1) or row_lse(*args))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
+    generator = torch.Generator().manual_seed(passes + 2 * aligned)
+    q = torch.randn(N, D, generator=generator)
+    k = q + 0.01 * torch.randn(N, D, generator=generator) if aligned else torch.randn(N, D, generator=generator)
+    targets = torch.arange(N)
+    got = contrastive.contrastive_forward(q.to(DEVICE), k.to(DEVICE), targets.to(DEVICE), scale, normalize, True)
+    want = chunked.contrastive_forward(q.double(), k.double(), targets, scale, normalize, True)
+    assert len(calls) == passes
+    for name, out, ref in zip(("row_loss", "col_loss", "row_lse", "col_lse"), got, want):
+        assert rel_err(out, ref) < TOLERANCE[torch.float32], name

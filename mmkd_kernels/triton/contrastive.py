@@ -6,8 +6,9 @@ Two kernels serve every direction, because z is the same matrix read by rows or 
   log-sum-exp (flash-attention style) and picks each row's target logit in the same pass; the sum
   leaves the target out, so a nearly aligned pair's small loss is log1p(Σ_{j≠t} e^{z_j − z_t})
   with its digits (lse − z_t would cancel them). Run on
-  (q, k) it gives the row statistics; on (k, q) with targets = arange, the column statistics of the
-  symmetric loss.
+  (q, k) it gives the row statistics; for the symmetric loss the column statistics come from the
+  same pass (fixed-shift sums added atomically, where z is bounded) or from a run on (k, q) with
+  targets = arange.
 - ``_lse_grad_kernel`` is ``_lse_kernel`` that also accumulates the row term of the gradient,
   flash-attention style: Σ_{b≠t} e^{z_ab − max} B̂_b rescaled whenever the running max moves, so
   a forward with gradients for the rows' side costs one pass (z and P·B̂), not a pass for the
@@ -76,12 +77,20 @@ def _loss_from_weights(target_weight, row_other, shifted_target):
 
 @autotuned(_STATS_HALF, _STATS_FLOAT32, triton.Config(_INTERPRETER), _KEY, "A")
 @triton.jit
-def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, n_a, n_b, d,
-                stride_a, stride_ad, stride_b, stride_bd, scale, n_key,
-                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n_a, n_b, d,
+                stride_a, stride_ad, stride_b, stride_bd, scale, shift, n_key,
+                COLUMNS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr):
     """Per row a: LSE[a] = logsumexp_b z_ab and LOSS[a] = LSE[a] − z_{a, TARGETS[a]}, the latter
-    as log1p(other / a_t) while the target's weight a_t = e^{z_t − max} dominates the others'."""
-    offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    as log1p(other / a_t) while the target's weight a_t = e^{z_t − max} dominates the others'.
+
+    With COLUMNS (the symmetric loss: square z, column b's target is row b), the same pass also
+    gives the columns' statistics: COL_OTHER[b] += Σ_{a≠b} e^{z_ab − shift} (atomically, from every
+    row block; zeroed by the caller) and COL_TARGET[b] = z_bb. A column's running max would need
+    every row block at once, so the shift is fixed instead: the caller passes an upper bound of z
+    (|scale| for normalized rows) and uses this only where e^{−2|scale|} stays a normal float."""
+    row0 = tl.program_id(0) * BLOCK_A
+    offs_a = row0 + tl.arange(0, BLOCK_A)
     mask_a = offs_a < n_a
     inv_a = tl.load(INV_A + offs_a, mask=mask_a, other=0.0)
     target = tl.load(TARGETS + offs_a, mask=mask_a, other=-1)
@@ -101,6 +110,13 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, n_a, n_b, d,
         row_other = row_other * tl.exp(row_max - new_max) + tl.sum(others, axis=1)
         row_max = new_max
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        if COLUMNS:
+            diagonal = offs_a[:, None] == offs_b[None, :]
+            column_terms = tl.where(mask_a[:, None] & ~diagonal, tl.exp(z - shift), 0.0)
+            tl.atomic_add(COL_OTHER + offs_b, tl.sum(column_terms, axis=0), mask=mask_b)
+            # The diagonal of this tile, where the row block holds column b's target row.
+            holds_target = mask_b & (offs_b >= row0) & (offs_b < row0 + BLOCK_A) & (offs_b < n_a)
+            tl.store(COL_TARGET + offs_b, tl.sum(tl.where(diagonal, z, 0.0), axis=0), mask=holds_target)
     shifted_target = target_logit - row_max
     target_weight = tl.exp(shifted_target)
     tl.store(LSE + offs_a, row_max + tl.log(target_weight + row_other), mask=mask_a)
@@ -245,15 +261,21 @@ def _strides(a, b):
     return a.stride(0), a.stride(1), b.stride(0), b.stride(1)
 
 
-def _row_lse(a, b, inv_a, inv_b, targets, scale):
-    """(lse (n_a,), loss (n_a,)) of z = scale·Â B̂ᵀ read by rows of A."""
+def _row_lse(a, b, inv_a, inv_b, targets, scale, columns_shift=None):
+    """(lse (n_a,), loss (n_a,)) of z = scale·Â B̂ᵀ read by rows of A; with ``columns_shift`` (an
+    upper bound of z) also (col_other, col_target) of ``_lse_kernel``'s COLUMNS, else Nones."""
     n_a, d = a.shape
     lse = torch.empty(n_a, device=a.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
+    columns = columns_shift is not None
+    # Without COLUMNS the kernel never reads these: lse stands in (a real pointer, unlike an empty tensor's).
+    col_other = torch.zeros(b.shape[0], device=a.device, dtype=torch.float32) if columns else lse
+    col_target = torch.empty_like(col_other) if columns else lse
     grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]),)  # noqa: E731
-    _lse_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, n_a, b.shape[0], d, *_strides(a, b), scale,
-                      size_key(b.shape[0]), PRECISION=precision(a))
-    return lse, loss
+    _lse_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, col_other, col_target, n_a, b.shape[0], d,
+                      *_strides(a, b), scale, float(columns_shift or 0.0), size_key(b.shape[0]),
+                      COLUMNS=columns, PRECISION=precision(a))
+    return lse, loss, (col_other if columns else None), (col_target if columns else None)
 
 
 def _row_lse_grad(a, b, inv_a, inv_b, targets, scale):
@@ -283,15 +305,41 @@ def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
     return da
 
 
+# Below this, e^{−2|scale|} (the smallest term under the fixed shift) is a normal float32 with
+# room for N terms: the one-pass column statistics keep full precision.
+_ONE_PASS_MAX_SCALE = 40.0
+
+
+def _column_statistics(col_other, col_target, shift):
+    """(col_lse, col_loss) from the fixed-shift sums of ``_lse_kernel``'s COLUMNS, in the same
+    log1p form as the rows' (the target's weight against the others')."""
+    shifted_target = col_target - shift
+    target_weight = torch.exp(shifted_target)
+    dominant = target_weight >= col_other
+    loss = torch.where(dominant, torch.log1p(col_other / torch.where(dominant, target_weight, 1.0)),
+                       torch.log(target_weight + col_other) - shifted_target)
+    return shift + torch.log(target_weight + col_other), loss
+
+
 def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric: bool):
-    """As chunked.contrastive_forward: (row_loss, col_loss, row_lse, col_lse), float32."""
+    """As chunked.contrastive_forward: (row_loss, col_loss, row_lse, col_lse), float32. The
+    symmetric loss gets its column statistics from the rows' own pass where z is bounded by
+    |scale| (normalized rows, |scale| ≤ 40) and results need not be bitwise reproducible (their
+    sums are atomic adds in varying order: ``torch.use_deterministic_algorithms`` turns this off);
+    otherwise from a second pass over z by columns."""
     check_dtypes(q, k)
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
-    row_lse, row_loss = _row_lse(q, k, inv_q, inv_k, targets, scale)
+    one_pass = (symmetric and normalize and abs(scale) <= _ONE_PASS_MAX_SCALE
+                and not torch.are_deterministic_algorithms_enabled())
+    shift = abs(scale) if one_pass else None
+    row_lse, row_loss, col_other, col_target = _row_lse(q, k, inv_q, inv_k, targets, scale, shift)
     if not symmetric:
         return row_loss, row_lse.new_empty(0), row_lse, row_lse.new_empty(0)
-    own = torch.arange(k.shape[0], device=q.device)
-    col_lse, col_loss = _row_lse(k, q, inv_k, inv_q, own, scale)
+    if one_pass:
+        col_lse, col_loss = _column_statistics(col_other, col_target, shift)
+    else:
+        own = torch.arange(k.shape[0], device=q.device)
+        col_lse, col_loss, _, _ = _row_lse(k, q, inv_k, inv_q, own, scale)
     return row_loss, col_loss, row_lse, col_lse
 
 
@@ -328,7 +376,7 @@ def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, 
         row_lse, row_loss, dq_hat = _row_lse_grad(q, k, inv_q, inv_k, targets, scale)
         dq = input_grad(dq_hat, q, normalize)
     else:
-        row_lse, row_loss = _row_lse(q, k, inv_q, inv_k, targets, scale)
+        row_lse, row_loss, _, _ = _row_lse(q, k, inv_q, inv_k, targets, scale)
     if need_k:
         row_term = _term(row_lse, torch.ones_like(row_lse), targets, row_loss)
         dk = input_grad(_grad_rows(k, q, inv_k, inv_q, None, row_term, scale), k, normalize)
