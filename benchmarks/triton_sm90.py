@@ -1,14 +1,16 @@
 """Every Triton kernel × autotune config compiled for an H100 (sm_90a), here, without a GPU.
 
     python -m benchmarks.triton_sm90                      # all configs; writes results/triton-sm90-<date>.*
-    python -m benchmarks.triton_sm90 --first-config --dtypes bfloat16,float32 --out /tmp/s   # what the test runs
+    python -m benchmarks.triton_sm90 --first-config --dtypes bfloat16,float32 --out /tmp/s
+                                                          # what tests/test_triton_sm90.py runs
 
 Triton lowers a kernel to PTX on any machine, and its bundled ``ptxas -v`` reports what the H100
 would run: registers per thread, bytes spilled to local memory, shared memory, and whether the
 dots became Hopper tensor-core instructions (``wgmma``). That catches what the interpreter cannot
 (a kernel that does not compile for the GPU, a config that spills or does not fit) and tells which
 configs are worth timing, before a GPU is at hand. Inputs are taken as contiguous, 16-byte-aligned
-rows of a width that is a multiple of 16 (D = 384 or 768), as Triton's launcher specializes them. Writes ``<out>/triton-sm90-<date>.{json,md}``.
+rows of a width that is a multiple of 16 (D = 384 or 768), as Triton's launcher specializes them.
+Writes ``<out>/triton-sm90-<date>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -148,7 +150,8 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         config = " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in r["config"].items())
-        head = f"| {r['kernel']} | {_variant(r['variant'])} | {r['dtype']} | {config} | {r['num_warps']} · {r['num_stages']} |"
+        head = (f"| {r['kernel']} | {_variant(r['variant'])} | {r['dtype']} | {config} | "
+                f"{r['num_warps']} · {r['num_stages']} |")
         if r["status"] != "ok":
             lines.append(f"{head} {r['status']} | | | |")
             continue

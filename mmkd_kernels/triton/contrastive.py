@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (accumulate_chunk, autotuned, check_dtypes, configs, input_grad, inverse_norms, precision,
-                    similarity_tile, size_key, store_chunk)
+from .tiles import (accumulate_chunks, autotuned, check_dtypes, configs, input_grad, inverse_norms, precision,
+                    similarity_tile, size_key, span_grid, store_chunk, store_chunks)
 
 # Configs for an H100 (block sizes, warps, stages); no half-precision one spills registers there
 # (benchmarks/triton_sm90.py, results/triton-sm90-*.md); the autotuner times them per D, octave of
@@ -172,15 +172,9 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
         row_other = row_other * rescale + tl.sum(others, axis=1)
         row_max = new_max
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
-        weights = others * inv_b[None, :]
-        acc0 = accumulate_chunk(acc0 * rescale[:, None], weights, B, offs_b, mask_b, offs_do0, d,
-                              stride_b, stride_bd, PRECISION)
-        if CHUNKS > 1:
-            acc1 = accumulate_chunk(acc1 * rescale[:, None], weights, B, offs_b, mask_b, offs_do1, d,
-                                  stride_b, stride_bd, PRECISION)
-        if CHUNKS > 2:
-            acc2 = accumulate_chunk(acc2 * rescale[:, None], weights, B, offs_b, mask_b, offs_do2, d,
-                                  stride_b, stride_bd, PRECISION)
+        r = rescale[:, None]
+        acc0, acc1, acc2 = accumulate_chunks(acc0 * r, acc1 * r, acc2 * r, others * inv_b[None, :], B, offs_b, mask_b,
+                                             offs_do0, d, stride_b, stride_bd, BLOCK_DO, CHUNKS, PRECISION)
     shifted_target = target_logit - row_max
     target_weight = tl.exp(shifted_target)
     total = target_weight + row_other
@@ -210,8 +204,6 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_
     where a target's term is TG_A[a] (TG_B[b]) = G·expm1(−ℓ) instead."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_do0 = tl.program_id(1) * (CHUNKS * BLOCK_DO) + tl.arange(0, BLOCK_DO)
-    offs_do1 = offs_do0 + BLOCK_DO
-    offs_do2 = offs_do1 + BLOCK_DO
     mask_a = offs_a < n_a
     inv_a = tl.load(INV_A + offs_a, mask=mask_a, other=0.0)
     if HAS_A_TERM:
@@ -240,16 +232,9 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_
             hit = offs_a[:, None] == t_b[None, :]
             dz += tl.where(hit, tg_b[None, :], g_b[None, :] * tl.exp(z - lse_b[None, :]))
         dz = tl.where(mask_a[:, None] & mask_b[None, :], dz * (inv_b * scale)[None, :], 0.0)
-        acc0 = accumulate_chunk(acc0, dz, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd, PRECISION)
-        if CHUNKS > 1:
-            acc1 = accumulate_chunk(acc1, dz, B, offs_b, mask_b, offs_do1, d, stride_b, stride_bd, PRECISION)
-        if CHUNKS > 2:
-            acc2 = accumulate_chunk(acc2, dz, B, offs_b, mask_b, offs_do2, d, stride_b, stride_bd, PRECISION)
-    store_chunk(DA, acc0, offs_a, mask_a, offs_do0, d)
-    if CHUNKS > 1:
-        store_chunk(DA, acc1, offs_a, mask_a, offs_do1, d)
-    if CHUNKS > 2:
-        store_chunk(DA, acc2, offs_a, mask_a, offs_do2, d)
+        acc0, acc1, acc2 = accumulate_chunks(acc0, acc1, acc2, dz, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd,
+                                             BLOCK_DO, CHUNKS, PRECISION)
+    store_chunks(DA, acc0, acc1, acc2, offs_a, mask_a, offs_do0, d, BLOCK_DO, CHUNKS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,7 +269,7 @@ def _row_lse_grad(a, b, inv_a, inv_b, targets, scale):
     lse = torch.empty(n_a, device=a.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     da = torch.empty(n_a, d, device=a.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))  # noqa: E731
+    grid = span_grid(n_a, d)
     _lse_grad_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, da, n_a, b.shape[0], d, *_strides(a, b), scale,
                            size_key(b.shape[0]), PRECISION=precision(a))
     return lse, loss, da
@@ -298,7 +283,7 @@ def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
     dummy = inv_a  # never read when its term is off (constexpr)
     lse_a, g_a, t_a, tg_a = a_term if a_term is not None else (dummy,) * 4
     lse_b, g_b, t_b, tg_b = b_term if b_term is not None else (dummy,) * 4
-    grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))  # noqa: E731
+    grid = span_grid(n_a, d)
     _grad_kernel[grid](a, b, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, da, n_a, b.shape[0], d,
                        *_strides(a, b), scale, size_key(b.shape[0]),
                        HAS_A_TERM=a_term is not None, HAS_B_TERM=b_term is not None, PRECISION=precision(a))

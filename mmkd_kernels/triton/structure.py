@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from .. import chunked
-from .tiles import (accumulate_chunk, autotuned, check_dtypes, configs, input_grad, inverse_norms, precision,
-                    similarity_tile, size_key, store_chunk)
+from .tiles import (accumulate_chunks, autotuned, check_dtypes, configs, input_grad, inverse_norms, precision,
+                    similarity_tile, size_key, span_grid, store_chunks)
 
 KIND_CODES = {"mse": 0, "pearson": 1, "kl": 2}
 N_STATS = 5  # per-row statistics saved for the gradient (see _rows_kernel)
@@ -218,8 +218,6 @@ def _grad_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, 
     lo = tl.where(has_rows, 0, row_start)
     hi = tl.where(has_rows, n, row_start + row_count)
     offs_do0 = tl.program_id(1) * (CHUNKS * BLOCK_DO) + tl.arange(0, BLOCK_DO)
-    offs_do1 = offs_do0 + BLOCK_DO
-    offs_do2 = offs_do1 + BLOCK_DO
     acc0 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
@@ -234,16 +232,9 @@ def _grad_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, 
         cols = _d_from_tiles(tl.trans(gs), tl.trans(gt), tl.trans(valid & computed_i[None, :]), STATS, G, offs_i,
                              computed_i, n, row_start, scale, KIND, SIDE)
         weights = (rows + tl.trans(cols)) * tl.load(INV + offs_i, mask=mask_i, other=0.0)[None, :]
-        acc0 = accumulate_chunk(acc0, weights, X, offs_i, mask_i, offs_do0, dx, x_row, x_col, PRECISION)
-        if CHUNKS > 1:
-            acc1 = accumulate_chunk(acc1, weights, X, offs_i, mask_i, offs_do1, dx, x_row, x_col, PRECISION)
-        if CHUNKS > 2:
-            acc2 = accumulate_chunk(acc2, weights, X, offs_i, mask_i, offs_do2, dx, x_row, x_col, PRECISION)
-    store_chunk(DX, acc0, offs_j, mask_j, offs_do0, dx)
-    if CHUNKS > 1:
-        store_chunk(DX, acc1, offs_j, mask_j, offs_do1, dx)
-    if CHUNKS > 2:
-        store_chunk(DX, acc2, offs_j, mask_j, offs_do2, dx)
+        acc0, acc1, acc2 = accumulate_chunks(acc0, acc1, acc2, weights, X, offs_i, mask_i, offs_do0, dx, x_row, x_col,
+                                             BLOCK_DO, CHUNKS, PRECISION)
+    store_chunks(DX, acc0, acc1, acc2, offs_j, mask_j, offs_do0, dx, BLOCK_DO, CHUNKS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,7 +264,7 @@ def _side_grad(s, t, inv_s, inv_t, stats, grad, kind, scale, row_start, row_coun
     x = s if side == 0 else t
     n, d = x.shape
     d_hat = torch.empty(n, d, device=s.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))  # noqa: E731
+    grid = span_grid(n, d)
     _grad_kernel[grid](s, t, inv_s, inv_t, stats, grad, d_hat, *_common(s, t, scale, row_start, row_count),
                        KIND=KIND_CODES[kind], SIDE=side, PRECISION=precision(s))
     return d_hat

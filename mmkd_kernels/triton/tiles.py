@@ -55,6 +55,11 @@ def _untimed(kernel_call, quantiles=None):
     return [0.0, 0.0, 0.0] if quantiles else 0.0
 
 
+def span_grid(rows: int, d: int):
+    """The launch grid of a gradient kernel: (blocks of BLOCK_A rows, spans of CHUNKS × BLOCK_DO of D)."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))
+
+
 def size_key(n: int) -> int:
     """The autotune key of a streamed length: its power of two, so that a trainer whose token count
     changes every step tunes once per octave, not once per step."""
@@ -123,3 +128,30 @@ def accumulate_chunk(acc, weights, B, offs_b, mask_b, offs_do, d, stride_b, stri
 def store_chunk(OUT, acc, offs, mask, offs_do, d):
     """OUT[offs, offs_do] = acc for a contiguous (rows, d) float32 output, masked past both."""
     tl.store(OUT + offs[:, None] * d + offs_do[None, :], acc, mask=mask[:, None] & (offs_do < d)[None, :])
+
+
+@triton.jit
+def accumulate_chunks(acc0, acc1, acc2, weights, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd,
+                      BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+    """A program's span of D as CHUNKS (1 to 3) accumulators of BLOCK_DO columns from offs_do0, each
+    + weights @ B[offs_b, its chunk]; the ones past CHUNKS are returned untouched. Three chunks of
+    128 columns hold D = 384 in one program's registers (BLOCK_A × 768 floats would not fit), so
+    the tile behind ``weights`` is computed once per span, not once per chunk."""
+    acc0 = accumulate_chunk(acc0, weights, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd, PRECISION)
+    if CHUNKS > 1:
+        acc1 = accumulate_chunk(acc1, weights, B, offs_b, mask_b, offs_do0 + BLOCK_DO, d, stride_b, stride_bd,
+                                PRECISION)
+    if CHUNKS > 2:
+        acc2 = accumulate_chunk(acc2, weights, B, offs_b, mask_b, offs_do0 + 2 * BLOCK_DO, d, stride_b, stride_bd,
+                                PRECISION)
+    return acc0, acc1, acc2
+
+
+@triton.jit
+def store_chunks(OUT, acc0, acc1, acc2, offs, mask, offs_do0, d, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr):
+    """``store_chunk`` of each of the CHUNKS accumulators of ``accumulate_chunks``."""
+    store_chunk(OUT, acc0, offs, mask, offs_do0, d)
+    if CHUNKS > 1:
+        store_chunk(OUT, acc1, offs, mask, offs_do0 + BLOCK_DO, d)
+    if CHUNKS > 2:
+        store_chunk(OUT, acc2, offs, mask, offs_do0 + 2 * BLOCK_DO, d)
