@@ -10,3 +10,6 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl inf-cl==1.2.1 memeff==0.3.1
 ls -l .whl
+# The adapters of benchmarks/cases.py must compute our loss with these peers: checked here, on the
+# CPU, under Triton's interpreter (benchmarks/gpu/check_peers.py).
+"${PYTHON:-.venv/bin/python}" -m benchmarks.gpu.check_peers
