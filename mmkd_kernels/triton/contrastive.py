@@ -43,10 +43,12 @@ _STATS_HALF = configs([(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8,
                        (64, 128, 64, 4, 4), (128, 64, 32, 4, 4)], _STATS)
 _STATS_FLOAT32 = configs([(64, 64, 32, 8, 2), (64, 64, 16, 4, 2), (128, 64, 16, 8, 2)], _STATS)
 # The gradient kernels: up to three 128-wide accumulators keep D = 384 in one program (z computed
-# once) and D = 768 in two.
+# once) and D = 768 in two. The last config holds D = 768 whole with 32-row tiles instead (as
+# memeff's backward does), too few rows for wgmma: Ampere-style mma, z computed once.
 _GRAD = _STATS + ("BLOCK_DO", "CHUNKS")
 _GRAD_HALF = configs([(64, 64, 64, 128, 3, 8, 2), (64, 64, 64, 128, 3, 8, 3), (64, 64, 32, 128, 3, 8, 3),
-                      (64, 64, 64, 128, 2, 8, 2), (64, 64, 64, 256, 1, 8, 2), (64, 64, 64, 64, 2, 4, 3)], _GRAD)
+                      (64, 64, 64, 128, 2, 8, 2), (64, 64, 64, 256, 1, 8, 2), (64, 64, 64, 64, 2, 4, 3),
+                      (32, 32, 64, 256, 3, 8, 2)], _GRAD)
 _GRAD_FLOAT32 = configs([(64, 64, 32, 64, 1, 8, 2), (64, 64, 32, 64, 1, 4, 2), (64, 64, 16, 64, 1, 4, 2)], _GRAD)
 _INTERPRETER = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64)
 _KEY = ["d", "n_key"]
