@@ -142,3 +142,16 @@ def test_nearly_aligned_pairs_keep_their_digits(target, noise):
     assert out.item() < 1e-4  # the regime this test is about
     _check(target, q, k, temperature=0.05, symmetric=True)
     _check(target, q, k, temperature=0.05, reduction="none", grad_output=weights)
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if runs(t, torch.float32, 1100 * 1100 * 16)], ids=str)
+@pytest.mark.parametrize("noise", [1.0, 0.03])
+def test_symmetric_across_row_blocks(target, noise):
+    """N = 1100: past the native CPU kernel's 1024-row block, so the columns' running statistics
+    of the symmetric loss are merged across blocks (rescaled to a new max, the diagonal left out),
+    for random and for nearly aligned pairs."""
+    gen = torch.Generator().manual_seed(23)
+    k64 = torch.randn(1100, 16, generator=gen, dtype=torch.float64)
+    q64 = k64 + noise * torch.randn(1100, 16, generator=gen, dtype=torch.float64)
+    q, k = leaf(q64.float().to(target.device)), leaf(k64.float().to(target.device))
+    _check(target, q, k, temperature=0.05, symmetric=True)

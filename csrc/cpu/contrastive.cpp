@@ -65,20 +65,43 @@ void row_epilogue(scalar_t* z, int64_t rows, int64_t m, const int64_t* targets, 
 
 // Column statistics of one block (rows start..) merged into running (max, other) over all rows so
 // far, `other` summing exp(z_ij − max_j) without the diagonal i = j, whose logit goes to
-// `diagonal`: one pass over z serves both directions of the symmetric loss.
+// `diagonal`: one pass over z serves both directions of the symmetric loss. Each task takes a slab
+// of columns and walks the block row by row, so that the inner loops run along memory and
+// vectorize (a column at a time strides by m: it took 0.7 s of 1.1 s at N = M = 8192).
 template <typename scalar_t>
 void merge_columns(const scalar_t* z, int64_t rows, int64_t m, int64_t start, scalar_t* col_max,
                    scalar_t* col_other, scalar_t* diagonal) {
-  at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      scalar_t max = col_max[j];
-      for (int64_t r = 0; r < rows; ++r) max = z[r * m + j] > max || z[r * m + j] != z[r * m + j] ? z[r * m + j] : max;
-      scalar_t sum = col_max[j] == -std::numeric_limits<scalar_t>::infinity() ? 0 : col_other[j] * fast_exp(col_max[j] - max);
-      const int64_t own = j - start;  // the row of this block on column j's diagonal, if any
-      for (int64_t r = 0; r < rows; ++r) sum += r == own ? 0 : fast_exp(z[r * m + j] - max);
-      if (own >= 0 && own < rows) diagonal[j] = z[own * m + j];
-      col_max[j] = max;
-      col_other[j] = sum;
+  constexpr int64_t kSlab = 512;  // columns per task: their running max and sum stay in L1
+  constexpr scalar_t kMinusInf = -std::numeric_limits<scalar_t>::infinity();
+  at::parallel_for(0, (m + kSlab - 1) / kSlab, 1, [&](int64_t first, int64_t last) {
+    scalar_t max[kSlab], sum[kSlab];
+    for (int64_t slab = first; slab < last; ++slab) {
+      const int64_t lo = slab * kSlab, width = std::min(kSlab, m - lo);
+      for (int64_t c = 0; c < width; ++c) max[c] = col_max[lo + c];
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* zr = z + r * m + lo;
+        // A NaN wins, so that it reaches the column's sum and loss.
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) max[c] = zr[c] > max[c] || zr[c] != zr[c] ? zr[c] : max[c];
+      }
+      for (int64_t c = 0; c < width; ++c) {
+        const scalar_t old = col_max[lo + c];
+        sum[c] = old == kMinusInf ? 0 : col_other[lo + c] * fast_exp(old - max[c]);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* zr = z + r * m + lo;
+        const int64_t own = start + r - lo;  // the diagonal's column within the slab, if there
+        const int64_t split = std::max<int64_t>(0, std::min(own, width));
+#pragma omp simd
+        for (int64_t c = 0; c < split; ++c) sum[c] += fast_exp(zr[c] - max[c]);
+#pragma omp simd
+        for (int64_t c = std::max(split, own + 1); c < width; ++c) sum[c] += fast_exp(zr[c] - max[c]);
+        if (own >= 0 && own < width) diagonal[lo + own] = zr[own];
+      }
+      for (int64_t c = 0; c < width; ++c) {
+        col_max[lo + c] = max[c];
+        col_other[lo + c] = sum[c];
+      }
     }
   });
 }
