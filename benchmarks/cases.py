@@ -22,7 +22,7 @@ import mmkd_kernels as mk
 from mmkd_kernels import backends as mk_backends
 from mmkd_kernels import reference
 
-LOSSES = ("contrastive", "structure-pearson", "structure-kl")
+LOSSES = ("contrastive", "contrastive-symmetric", "structure-pearson", "structure-kl")
 
 # The library defaults (DESIGN §2): τ = 0.05 for InfoNCE, τ = 1 for the relational KL.
 CONTRASTIVE_TEMPERATURE = 0.05
@@ -38,8 +38,13 @@ ALL_BACKENDS = ("reference", "compile", "chunked", "chunked-gram", "triton", "tr
 
 
 def kind_of(loss: str) -> str | None:
-    """"structure-pearson" -> "pearson"; None for the contrastive loss."""
+    """"structure-pearson" -> "pearson"; None for the contrastive losses."""
     return loss.split("-", 1)[1] if loss.startswith("structure-") else None
+
+
+def is_symmetric(loss: str) -> bool:
+    """The symmetric contrastive loss: each row's and each column's softmax, averaged (CLIP)."""
+    return loss == "contrastive-symmetric"
 
 
 def algorithm_of(loss: str, backend: str) -> str | None:
@@ -86,8 +91,10 @@ def unavailable_reason(loss: str, backend: str, device: torch.device) -> str | N
         return f"unknown backend {backend!r} (one of {', '.join(ALL_BACKENDS)})"
     if backend.endswith("-gram") and kind_of(loss) not in ("pearson", "mse"):
         return "the gram algorithm exists for structure mse/pearson only"
-    if backend in PEERS and loss != "contrastive":
+    if backend in PEERS and kind_of(loss) is not None:
         return f"{backend} computes the contrastive loss only"
+    if backend == "inf-cl" and is_symmetric(loss):
+        return "inf-cl computes one direction only"
     if backend == "compile":
         return None
     if backend in PEERS:
@@ -115,7 +122,9 @@ def default_backends(loss: str, device: torch.device) -> list[str]:
 def _ours(loss: str, backend: str) -> Callable:
     kind = kind_of(loss)
     if kind is None:
-        return lambda s, t: mk.contrastive_loss(s, t, temperature=CONTRASTIVE_TEMPERATURE, backend=backend)
+        symmetric = is_symmetric(loss)
+        return lambda s, t: mk.contrastive_loss(s, t, temperature=CONTRASTIVE_TEMPERATURE, symmetric=symmetric,
+                                                backend=backend)
     algorithm = "tile" if backend == "reference" else algorithm_of(loss, backend)
     name = _fused_name(backend)
     return lambda s, t: mk.structure_loss(s, t, kind=kind, temperature=STRUCTURE_TEMPERATURE,
@@ -126,9 +135,11 @@ def _plain_reference(loss: str) -> Callable:
     """The reference math itself (no custom op, no argument checks): what torch.compile sees."""
     kind = kind_of(loss)
     if kind is None:
+        symmetric = is_symmetric(loss)
+
         def contrastive(s, t):
             targets = torch.arange(s.shape[0], device=s.device)
-            return reference.contrastive_rows(s, t, targets, CONTRASTIVE_TEMPERATURE, False, True).mean()
+            return reference.contrastive_rows(s, t, targets, CONTRASTIVE_TEMPERATURE, symmetric, True).mean()
         return contrastive
 
     def structure(s, t):
@@ -147,8 +158,9 @@ def _compiled(loss: str) -> Callable:
     return torch.compile(_plain_reference(loss))
 
 
-def _mnrl() -> Callable:
-    """sentence-transformers' MultipleNegativesRankingLoss with scale = 1/τ, on embeddings.
+def _mnrl(symmetric: bool) -> Callable:
+    """sentence-transformers' MultipleNegativesRankingLoss with scale = 1/τ, on embeddings; for the
+    symmetric loss both directions (query → doc and doc → query), each over its own softmax.
 
     The class itself (its own cos_sim, scaling and log-sum-exp), given precomputed embeddings:
     ``compute_loss_from_embeddings`` is the part of ``forward`` after the model's encoding.
@@ -157,7 +169,8 @@ def _mnrl() -> Callable:
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     except ImportError:  # sentence-transformers < 6
         from sentence_transformers.losses import MultipleNegativesRankingLoss
-    criterion = MultipleNegativesRankingLoss(model=None, scale=1.0 / CONTRASTIVE_TEMPERATURE)
+    options = dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction") if symmetric else {}
+    criterion = MultipleNegativesRankingLoss(model=None, scale=1.0 / CONTRASTIVE_TEMPERATURE, **options)
     return lambda s, t: criterion.compute_loss_from_embeddings([s, t], None)
 
 
@@ -176,15 +189,21 @@ def _inf_cl() -> Callable:
     return fn
 
 
-def _memeff() -> Callable:
-    """memeff's query → document InfoNCE with a locked document tower (our frozen teacher).
+def _memeff(symmetric: bool) -> Callable:
+    """memeff's query → document InfoNCE with a locked document tower (our frozen teacher); for the
+    symmetric loss its bidirectional CLIP loss (the teacher, not requiring grad, gets none).
 
-    margin ≥ 2 turns its false-negative mask off (cosines lie in [−1, 1]) and stable=False keeps
-    the textbook gradient scale, which makes it the plain one-directional InfoNCE.
+    margin ≥ 2 turns the LiT loss's false-negative mask off (cosines lie in [−1, 1]), and
+    stable=False keeps the textbook gradient scale: the plain InfoNCE of each direction.
     """
-    from memeff import MemoryEfficientLiTQwen3Loss
+    if symmetric:
+        from memeff import MemoryEfficientCLIPLoss
 
-    criterion = MemoryEfficientLiTQwen3Loss(temperature=CONTRASTIVE_TEMPERATURE, margin=2.0, stable=False)
+        criterion = MemoryEfficientCLIPLoss(temperature=CONTRASTIVE_TEMPERATURE, stable=False)
+    else:
+        from memeff import MemoryEfficientLiTQwen3Loss
+
+        criterion = MemoryEfficientLiTQwen3Loss(temperature=CONTRASTIVE_TEMPERATURE, margin=2.0, stable=False)
     return lambda s, t: criterion(s, t)
 
 
@@ -195,11 +214,11 @@ def loss_fn(loss: str, backend: str) -> Callable:
     if backend == "compile":
         return _compiled(loss)
     if backend == "mnrl":
-        return _mnrl()
+        return _mnrl(is_symmetric(loss))
     if backend == "inf-cl":
         return _inf_cl()
     if backend == "memeff":
-        return _memeff()
+        return _memeff(is_symmetric(loss))
     return _ours(loss, backend)
 
 
@@ -228,8 +247,8 @@ class Counts:
 def counts(loss: str, backend: str, n: int, d: int, element_size: int) -> Counts:
     """FLOPs and compulsory bytes of one forward and one forward + backward.
 
-    contrastive (M = N): forward 2·N·M·D; backward recomputes z (2·N·M·D) and adds 2·N·M·D for
-    the student's gradient: 6·N·M·D in all. structure tile (Ds = Dt = D): forward 2·N²·(Ds+Dt);
+    contrastive (M = N), either form: forward 2·N·M·D (the symmetric loss's columns read the same
+    z); backward recomputes z (2·N·M·D) and adds 2·N·M·D for the student's gradient: 6·N·M·D. structure tile (Ds = Dt = D): forward 2·N²·(Ds+Dt);
     backward the same again plus 2·N²·Ds. gram: about 4·N·(Ds+Dt)² each way. Bytes: each input
     read once, the student's gradient written once.
     """

@@ -5,8 +5,8 @@
 Inf-CL and memeff are Triton kernels behind a CUDA-only check. Unpacked from the wheels in .whl/
 into a temporary folder, with that check (and memeff's device-capability query) taken out there,
 they run under Triton's interpreter at a small size. Each adapter of ``benchmarks.cases`` is
-compared with the float64 reference: the loss, and the student's gradient where the peer's backward
-can run here (Inf-CL's uses inline PTX, which the interpreter cannot run). A mismatch would make
+compared with the float64 reference (both contrastive losses where the peer has them): the loss,
+and the student's gradient where the peer's backward can run here (Inf-CL's uses inline PTX, which the interpreter cannot run). A mismatch would make
 the GPU run compare different losses, so it exits 1. Nothing here touches the wheels themselves.
 """
 
@@ -56,13 +56,13 @@ def main() -> int:
         generator = torch.Generator().manual_seed(0)
         student = torch.randn(96, 64, generator=generator, dtype=torch.float64)
         teacher = torch.randn(96, 64, generator=generator, dtype=torch.float64)
-        s64 = student.clone().requires_grad_(True)
-        ref = cases.loss_fn("contrastive", "reference")(s64, teacher)
-        (ref_grad,) = torch.autograd.grad(ref, s64)
         failed = False
-        for peer in ("inf-cl", "memeff"):
+        for loss, peer in (("contrastive", "inf-cl"), ("contrastive", "memeff"), ("contrastive-symmetric", "memeff")):
+            s64 = student.clone().requires_grad_(True)
+            ref = cases.loss_fn(loss, "reference")(s64, teacher)
+            (ref_grad,) = torch.autograd.grad(ref, s64)
             s = student.float().requires_grad_(True)
-            out = cases.loss_fn("contrastive", peer)(s, teacher.float())
+            out = cases.loss_fn(loss, peer)(s, teacher.float())
             loss_err = float((out.detach().double() - ref.detach()).abs() / ref.detach().abs())
             try:
                 (grad,) = torch.autograd.grad(out, s)
@@ -72,7 +72,8 @@ def main() -> int:
                 grad_err, grad_text = 0.0, f"gradient not run here ({type(error).__name__}: {str(error)[:80]})"
             ok = loss_err <= TOLERANCE and grad_err <= TOLERANCE
             failed |= not ok
-            print(f"{peer}: loss {loss_err:.1e}, {grad_text} against float64: {'same loss' if ok else 'MISMATCH'}")
+            print(f"{loss} · {peer}: loss {loss_err:.1e}, {grad_text} against float64: "
+                  f"{'same loss' if ok else 'MISMATCH'}")
     return 1 if failed else 0
 
 
