@@ -24,10 +24,9 @@ inline at::ScalarType accumulation_dtype(const at::Tensor& a, const at::Tensor& 
 
 // Rows per block: a (block × n_cols) tile of about 32 MiB, and never fewer than 256 rows. The
 // row count is the inner dimension of the column-side GEMM (dk += Pᵀ Q_b, dx += dGᵀ x̂_b), which
-// MKL runs far below its rate when it is small: measured here (N = 8192, D = 384, native kl tile
-// fwd+bwd) 2.35 s with 8 MiB tiles (128 rows), 1.75 s with 32 MiB (512 rows); the contrastive
-// loss gains about 8% (0.75 s to 0.69 s). Extra memory stays O(N): 256·n_cols floats at most
-// beyond the budget.
+// MKL runs far below its rate when it is small (native kl tile at N = 16384 went from 11.1 s to
+// 6.44 s: benchmarks/results/cpu-amd-epyc-2026-11-24-n16384{,-kl}.md). Extra memory stays O(N):
+// 256·n_cols floats at most beyond the budget.
 inline int64_t row_block(int64_t n_cols, int64_t element_size) {
   const int64_t budget = (int64_t{32} << 20) / element_size;
   const int64_t rows = budget / std::max<int64_t>(n_cols, 1);
