@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (accumulate_chunks, autotuned, check_dtypes, configs, input_grad, inverse_norms, precision,
-                    similarity_tile, size_key, span_grid, store_chunk, store_chunks)
+from .tiles import (accumulate_chunks, autotuned, check_dtypes, column_tile, configs, input_grad, inverse_norms,
+                    precision, size_key, span_grid, store_chunk, store_chunks)
 
 # Configs for an H100 (block sizes, warps, stages); no half-precision one spills registers there
 # (benchmarks/triton_sm90.py, results/triton-sm90-*.md); the autotuner times them per D, octave of
@@ -100,11 +100,8 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n
     row_other = tl.zeros((BLOCK_A,), dtype=tl.float32)  # Σ_{b ≠ target} exp(z_ab − row_max)
     target_logit = tl.zeros((BLOCK_A,), dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < n_b
-        inv_b = tl.load(INV_B + offs_b, mask=mask_b, other=0.0)
-        z = similarity_tile(A, B, offs_a, offs_b, mask_a, mask_b, d, stride_a, stride_ad, stride_b, stride_bd,
-                         inv_a, inv_b, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+        offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad,
+                                               stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
         z = tl.where(mask_b[None, :], z, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(z, axis=1))
         is_target = offs_b[None, :] == target[:, None]
@@ -161,11 +158,8 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
     acc1 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < n_b
-        inv_b = tl.load(INV_B + offs_b, mask=mask_b, other=0.0)
-        z = similarity_tile(A, B, offs_a, offs_b, mask_a, mask_b, d, stride_a, stride_ad, stride_b, stride_bd,
-                            inv_a, inv_b, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+        offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad,
+                                               stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
         z = tl.where(mask_b[None, :], z, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(z, axis=1))
         rescale = tl.exp(row_max - new_max)
@@ -217,11 +211,8 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_
     acc1 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        mask_b = offs_b < n_b
-        inv_b = tl.load(INV_B + offs_b, mask=mask_b, other=0.0)
-        z = similarity_tile(A, B, offs_a, offs_b, mask_a, mask_b, d, stride_a, stride_ad, stride_b, stride_bd,
-                         inv_a, inv_b, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+        offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad,
+                                               stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
         dz = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
         if HAS_A_TERM:
             hit = offs_b[None, :] == t_a[:, None]

@@ -116,6 +116,19 @@ def similarity_tile(A, B, offs_a, offs_b, mask_a, mask_b, d, stride_a, stride_ad
 
 
 @triton.jit
+def column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale,
+                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """The columns b0 .. b0 + BLOCK_B of a row block's z: (offs_b, mask_b, inv_b, z), the loop step
+    every contrastive kernel takes over the columns."""
+    offs_b = b0 + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < n_b
+    inv_b = tl.load(INV_B + offs_b, mask=mask_b, other=0.0)
+    z = similarity_tile(A, B, offs_a, offs_b, mask_a, mask_b, d, stride_a, stride_ad, stride_b, stride_bd,
+                        inv_a, inv_b, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+    return offs_b, mask_b, inv_b, z
+
+
+@triton.jit
 def accumulate_chunk(acc, weights, B, offs_b, mask_b, offs_do, d, stride_b, stride_bd, PRECISION: tl.constexpr):
     """acc + weights @ B[offs_b, offs_do] (masked past the rows and past D): one BLOCK_DO-wide
     chunk of a gradient accumulated as (weights of a tile) · (rows of an input)."""
