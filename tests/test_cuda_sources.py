@@ -105,11 +105,12 @@ def launchers(tmp_path_factory):
     lib = ctypes.CDLL(str(library))
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.mmkd_contrastive_lse.argtypes = [i32] + [p] * 7 + [i64] * 7 + [f32, p]
+    lib.mmkd_contrastive_lse_grad.argtypes = [i32] + [p] * 8 + [i64] * 7 + [f32, f32, p]
     lib.mmkd_contrastive_grad.argtypes = [i32] + [p] * 13 + [i64] * 7 + [f32, p]
     lib.mmkd_structure_rows.argtypes = [i32, i32] + [p] * 6 + [i64] * 9 + [f32, p]
     lib.mmkd_structure_grad_rows.argtypes = [i32, i32, i32] + [p] * 7 + [i64] * 9 + [f32, p]
     lib.mmkd_structure_grad_cols.argtypes = lib.mmkd_structure_grad_rows.argtypes
-    for name in ("mmkd_contrastive_lse", "mmkd_contrastive_grad", "mmkd_structure_rows", "mmkd_structure_grad_rows",
+    for name in ("mmkd_contrastive_lse", "mmkd_contrastive_lse_grad", "mmkd_contrastive_grad", "mmkd_structure_rows", "mmkd_structure_grad_rows",
                  "mmkd_structure_grad_cols"):
         getattr(lib, name).restype = i32
     return lib
@@ -118,6 +119,7 @@ def launchers(tmp_path_factory):
 # The Python mirror of csrc/cuda/ops_cuda.cpp: keep the two in step.
 
 EPS = 1e-8
+FIXED_SHIFT_MAX = 40.0  # launchers.h MMKD_FIXED_SHIFT_MAX
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 KIND_CODES = {"mse": 0, "pearson": 1, "kl": 2}
 STUDENT, TEACHER = 0, 1
@@ -154,6 +156,21 @@ def _lse_by_rows(lib, a, b, inv_a, inv_b, targets, scale):
                                     _ptr(lse), _ptr(loss), a.shape[0], b.shape[0], a.shape[1], a.stride(0),
                                     a.stride(1), b.stride(0), b.stride(1), scale, None), "mmkd_contrastive_lse")
     return lse, loss
+
+
+def _lse_grad_by_rows(lib, a, b, inv_a, inv_b, targets, scale):
+    lse = torch.empty(a.shape[0])
+    loss = torch.empty_like(lse)
+    da = torch.empty(a.shape)
+    _check(lib.mmkd_contrastive_lse_grad(DTYPE_CODES[a.dtype], _ptr(a), _ptr(b), _ptr(inv_a), _ptr(inv_b),
+                                         _ptr(targets), _ptr(lse), _ptr(loss), _ptr(da), a.shape[0], b.shape[0],
+                                         a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale,
+                                         abs(scale), None), "mmkd_contrastive_lse_grad")
+    return lse, loss, da
+
+
+def _one_pass(q, normalize, scale):
+    return normalize and abs(scale) <= FIXED_SHIFT_MAX and q.dtype != torch.float16
 
 
 def _grad_rows(lib, a, b, inv_a, inv_b, a_term, b_term, scale):
@@ -200,11 +217,16 @@ def contrastive_backward(lib, grad_row, grad_col, q, k, targets, row_lse, col_ls
 def contrastive_forward_with_grad(lib, q, k, targets, scale, normalize, need_q, need_k):
     t = targets.long().contiguous()
     inv_q, inv_k = _inverse_norms(q, normalize), _inverse_norms(k, normalize)
-    row_lse, row_loss = _lse_by_rows(lib, q, k, inv_q, inv_k, t, scale)
+    fused_q = need_q and _one_pass(q, normalize, scale)
+    if fused_q:
+        row_lse, row_loss, dq_hat = _lse_grad_by_rows(lib, q, k, inv_q, inv_k, t, scale)
+    else:
+        row_lse, row_loss = _lse_by_rows(lib, q, k, inv_q, inv_k, t, scale)
     row_term = _term(row_lse, torch.ones_like(row_lse), t, row_loss)
     dq, dk = row_lse.new_empty(0), row_lse.new_empty(0)
     if need_q:
-        dq = _input_grad(_grad_rows(lib, q, k, inv_q, inv_k, row_term, None, scale), q, normalize)
+        dq = _input_grad(dq_hat if fused_q else _grad_rows(lib, q, k, inv_q, inv_k, row_term, None, scale), q,
+                         normalize)
     if need_k:
         dk = _input_grad(_grad_rows(lib, k, q, inv_k, inv_q, None, row_term, scale), k, normalize)
     return row_loss.sum(), dq, dk
@@ -273,8 +295,9 @@ def _compare(outputs, references, names, dtype):
 
 
 # (N, M, D): single rows, M > N, tails of the 64-row tiles, of the 32-wide D chunks and of the
-# 64-wide output chunks, several tiles each way.
-CONTRASTIVE_SHAPES = [(1, 1, 7), (2, 3, 1), (17, 29, 64), (70, 131, 100)]
+# 64-wide output chunks, several tiles each way; D = 200 takes the wide gradient blocks (six output
+# chunks, two of them past D) and D = 400 two of them (the second holds one chunk).
+CONTRASTIVE_SHAPES = [(1, 1, 7), (2, 3, 1), (17, 29, 64), (70, 131, 100), (33, 70, 200), (40, 75, 400)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -356,9 +379,11 @@ def test_contrastive_symmetric_and_options(launchers, dtype, normalize):
     _compare(fused, fused_ref, ("loss_sum", "dq", "dk"), dtype)
 
 
-# (N, Ds, Dt, row_start, row_count): the smallest N of each kind, widths 1 .. 100 that differ,
-# row ranges that start and end inside tiles (the tile path across ranks), several tiles.
-STRUCTURE_SHAPES = [(2, 7, 1, 0, 2), (5, 1, 7, 0, 5), (17, 64, 7, 0, 17), (70, 33, 65, 3, 60), (130, 100, 48, 40, 70)]
+# (N, Ds, Dt, row_start, row_count): the smallest N of each kind, widths 1 .. 400 that differ,
+# row ranges that start and end inside tiles (the tile path across ranks), several tiles; Dt = 130
+# takes the wide gradient blocks (three of six output chunks used), Ds = 400 two of them.
+STRUCTURE_SHAPES = [(2, 7, 1, 0, 2), (5, 1, 7, 0, 5), (17, 64, 7, 0, 17), (70, 33, 65, 3, 60), (130, 100, 48, 40, 70),
+                    (70, 400, 130, 3, 60)]
 # Cases are left out, not skipped: pearson needs N >= 4 here (with 2 columns per row r = ±1 exactly
 # and its gradient is rounding noise), and the emulation is slow, so the largest shape runs in
 # float32 only.
@@ -413,6 +438,12 @@ def test_launchers_refuse_bad_arguments_and_skip_empty_work(launchers):
     # n_a = 0: nothing to launch. A bad dtype, a half-given gradient term: refused.
     assert lib.mmkd_contrastive_lse(0, *none, None, None, 0, 5, 3, 3, 1, 3, 1, 1.0, None) == 0
     assert lib.mmkd_contrastive_lse(3, *none, None, None, 0, 5, 3, 3, 1, 3, 1, 1.0, None) == invalid
+    # The one-pass gradient: float16 and a shift past MMKD_FIXED_SHIFT_MAX (or NaN) refused.
+    lse_grad_args = (*none, None, None, None, 4, 5, 3, 3, 1, 3, 1, 1.0)
+    assert lib.mmkd_contrastive_lse_grad(1, *lse_grad_args, 1.0, None) == invalid
+    assert lib.mmkd_contrastive_lse_grad(0, *lse_grad_args, FIXED_SHIFT_MAX * 1.01, None) == invalid
+    assert lib.mmkd_contrastive_lse_grad(0, *lse_grad_args, float("nan"), None) == invalid
+    assert lib.mmkd_contrastive_lse_grad(0, *none, None, None, None, 0, 5, 3, 3, 1, 3, 1, 1.0, 1.0, None) == 0
     lse = torch.zeros(4)
     assert lib.mmkd_contrastive_grad(0, *none, _ptr(lse), *([None] * 7), 4, 5, 3, 3, 1, 3, 1, 1.0, None) == invalid
     # A bad kind or side, rows outside [0, n).

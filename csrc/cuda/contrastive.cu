@@ -6,15 +6,21 @@
 //   so a nearly aligned pair's small loss is log1p(Σ_{b≠t} e^{z_b − z_t}) with its digits (lse − z_t
 //   would cancel them). On (q, k): the row statistics;
 //   on (k, q) with targets = arange: the column statistics of the symmetric loss.
-// - grad_kernel: for a block of 64 rows of A and a 64-wide chunk of D, recomputes the z tiles and
-//   accumulates dÂ_a = scale · Σ_b dz_ab inv_b[b] B_b, dz with a row term g_a (softmax_b − [b = t_a])
-//   and a column term g_b (softmax_a − [a = t'_b]); at a target the term is tg = g·expm1(−ℓ), given
-//   by the caller, exact where softmax rounds to 1. On (q, k): dq̂; on (k, q): dk̂. Row-parallel, no
-//   atomics; like the Triton kernel it recomputes z once per D chunk of the output.
+// - grad_kernel: for a block of 64 rows of A and CHUNKS 64-wide chunks of D (tiles.cuh: 2 for
+//   D ≤ 128, else 6), recomputes the z tiles and accumulates dÂ_a = scale · Σ_b dz_ab inv_b[b] B_b,
+//   dz with a row term g_a (softmax_b − [b = t_a]) and a column term g_b (softmax_a − [a = t'_b]);
+//   at a target the term is tg = g·expm1(−ℓ), given by the caller, exact where softmax rounds to 1.
+//   On (q, k): dq̂; on (k, q): dk̂. Row-parallel, no atomics; z is computed once per 64 · CHUNKS
+//   columns of the output (once at D = 384).
+// - lse_grad_kernel: lse_kernel and grad_kernel's row term in one pass, for the loss of a sum or a
+//   mean over normalized rows (|z| ≤ |scale| ≤ 40): the sums are taken under the fixed shift |scale|,
+//   so the accumulator of e^{z − shift} B̂ never needs the rescaling that a running max would ask
+//   of it (a WMMA fragment's rows cannot be scaled in place). The frozen-teacher training step
+//   computes z once at D = 384 where the two kernels compute it twice.
 //
 // Tiles 64 × 64, D in chunks of 32, 256 threads; float32 by FMA, float16/bfloat16 by WMMA tensor
 // cores, float32 accumulation (tiles.cuh). Dynamic shared memory (float32 / half inputs): lse
-// 34 / 27.5 KiB, grad 53.5 / 38.5 KiB (opted in above 48 KiB).
+// 34 / 27.5 KiB, grad 53.5 / 38.5 KiB, lse_grad 52.5 / 37.5 KiB (opted in above 48 KiB).
 //
 // Validation: compiled with nvcc -arch=sm_90 and run on the CPU under emulation/ against the chunked
 // backend (tests/test_cuda_sources.py); a run on a GPU is still owed.
@@ -118,6 +124,123 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Shared memory of lse_grad_kernel: the z tile, the p operand tile, the A/B chunks sharing a region
+// with the B tile of the product, inv_a and inv_b of the tile and the rows' epilogue factors.
+template <typename T>
+struct LseGradLayout {
+  static constexpr size_t kZ = 0;
+  static constexpr size_t kP = kZ + kTileBytes;
+  static constexpr size_t kStage = kP + kOperandBytes<T>;
+  static constexpr size_t kFloats = kStage + kStageOrOperandBytes<T>;              // 4 × kBlock floats
+  static constexpr size_t kIndices = kFloats + round_up(4 * kBlock * sizeof(float));  // kBlock int64
+  static constexpr size_t kTotal = kIndices + round_up(kBlock * sizeof(int64_t));
+  static_assert(kTotal <= kMaxSharedBytes, "shared memory");
+};
+
+// lse_kernel and grad_kernel's row term (g = 1) in one pass, for |z| ≤ shift: the sums are taken
+// under the fixed shift instead of a running max, so that the accumulator of
+//   U_a = Σ_{b≠t_a} e^{z_ab − shift} B̂_b
+// never needs rescaling (a WMMA accumulator's rows cannot be scaled in place), and the epilogue
+// writes dÂ_a = scale · (U_a / l_a + expm1(−ℓ_a) B̂_{t_a}), l_a = Σ_b e^{z_ab − shift}: the softmax
+// minus the one-hot target, with the target's p − 1 exact where it rounds to 0. Blocks of y > 0
+// (D above kBlock · CHUNKS) recompute the statistics; only y = 0 writes lse and loss.
+template <typename T, int CHUNKS>
+__global__ void __launch_bounds__(kThreads)
+    lse_grad_kernel(const T* __restrict__ A, const T* __restrict__ B, const float* __restrict__ inv_a,
+                    const float* __restrict__ inv_b, const int64_t* __restrict__ targets, float* __restrict__ lse,
+                    float* __restrict__ loss, float* __restrict__ dA, int64_t n_a, int64_t n_b, int64_t d,
+                    int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale,
+                    float shift) {
+  unsigned char* smem = dynamic_smem();
+  using L = LseGradLayout<T>;
+  constexpr int OP = Traits<T>::kOperandPitch;
+  float* Z = reinterpret_cast<float*>(smem + L::kZ);
+  T* Pm = reinterpret_cast<T*>(smem + L::kP);
+  T* stage = reinterpret_cast<T*>(smem + L::kStage);  // dot_tile's chunks, then the B tile of p·B
+  float* s_inv_a = reinterpret_cast<float*>(smem + L::kFloats);
+  float* s_inv_b = s_inv_a + kBlock;
+  float* s_row_factor = s_inv_b + kBlock;     // scale / l_a
+  float* s_target_factor = s_row_factor + kBlock;  // scale · expm1(−ℓ_a) · inv_b[t_a]
+  int64_t* s_target = reinterpret_cast<int64_t*>(smem + L::kIndices);
+
+  const int tid = threadIdx.x;
+  const int lane = tid % 32;
+  const int warp = tid / 32;
+  const int64_t a0 = static_cast<int64_t>(blockIdx.x) * kBlock;
+  const int64_t do_first = static_cast<int64_t>(blockIdx.y) * kBlock * CHUNKS;
+  if (tid < kBlock) s_inv_a[tid] = a0 + tid < n_a ? inv_a[a0 + tid] : 0.0f;
+
+  // Warp w keeps the sums of rows w·8 + r, as lse_kernel (every lane the same values).
+  float row_other[kRowsPerWarp], target_logit[kRowsPerWarp];
+  int64_t target[kRowsPerWarp];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int64_t a = a0 + warp * kRowsPerWarp + r;
+    row_other[r] = 0.0f;
+    target_logit[r] = 0.0f;
+    target[r] = a < n_a ? targets[a] : -1;
+  }
+
+  OutAccs<T, CHUNKS> accs;
+  accs.zero();
+  for (int64_t b0 = 0; b0 < n_b; b0 += kBlock) {
+    __syncthreads();  // the previous tile's readers of Z, Pm, the B tile and s_inv_b are done
+    if (tid < kBlock) s_inv_b[tid] = b0 + tid < n_b ? inv_b[b0 + tid] : 0.0f;
+    dot_tile<T>(A, a0, n_a, stride_a, stride_ad, B, b0, n_b, stride_b, stride_bd, d, stage, Z);
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int i = warp * kRowsPerWarp + r;
+      const float ia = s_inv_a[i];
+      float e[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = lane + 32 * h;
+        const bool other = b0 + j < n_b && b0 + j != target[r];
+        // z as lse_kernel rounds it; e^{z − shift} ≤ 1 (up to the rounding of z).
+        e[h] = other ? expf((Z[i * kTilePitch + j] * (ia * s_inv_b[j])) * scale - shift) : 0.0f;
+        Pm[i * OP + j] = Traits<T>::from_float(e[h] * s_inv_b[j]);
+      }
+      row_other[r] += warp_sum(e[0] + e[1]);
+      const int64_t tj = target[r] - b0;
+      if (tj >= 0 && tj < kBlock && b0 + tj < n_b) {
+        const int j = static_cast<int>(tj);
+        target_logit[r] += (Z[i * kTilePitch + j] * (ia * s_inv_b[j])) * scale;
+      }
+    }
+    accumulate_px_chunks<T, CHUNKS>(Pm, B, b0, n_b, stride_b, stride_bd, do_first, d, stage, accs);
+  }
+
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int i = warp * kRowsPerWarp + r;
+      const int64_t a = a0 + i;
+      float row_factor = 0.0f, target_factor = 0.0f;
+      if (a < n_a) {
+        // ℓ as lse_kernel, with the shift in place of the row max.
+        const float shifted_target = target_logit[r] - shift;
+        const float weight = expf(shifted_target);
+        const float total = weight + row_other[r];
+        const float row_loss = weight >= row_other[r] ? log1pf(row_other[r] / weight) : logf(total) - shifted_target;
+        if (blockIdx.y == 0) {
+          lse[a] = shift + logf(total);
+          loss[a] = row_loss;
+        }
+        row_factor = scale / total;
+        target_factor = scale * expm1f(-row_loss) * inv_b[target[r]];
+      }
+      s_row_factor[i] = row_factor;
+      s_target_factor[i] = target_factor;
+      s_target[i] = a < n_a ? target[r] : 0;
+    }
+  }
+  __syncthreads();  // the factors are visible, and no thread reads Z any more: store_out may stage in it
+  store_out_chunks<T, CHUNKS>(accs, dA, a0, n_a, do_first, d, Z, [&](int i, int64_t col, float u) {
+    const float b_target = Traits<T>::to_float(B[s_target[i] * stride_b + col * stride_bd]);
+    return u * s_row_factor[i] + s_target_factor[i] * b_target;
+  });
+}
+
 // Shared memory of grad_kernel: the z tile, the dz operand tile, the A/B chunks sharing a region
 // with the B tile of the product, and the per-row (a) and per-column (b) vectors of the tile.
 template <typename T>
@@ -131,7 +254,7 @@ struct GradLayout {
   static_assert(kTotal <= kMaxSharedBytes, "shared memory");
 };
 
-template <typename T>
+template <typename T, int CHUNKS>
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const T* __restrict__ A, const T* __restrict__ B, const float* __restrict__ inv_a,
                 const float* __restrict__ inv_b, const float* __restrict__ lse_a, const float* __restrict__ g_a,
@@ -159,7 +282,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool has_b = lse_b != nullptr;
   const int tid = threadIdx.x;
   const int64_t a0 = static_cast<int64_t>(blockIdx.x) * kBlock;
-  const int64_t do0 = static_cast<int64_t>(blockIdx.y) * kBlock;
+  const int64_t do_first = static_cast<int64_t>(blockIdx.y) * kBlock * CHUNKS;
   if (tid < kBlock) {
     const int64_t a = a0 + tid;
     const bool in = a < n_a;
@@ -170,8 +293,8 @@ __global__ void __launch_bounds__(kThreads)
     s_tg_a[tid] = in && has_a ? tg_a[a] : 0.0f;
   }
 
-  OutAcc<T> acc;
-  acc.zero();
+  OutAccs<T, CHUNKS> accs;
+  accs.zero();
   for (int64_t b0 = 0; b0 < n_b; b0 += kBlock) {
     __syncthreads();  // the previous tile's readers of the b vectors, Pm and the B tile are done
     if (tid < kBlock) {
@@ -197,10 +320,10 @@ __global__ void __launch_bounds__(kThreads)
       }
       Pm[i * Traits<T>::kOperandPitch + j] = Traits<T>::from_float(dz);
     }
-    accumulate_px<T>(Pm, B, b0, n_b, stride_b, stride_bd, do0, d, stage, acc);
+    accumulate_px_chunks<T, CHUNKS>(Pm, B, b0, n_b, stride_b, stride_bd, do_first, d, stage, accs);
   }
   __syncthreads();  // no thread reads Z any more: store_out may stage in it
-  store_out<T>(acc, dA, a0, n_a, do0, d, Z);
+  store_out_chunks<T, CHUNKS>(accs, dA, a0, n_a, do_first, d, Z);
 }
 
 bool valid_sizes(int64_t n_a, int64_t n_b, int64_t d) { return n_a >= 0 && n_b >= 0 && d >= 0; }
@@ -218,18 +341,55 @@ int lse(const void* A, const void* B, const float* inv_a, const float* inv_b, co
                 stride_b, stride_bd, scale);
 }
 
+template <typename T, int CHUNKS>
+int lse_grad(const void* A, const void* B, const float* inv_a, const float* inv_b, const int64_t* targets,
+             float* lse_out, float* loss, float* dA, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a,
+             int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale, float shift, cudaStream_t stream) {
+  const unsigned int row_blocks = blocks_of(n_a, 0x7fffffff);
+  const unsigned int d_groups = output_groups(d, CHUNKS);
+  if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
+  return launch(lse_grad_kernel<T, CHUNKS>, dim3(row_blocks, d_groups), LseGradLayout<T>::kTotal, stream,
+                static_cast<const T*>(A), static_cast<const T*>(B), inv_a, inv_b, targets, lse_out, loss, dA, n_a,
+                n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale, shift);
+}
+
 template <typename T>
+int lse_grad_of_width(const void* A, const void* B, const float* inv_a, const float* inv_b, const int64_t* targets,
+                      float* lse_out, float* loss, float* dA, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a,
+                      int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale, float shift,
+                      cudaStream_t stream) {
+  if (output_chunks(d) == kNarrowChunks)
+    return lse_grad<T, kNarrowChunks>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a,
+                                      stride_ad, stride_b, stride_bd, scale, shift, stream);
+  return lse_grad<T, kWideChunks>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a, stride_ad,
+                                  stride_b, stride_bd, scale, shift, stream);
+}
+
+template <typename T, int CHUNKS>
 int grad(const void* A, const void* B, const float* inv_a, const float* inv_b, const float* lse_a, const float* g_a,
          const int64_t* t_a, const float* tg_a, const float* lse_b, const float* g_b, const int64_t* t_b,
          const float* tg_b, float* dA, int64_t n_a,
          int64_t n_b, int64_t d, int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd,
          float scale, cudaStream_t stream) {
   const unsigned int row_blocks = blocks_of(n_a, 0x7fffffff);
-  const unsigned int d_blocks = blocks_of(d, 65535);
-  if (row_blocks == 0 || d_blocks == 0) return cudaErrorInvalidValue;
-  return launch(grad_kernel<T>, dim3(row_blocks, d_blocks), GradLayout<T>::kTotal, stream, static_cast<const T*>(A),
-                static_cast<const T*>(B), inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b,
-                d, stride_a, stride_ad, stride_b, stride_bd, scale);
+  const unsigned int d_groups = output_groups(d, CHUNKS);
+  if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
+  return launch(grad_kernel<T, CHUNKS>, dim3(row_blocks, d_groups), GradLayout<T>::kTotal, stream,
+                static_cast<const T*>(A), static_cast<const T*>(B), inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b,
+                t_b, tg_b, dA, n_a, n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale);
+}
+
+template <typename T>
+int grad_of_width(const void* A, const void* B, const float* inv_a, const float* inv_b, const float* lse_a,
+                  const float* g_a, const int64_t* t_a, const float* tg_a, const float* lse_b, const float* g_b,
+                  const int64_t* t_b, const float* tg_b, float* dA, int64_t n_a, int64_t n_b, int64_t d,
+                  int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale,
+                  cudaStream_t stream) {
+  if (output_chunks(d) == kNarrowChunks)
+    return grad<T, kNarrowChunks>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b, d,
+                                  stride_a, stride_ad, stride_b, stride_bd, scale, stream);
+  return grad<T, kWideChunks>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b, d,
+                              stride_a, stride_ad, stride_b, stride_bd, scale, stream);
 }
 
 // A term's four pointers are all given or all NULL.
@@ -272,15 +432,34 @@ extern "C" int mmkd_contrastive_grad(int dtype, const void* A, const void* B, co
   if (n_a == 0 || d == 0) return cudaSuccess;
   switch (dtype) {
     case MMKD_FLOAT32:
-      return grad<float>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b, d,
-                         stride_a, stride_ad, stride_b, stride_bd, scale, stream);
+      return grad_of_width<float>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b,
+                                  d, stride_a, stride_ad, stride_b, stride_bd, scale, stream);
     case MMKD_FLOAT16:
-      return grad<__half>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b, d,
-                          stride_a, stride_ad, stride_b, stride_bd, scale, stream);
+      return grad_of_width<__half>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b,
+                                   d, stride_a, stride_ad, stride_b, stride_bd, scale, stream);
     case MMKD_BFLOAT16:
-      return grad<__nv_bfloat16>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b, d,
-                                 stride_a, stride_ad, stride_b, stride_bd, scale, stream);
+      return grad_of_width<__nv_bfloat16>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a,
+                                          n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale, stream);
     default:
       return cudaErrorInvalidValue;
   }
+}
+
+extern "C" int mmkd_contrastive_lse_grad(int dtype, const void* A, const void* B, const float* inv_a,
+                                         const float* inv_b, const int64_t* targets, float* lse_out, float* loss,
+                                         float* dA, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a,
+                                         int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale,
+                                         float shift, cudaStream_t stream) {
+  // float16 is refused: e^{z − shift} down to e^{−2·shift} does not fit its exponent range.
+  if ((dtype != MMKD_FLOAT32 && dtype != MMKD_BFLOAT16) || !valid_sizes(n_a, n_b, d) || !(shift >= 0.0f) ||
+      shift > MMKD_FIXED_SHIFT_MAX)
+    return cudaErrorInvalidValue;
+  if (n_a == 0) return cudaSuccess;
+  if (d == 0) return mmkd_contrastive_lse(dtype, A, B, inv_a, inv_b, targets, lse_out, loss, n_a, n_b, d, stride_a,
+                                          stride_ad, stride_b, stride_bd, scale, stream);
+  if (dtype == MMKD_FLOAT32)
+    return lse_grad_of_width<float>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a, stride_ad,
+                                    stride_b, stride_bd, scale, shift, stream);
+  return lse_grad_of_width<__nv_bfloat16>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a,
+                                          stride_ad, stride_b, stride_bd, scale, shift, stream);
 }

@@ -55,6 +55,23 @@ int mmkd_contrastive_lse(int dtype, const void* A, const void* B, const float* i
                          int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale,
                          cudaStream_t stream);
 
+/* The largest shift mmkd_contrastive_lse_grad takes: e^{−2·40} is still a normal float32. */
+#define MMKD_FIXED_SHIFT_MAX 40.0f
+
+/* mmkd_contrastive_lse and the row term of mmkd_contrastive_grad with g = 1 (the gradient of
+ * Σ_a loss[a]) in one pass over z, for inputs whose every |z[a, b]| ≤ shift ≤ MMKD_FIXED_SHIFT_MAX
+ * (normalized rows: shift = |scale|). The sums are taken as Σ e^{z − shift}: no running max, so
+ * the gradient's accumulator needs no rescaling.
+ *   dtype: MMKD_FLOAT32 or MMKD_BFLOAT16 (float16 cannot hold e^{−2·shift}: use the two calls).
+ *   A, B, inv_a, inv_b, targets as for mmkd_contrastive_lse.
+ * Writes lse and loss (n_a,) as mmkd_contrastive_lse does, and dA (n_a, d) float32, contiguous:
+ * dA[a, :] = scale · Σ_b (softmax_b(z[a, :]) − [b = targets[a]]) · inv_b[b] · B_b, the target's
+ * term expm1(−loss[a]) (exact where the softmax rounds to 1). */
+int mmkd_contrastive_lse_grad(int dtype, const void* A, const void* B, const float* inv_a, const float* inv_b,
+                              const int64_t* targets, float* lse, float* loss, float* dA, int64_t n_a, int64_t n_b,
+                              int64_t d, int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd,
+                              float scale, float shift, cudaStream_t stream);
+
 /* Gradient with respect to the scaled rows Â_a = inv_a[a] · A_a:
  *   dA[a, :] = scale · Σ_b dz[a, b] · inv_b[b] · B_b,
  *   dz[a, b] = g_a[a] (exp(z[a, b] − lse_a[a]) − [b = t_a[a]])      (row term)

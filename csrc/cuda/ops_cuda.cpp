@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -134,6 +135,28 @@ at::Tensor grad_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   return da;
 }
 
+// (lse (n_a,), loss (n_a,), dÂ (n_a, D)) of the row term with g = 1, in one pass: normalized rows
+// (|z| ≤ |scale|, the fixed shift) and a dtype whose exponent range holds e^{−2|scale|}.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_grad_by_rows(const at::Tensor& a, const at::Tensor& b,
+                                                                const at::Tensor& inv_a, const at::Tensor& inv_b,
+                                                                const at::Tensor& targets, double scale) {
+  at::Tensor lse = at::empty({a.size(0)}, floats(a));
+  at::Tensor loss = at::empty_like(lse);
+  at::Tensor da = at::empty({a.size(0), a.size(1)}, floats(a));
+  check_launch(mmkd_contrastive_lse_grad(dtype_code(a, "q"), a.data_ptr(), b.data_ptr(), inv_a.data_ptr<float>(),
+                                         inv_b.data_ptr<float>(), targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
+                                         loss.data_ptr<float>(), da.data_ptr<float>(), a.size(0), b.size(0),
+                                         a.size(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                         static_cast<float>(scale), static_cast<float>(std::abs(scale)), stream()),
+               "mmkd_contrastive_lse_grad");
+  return {lse, loss, da};
+}
+
+// Whether lse_grad_by_rows serves the rows of q (see mmkd_contrastive_lse_grad).
+bool one_pass(const at::Tensor& q, bool normalize, double scale) {
+  return normalize && std::abs(scale) <= MMKD_FIXED_SHIFT_MAX && q.scalar_type() != at::kHalf;
+}
+
 // Targets as contiguous int64, one per row of q.
 at::Tensor row_targets(const at::Tensor& targets, const at::Tensor& q) {
   check_vector(targets, "targets", q.size(0), q);
@@ -207,11 +230,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad(con
   const at::Tensor t = row_targets(targets, qc);
   const at::Tensor inv_q = inverse_norms(qc, normalize);
   const at::Tensor inv_k = inverse_norms(kc, normalize);
-  auto [lse_rows, loss_rows] = lse_by_rows(qc, kc, inv_q, inv_k, t, scale);
+  const bool fused_q = need_q && one_pass(qc, normalize, scale);
+  at::Tensor lse_rows, loss_rows, dq_hat;
+  if (fused_q) {
+    std::tie(lse_rows, loss_rows, dq_hat) = lse_grad_by_rows(qc, kc, inv_q, inv_k, t, scale);
+  } else {
+    std::tie(lse_rows, loss_rows) = lse_by_rows(qc, kc, inv_q, inv_k, t, scale);
+  }
   const Term row_term = make_term(lse_rows, at::ones_like(lse_rows), t, loss_rows);
   at::Tensor dq = lse_rows.new_empty({0});
   at::Tensor dk = lse_rows.new_empty({0});
-  if (need_q) dq = input_grad(grad_rows(qc, kc, inv_q, inv_k, &row_term, nullptr, scale), qc, normalize);
+  if (need_q) {
+    dq = input_grad(fused_q ? dq_hat : grad_rows(qc, kc, inv_q, inv_k, &row_term, nullptr, scale), qc, normalize);
+  }
   if (need_k) dk = input_grad(grad_rows(kc, qc, inv_k, inv_q, nullptr, &row_term, scale), kc, normalize);
   return {loss_rows.sum(), dq, dk};
 }

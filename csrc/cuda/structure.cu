@@ -10,7 +10,8 @@
 // - grad_kernel: recomputes the tiles, turns the per-row statistics into dG of one side (student
 //   or teacher), and accumulates dG X̂ for a block of rows (cols = false, row-parallel) or dGᵀ X̂
 //   for a block of columns (cols = true, column-parallel): G = X̂X̂ᵀ gets both, without atomics.
-//   Like the Triton kernels it recomputes the tiles once per 64-wide chunk of the output's D.
+//   A block holds CHUNKS 64-wide chunks of the output's D (tiles.cuh: 2 for D ≤ 128, else 6), so
+//   the tiles are recomputed once per 64 · CHUNKS output columns (once at D = 384).
 //
 // Tiles 64 × 64, D in chunks of 32, 256 threads; float32 by FMA, float16/bfloat16 by WMMA tensor
 // cores, float32 accumulation (tiles.cuh). Dynamic shared memory (float32 / half inputs): rows
@@ -206,8 +207,8 @@ struct GradLayout {
 };
 
 // DX (rows of the output: computed rows from row_start when cols is false, all n rows when true),
-// 64-wide chunk blockIdx.y of its dx columns: Σ over the other index of dG (of SIDE) · X̂.
-template <typename T, int KIND>
+// output chunks blockIdx.y · CHUNKS .. of its dx columns: Σ over the other index of dG (of SIDE) · X̂.
+template <typename T, int KIND, int CHUNKS>
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const T* __restrict__ S, const T* __restrict__ Tm, const float* __restrict__ inv_s,
                 const float* __restrict__ inv_t, const float* __restrict__ stats, const float* __restrict__ grad,
@@ -239,11 +240,11 @@ __global__ void __launch_bounds__(kThreads)
 
   const int tid = threadIdx.x;
   const int64_t fixed = static_cast<int64_t>(blockIdx.x) * kBlock;  // this block's rows (local) or columns
-  const int64_t do0 = static_cast<int64_t>(blockIdx.y) * kBlock;
+  const int64_t do_first = static_cast<int64_t>(blockIdx.y) * kBlock * CHUNKS;
   const int64_t a_end = row_start + row_count;
 
-  OutAcc<T> acc;
-  acc.zero();
+  OutAccs<T, CHUNKS> accs;
+  accs.zero();
   const int64_t steps = cols ? row_count : n;
   for (int64_t step = 0; step < steps; step += kBlock) {
     const int64_t local0 = cols ? step : fixed;  // tile rows row_start + local0 + i
@@ -323,13 +324,13 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     if (cols) {
-      accumulate_px<T>(Pm, X, a_first, a_end, x_row, x_col, do0, dx, stage, acc);
+      accumulate_px_chunks<T, CHUNKS>(Pm, X, a_first, a_end, x_row, x_col, do_first, dx, stage, accs);
     } else {
-      accumulate_px<T>(Pm, X, b0, n, x_row, x_col, do0, dx, stage, acc);
+      accumulate_px_chunks<T, CHUNKS>(Pm, X, b0, n, x_row, x_col, do_first, dx, stage, accs);
     }
   }
   __syncthreads();  // no thread reads Gs any more: store_out may stage in it
-  store_out<T>(acc, dX, fixed, cols ? n : row_count, do0, dx, Gs);
+  store_out_chunks<T, CHUNKS>(accs, dX, fixed, cols ? n : row_count, do_first, dx, Gs);
 }
 
 bool valid_dtype_and_kind(int dtype, int kind) {
@@ -353,17 +354,30 @@ int rows(const void* S, const void* Tm, const float* inv_s, const float* inv_t, 
                 t_row, t_col, scale);
 }
 
+template <typename T, int KIND, int CHUNKS>
+int grad_chunks(bool cols, int side, const void* S, const void* Tm, const float* inv_s, const float* inv_t,
+                const float* stats, const float* grad_weights, float* dX, int64_t n, int64_t row_start,
+                int64_t row_count, int64_t ds, int64_t dt, int64_t s_row, int64_t s_col, int64_t t_row,
+                int64_t t_col, float scale, cudaStream_t stream) {
+  const unsigned int out_blocks = blocks_of(cols ? n : row_count, 0x7fffffff);
+  const unsigned int d_groups = output_groups(side == MMKD_STUDENT ? ds : dt, CHUNKS);
+  if (out_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
+  return launch(grad_kernel<T, KIND, CHUNKS>, dim3(out_blocks, d_groups), GradLayout<T>::kTotal, stream,
+                static_cast<const T*>(S), static_cast<const T*>(Tm), inv_s, inv_t, stats, grad_weights, dX, n,
+                row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale, side, cols);
+}
+
 template <typename T, int KIND>
 int grad(bool cols, int side, const void* S, const void* Tm, const float* inv_s, const float* inv_t,
          const float* stats, const float* grad_weights, float* dX, int64_t n, int64_t row_start, int64_t row_count,
          int64_t ds, int64_t dt, int64_t s_row, int64_t s_col, int64_t t_row, int64_t t_col, float scale,
          cudaStream_t stream) {
-  const unsigned int out_blocks = blocks_of(cols ? n : row_count, 0x7fffffff);
-  const unsigned int d_blocks = blocks_of(side == MMKD_STUDENT ? ds : dt, 65535);
-  if (out_blocks == 0 || d_blocks == 0) return cudaErrorInvalidValue;
-  return launch(grad_kernel<T, KIND>, dim3(out_blocks, d_blocks), GradLayout<T>::kTotal, stream,
-                static_cast<const T*>(S), static_cast<const T*>(Tm), inv_s, inv_t, stats, grad_weights, dX, n,
-                row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale, side, cols);
+  if (output_chunks(side == MMKD_STUDENT ? ds : dt) == kNarrowChunks)
+    return grad_chunks<T, KIND, kNarrowChunks>(cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n,
+                                               row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale,
+                                               stream);
+  return grad_chunks<T, KIND, kWideChunks>(cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
+                                           row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
 }
 
 template <typename T>

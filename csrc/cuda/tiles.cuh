@@ -1,6 +1,7 @@
 // What the CUDA kernels of contrastive.cu and structure.cu share (the CUDA twin of
 // mmkd_kernels/triton/tiles.py): a 64×64 similarity tile of raw dot products in shared memory,
-// and a 64×64 output accumulator that a kernel grows by (64×64 operand tile) · (64 rows of X).
+// and 64×64 output accumulators (one per output chunk, up to kWideChunks side by side) that a
+// kernel grows by (64×64 operand tile) · (64 rows of X).
 //
 // Tiles: 256 threads (8 warps) per block; a tile is kBlock = 64 rows × 64 columns; D is read in
 // kChunk = 32 wide chunks, masked at its tail; an output D chunk is kBlock = 64 wide.
@@ -54,6 +55,7 @@ struct Traits<float> {
   static constexpr int kStagePitch = kChunk + 1;    // odd: conflict-free reads down a column
   static constexpr int kOperandPitch = kBlock + 4;  // P (dz or dG) and X tiles
   __device__ static float from_float(float x) { return x; }
+  __device__ static float to_float(float x) { return x; }
 };
 
 template <>
@@ -61,6 +63,7 @@ struct Traits<__half> {
   static constexpr int kStagePitch = kChunk + 8;    // WMMA: a multiple of 8 halves (16 bytes)
   static constexpr int kOperandPitch = kBlock + 8;
   __device__ static __half from_float(float x) { return __float2half_rn(x); }
+  __device__ static float to_float(__half x) { return __half2float(x); }
 };
 
 template <>
@@ -68,6 +71,7 @@ struct Traits<__nv_bfloat16> {
   static constexpr int kStagePitch = kChunk + 8;
   static constexpr int kOperandPitch = kBlock + 8;
   __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 };
 
 template <typename T>
@@ -266,13 +270,18 @@ __device__ void accumulate_px(const T* Pm, const T* __restrict__ X, int64_t x_fi
   }
 }
 
-// out[(out_first + i) · dx + do0 + j] = acc[i][j] for out_first + i < out_end and do0 + j < dx
-// (out is row-major with row length dx). scratch is a kTileBytes buffer that no thread reads any
-// more (the WMMA path stages its fragments there); the caller has passed a barrier since its last
-// reads.
-template <typename T>
+// The value a gradient kernel stores is its accumulator's, unless it gives store_out an epilogue.
+struct StoreAsIs {
+  __device__ float operator()(int /*i*/, int64_t /*col*/, float v) const { return v; }
+};
+
+// out[(out_first + i) · dx + do0 + j] = epilogue(i, do0 + j, acc[i][j]) for out_first + i < out_end
+// and do0 + j < dx (out is row-major with row length dx). scratch is a kTileBytes buffer that no
+// thread reads any more (the WMMA path stages its fragments there); the caller has passed a barrier
+// since its last reads.
+template <typename T, typename Epilogue = StoreAsIs>
 __device__ void store_out(const OutAcc<T>& acc, float* __restrict__ out, int64_t out_first, int64_t out_end,
-                          int64_t do0, int64_t dx, float* scratch) {
+                          int64_t do0, int64_t dx, float* scratch, Epilogue epilogue = Epilogue{}) {
   if constexpr (kIsFloat<T>) {
     const int tx = threadIdx.x % 16;
     const int ty = threadIdx.x / 16;
@@ -282,7 +291,7 @@ __device__ void store_out(const OutAcc<T>& acc, float* __restrict__ out, int64_t
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const int64_t col = do0 + tx + 16 * j;
-        if (row < out_end && col < dx) out[row * dx + col] = acc.v[i][j];
+        if (row < out_end && col < dx) out[row * dx + col] = epilogue(ty + 16 * i, col, acc.v[i][j]);
       }
     }
   } else {
@@ -301,7 +310,67 @@ __device__ void store_out(const OutAcc<T>& acc, float* __restrict__ out, int64_t
       const int j = e % kBlock;
       const int64_t row = out_first + i;
       const int64_t col = do0 + j;
-      if (row < out_end && col < dx) out[row * dx + col] = scratch[i * kTilePitch + j];
+      if (row < out_end && col < dx) out[row * dx + col] = epilogue(i, col, scratch[i * kTilePitch + j]);
+    }
+  }
+}
+
+// Output chunks held side by side: a gradient block accumulates CHUNKS kBlock-wide chunks of the
+// output's D at once, so that each similarity tile is computed once per kBlock · CHUNKS output
+// columns instead of once per kBlock (at D = 384, once instead of six times). Two widths are built:
+// kNarrowChunks for D ≤ 128 and kWideChunks above (D = 384 in one block, D = 768 in two); chunks
+// that start at or past D are skipped at run time. Registers: 16 floats of accumulator per chunk
+// and thread.
+constexpr int kNarrowChunks = 2;
+constexpr int kWideChunks = 6;
+
+inline int output_chunks(int64_t d) { return d <= kNarrowChunks * kBlock ? kNarrowChunks : kWideChunks; }
+
+// Blocks of kBlock · chunks output columns covering d (d > 0), or 0 above a grid's y limit.
+inline unsigned int output_groups(int64_t d, int chunks) {
+  const int64_t width = static_cast<int64_t>(kBlock) * chunks;
+  const int64_t groups = (d + width - 1) / width;
+  return groups <= 65535 ? static_cast<unsigned int>(groups) : 0u;
+}
+
+template <typename T, int CHUNKS>
+struct OutAccs {
+  OutAcc<T> chunk[CHUNKS];
+  __device__ void zero() {
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) chunk[c].zero();
+  }
+};
+
+// accs.chunk[c] += Pm · X[x_first .., do_first + c · kBlock ..] for each chunk that starts before
+// dx: accumulate_px, chunk after chunk, with its contract, and a barrier between chunks (each
+// reloads Xs).
+template <typename T, int CHUNKS>
+__device__ void accumulate_px_chunks(const T* Pm, const T* __restrict__ X, int64_t x_first, int64_t x_end,
+                                     int64_t x_row, int64_t x_col, int64_t do_first, int64_t dx, T* Xs,
+                                     OutAccs<T, CHUNKS>& accs) {
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int64_t do0 = do_first + static_cast<int64_t>(c) * kBlock;
+    if (do0 < dx) {  // uniform over the block
+      if (c > 0) __syncthreads();  // every thread is done reading the previous chunk's X tile
+      accumulate_px<T>(Pm, X, x_first, x_end, x_row, x_col, do0, dx, Xs, accs.chunk[c]);
+    }
+  }
+}
+
+// store_out of each chunk that starts before dx (same contract), a barrier between chunks (each
+// stages its fragments in scratch).
+template <typename T, int CHUNKS, typename Epilogue = StoreAsIs>
+__device__ void store_out_chunks(const OutAccs<T, CHUNKS>& accs, float* __restrict__ out, int64_t out_first,
+                                 int64_t out_end, int64_t do_first, int64_t dx, float* scratch,
+                                 Epilogue epilogue = Epilogue{}) {
+#pragma unroll
+  for (int c = 0; c < CHUNKS; ++c) {
+    const int64_t do0 = do_first + static_cast<int64_t>(c) * kBlock;
+    if (do0 < dx) {
+      if (c > 0) __syncthreads();  // every thread is done reading the previous chunk's staging
+      store_out<T>(accs.chunk[c], out, out_first, out_end, do0, dx, scratch, epilogue);
     }
   }
 }
