@@ -108,10 +108,9 @@ def launchers(tmp_path_factory):
     lib.mmkd_contrastive_lse_grad.argtypes = [i32] + [p] * 8 + [i64] * 7 + [f32, f32, p]
     lib.mmkd_contrastive_grad.argtypes = [i32] + [p] * 13 + [i64] * 7 + [f32, p]
     lib.mmkd_structure_rows.argtypes = [i32, i32] + [p] * 6 + [i64] * 9 + [f32, p]
-    lib.mmkd_structure_grad_rows.argtypes = [i32, i32, i32] + [p] * 7 + [i64] * 9 + [f32, p]
-    lib.mmkd_structure_grad_cols.argtypes = lib.mmkd_structure_grad_rows.argtypes
-    for name in ("mmkd_contrastive_lse", "mmkd_contrastive_lse_grad", "mmkd_contrastive_grad", "mmkd_structure_rows", "mmkd_structure_grad_rows",
-                 "mmkd_structure_grad_cols"):
+    lib.mmkd_structure_grad.argtypes = [i32, i32, i32] + [p] * 7 + [i64] * 9 + [f32, p]
+    for name in ("mmkd_contrastive_lse", "mmkd_contrastive_lse_grad", "mmkd_contrastive_grad", "mmkd_structure_rows",
+                 "mmkd_structure_grad"):
         getattr(lib, name).restype = i32
     return lib
 
@@ -248,15 +247,10 @@ def _structure_rows(lib, s, t, inv_s, inv_t, kind, scale, row_start, row_count):
 
 def _side_grad(lib, s, t, inv_s, inv_t, stats, grad, kind, scale, row_start, row_count, side):
     n, d = (s if side == STUDENT else t).shape
-    args = (DTYPE_CODES[s.dtype], KIND_CODES[kind], side, _ptr(s), _ptr(t), _ptr(inv_s), _ptr(inv_t), _ptr(stats),
-            _ptr(grad))
-    rows_part = torch.empty(row_count, d)
-    _check(lib.mmkd_structure_grad_rows(*args, _ptr(rows_part), *_structure_args(s, t, scale, row_start, row_count)),
-           "mmkd_structure_grad_rows")
     d_hat = torch.empty(n, d)
-    _check(lib.mmkd_structure_grad_cols(*args, _ptr(d_hat), *_structure_args(s, t, scale, row_start, row_count)),
-           "mmkd_structure_grad_cols")
-    d_hat[row_start:row_start + row_count] += rows_part
+    _check(lib.mmkd_structure_grad(DTYPE_CODES[s.dtype], KIND_CODES[kind], side, _ptr(s), _ptr(t), _ptr(inv_s),
+                                   _ptr(inv_t), _ptr(stats), _ptr(grad), _ptr(d_hat),
+                                   *_structure_args(s, t, scale, row_start, row_count)), "mmkd_structure_grad")
     return d_hat
 
 
@@ -449,8 +443,8 @@ def test_launchers_refuse_bad_arguments_and_skip_empty_work(launchers):
     # A bad kind or side, rows outside [0, n).
     assert lib.mmkd_structure_rows(0, 3, *none, None, 5, 0, 0, 1, 1, 1, 1, 1, 1, 1.0, None) == invalid
     assert lib.mmkd_structure_rows(0, 0, *none, None, 5, 3, 3, 1, 1, 1, 1, 1, 1, 1.0, None) == invalid
-    assert lib.mmkd_structure_grad_cols(0, 0, 2, *none, None, None, 5, 0, 5, 1, 1, 1, 1, 1, 1, 1.0, None) == invalid
-    # row_count = 0: the column part still writes its (zero) gradient.
+    assert lib.mmkd_structure_grad(0, 0, 2, *none, None, None, 5, 0, 5, 1, 1, 1, 1, 1, 1, 1.0, None) == invalid
+    # row_count = 0: the gradient is still written (zeros).
     s, t = randn(10, 4, seed=11), randn(10, 3, seed=12)
     d_hat = _side_grad(lib, s, t, torch.ones(10), torch.ones(10), torch.zeros(0, 5), torch.zeros(0), "pearson", 1.0,
                        4, 0, STUDENT)

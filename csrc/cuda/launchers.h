@@ -111,26 +111,17 @@ int mmkd_structure_rows(int dtype, int kind, const void* S, const void* T, const
                         int64_t dt, int64_t stride_s, int64_t stride_sd, int64_t stride_t, int64_t stride_td,
                         float scale, cudaStream_t stream);
 
-/* The two halves of the gradient of Σ_r grad[r] · loss[r] with respect to the normalized rows X̂
- * of one side (X = S for side MMKD_STUDENT, T for MMKD_TEACHER; its width dx = ds or dt), from the
- * statistics of mmkd_structure_rows (stats (row_count, 5), grad (row_count,) float32). With dG
- * the gradient of that side's similarity matrix on the computed rows (zero on the diagonal),
- * G = X̂X̂ᵀ gives dX̂ = dG X̂ (on the computed rows) + dGᵀ X̂ (on all rows).
- *
- * mmkd_structure_grad_rows writes dx_rows (row_count, dx) float32: row r = Σ_j dG[row_start + r, j] X̂_j.
- * mmkd_structure_grad_cols writes dx_cols (n, dx) float32: row j = Σ_i dG[i, j] X̂_i over the
- * computed rows i. The caller adds dx_rows into rows [row_start, row_start + row_count) of dx_cols. */
-int mmkd_structure_grad_rows(int dtype, int kind, int side, const void* S, const void* T, const float* inv_s,
-                             const float* inv_t, const float* stats, const float* grad, float* dx_rows, int64_t n,
-                             int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t stride_s,
-                             int64_t stride_sd, int64_t stride_t, int64_t stride_td, float scale,
-                             cudaStream_t stream);
-
-int mmkd_structure_grad_cols(int dtype, int kind, int side, const void* S, const void* T, const float* inv_s,
-                             const float* inv_t, const float* stats, const float* grad, float* dx_cols, int64_t n,
-                             int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t stride_s,
-                             int64_t stride_sd, int64_t stride_t, int64_t stride_td, float scale,
-                             cudaStream_t stream);
+/* The gradient of Σ_r grad[r] · loss[r] with respect to the normalized rows X̂ of one side (X = S
+ * for side MMKD_STUDENT, T for MMKD_TEACHER; its width dx = ds or dt), from the statistics of
+ * mmkd_structure_rows (stats (row_count, 5), grad (row_count,) float32). With dG the gradient of
+ * that side's similarity matrix on the computed rows (zero on the diagonal), G = X̂X̂ᵀ gives
+ * dX̂ = dG X̂ (on the computed rows) + dGᵀ X̂ (on all rows).
+ * Writes dx (n, dx) float32, contiguous: row j = Σ_i (dG[j, i] + dG[i, j]) X̂_i, each term where its
+ * row of dG is a computed row (all zeros when row_count = 0). */
+int mmkd_structure_grad(int dtype, int kind, int side, const void* S, const void* T, const float* inv_s,
+                        const float* inv_t, const float* stats, const float* grad, float* dx, int64_t n,
+                        int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t stride_s,
+                        int64_t stride_sd, int64_t stride_t, int64_t stride_td, float scale, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -287,27 +287,18 @@ std::tuple<at::Tensor, at::Tensor> rows(const at::Tensor& s, const at::Tensor& t
   return {loss, stats};
 }
 
-// dx̂ (N, D_side) float32 of one side: the row part on the computed rows plus the column part.
+// dx̂ (N, D_side) float32 of one side: the row terms of the computed rows and the column terms.
 at::Tensor side_grad(const at::Tensor& s, const at::Tensor& t, const at::Tensor& inv_s, const at::Tensor& inv_t,
                      const at::Tensor& stats, const at::Tensor& grad, int kind, double scale, int64_t row_start,
                      int64_t row_count, int side) {
   const at::Tensor& x = side == MMKD_STUDENT ? s : t;
-  const int64_t n = x.size(0), d = x.size(1);
-  at::Tensor rows_part = at::empty({row_count, d}, floats(x));
-  check_launch(mmkd_structure_grad_rows(dtype_code(s, "s"), kind, side, s.data_ptr(), t.data_ptr(),
-                                        inv_s.data_ptr<float>(), inv_t.data_ptr<float>(), stats.data_ptr<float>(),
-                                        grad.data_ptr<float>(), rows_part.data_ptr<float>(), n, row_start, row_count,
-                                        s.size(1), t.size(1), s.stride(0), s.stride(1), t.stride(0), t.stride(1),
-                                        static_cast<float>(scale), stream()),
-               "mmkd_structure_grad_rows");
-  at::Tensor d_hat = at::empty({n, d}, floats(x));
-  check_launch(mmkd_structure_grad_cols(dtype_code(s, "s"), kind, side, s.data_ptr(), t.data_ptr(),
-                                        inv_s.data_ptr<float>(), inv_t.data_ptr<float>(), stats.data_ptr<float>(),
-                                        grad.data_ptr<float>(), d_hat.data_ptr<float>(), n, row_start, row_count,
-                                        s.size(1), t.size(1), s.stride(0), s.stride(1), t.stride(0), t.stride(1),
-                                        static_cast<float>(scale), stream()),
-               "mmkd_structure_grad_cols");
-  d_hat.narrow(0, row_start, row_count).add_(rows_part);
+  at::Tensor d_hat = at::empty({x.size(0), x.size(1)}, floats(x));
+  check_launch(mmkd_structure_grad(dtype_code(s, "s"), kind, side, s.data_ptr(), t.data_ptr(), inv_s.data_ptr<float>(),
+                                   inv_t.data_ptr<float>(), stats.data_ptr<float>(), grad.data_ptr<float>(),
+                                   d_hat.data_ptr<float>(), x.size(0), row_start, row_count, s.size(1), t.size(1),
+                                   s.stride(0), s.stride(1), t.stride(0), t.stride(1), static_cast<float>(scale),
+                                   stream()),
+               "mmkd_structure_grad");
   return d_hat;
 }
 

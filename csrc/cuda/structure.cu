@@ -7,15 +7,16 @@
 //   means, centered sums of squares and cross-sums merged tile by tile with Chan et al.'s formulas
 //   (each tile centered on its own means); kl two online softmaxes and the running Σ P·(a − b).
 //   Writes the per-row losses and the statistics the gradient needs ([row_count, 5]).
-// - grad_kernel: recomputes the tiles, turns the per-row statistics into dG of one side (student
-//   or teacher), and accumulates dG X̂ for a block of rows (cols = false, row-parallel) or dGᵀ X̂
-//   for a block of columns (cols = true, column-parallel): G = X̂X̂ᵀ gets both, without atomics.
-//   A block holds CHUNKS 64-wide chunks of the output's D (tiles.cuh: 2 for D ≤ 128, else 6), so
-//   the tiles are recomputed once per 64 · CHUNKS output columns (once at D = 384).
+// - grad_kernel: recomputes the tiles and turns the per-row statistics into dG of one side (student
+//   or teacher). For a block of 64 rows j (of all n) it accumulates Σ_i (dG_ji + dG_ij) X̂_i: G is
+//   symmetric, so one tile of rows j × columns i gives the row term (row j's coefficients) and the
+//   column term (row i's), each tile is computed once per gradient, and no atomics. A block holds
+//   CHUNKS 64-wide chunks of the output's D (tiles.cuh: 2 for D ≤ 128, else 6), so the tiles are
+//   computed once per 64 · CHUNKS output columns (once at D = 384).
 //
 // Tiles 64 × 64, D in chunks of 32, 256 threads; float32 by FMA, float16/bfloat16 by WMMA tensor
 // cores, float32 accumulation (tiles.cuh). Dynamic shared memory (float32 / half inputs): rows
-// 51.5 / 45 KiB, grad 70 / 55 KiB (opted in above 48 KiB).
+// 51.5 / 45 KiB, grad 71.5 / 56.5 KiB (opted in above 48 KiB).
 //
 // Validation: compiled with nvcc -arch=sm_90 and run on the CPU under emulation/ against the chunked
 // backend (tests/test_cuda_sources.py); a run on a GPU is still owed.
@@ -192,28 +193,113 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The per-row coefficients that turn a tile's (gs, gt) into dG of one side (see dg below), from a
+// computed row's statistics and its loss weight g.
+template <int KIND>
+__device__ void coefficients(const float* st, float g, int64_t n, float scale, bool student, float k[4]) {
+  k[0] = k[1] = k[2] = k[3] = 0.0f;
+  if constexpr (KIND == MMKD_MSE) {
+    k[0] = 2.0f * g / static_cast<float>(n - 1);  // dG^S = (gs − gt) · k0, dG^T its negative
+  } else if constexpr (KIND == MMKD_PEARSON) {
+    // loss_i = 1 − r_i: k0 mean_s, k1 mean_t, k2 g_r / denom, k3 the coefficient of the own side.
+    const float var_s = st[2], var_t = st[3], cov = st[4];
+    const float product = var_s * var_t;
+    const float denom = sqrtf(fmaxf(product, kEps2));
+    const float r = cov / denom;
+    const float g_r = -g;
+    const float var_own = student ? var_s : var_t;
+    k[0] = st[0];
+    k[1] = st[1];
+    k[2] = g_r / denom;
+    k[3] = product > kEps2 ? g_r * r / var_own : 0.0f;
+  } else {
+    // k0 lse_t, k1 lse_s, k2 the row's KL, k3 g · scale.
+    k[0] = st[0];
+    k[1] = st[1];
+    k[2] = st[2];
+    k[3] = g * scale;
+  }
+}
+
+// dG of one side at a pair of G^S = gs and G^T = gt, by the coefficients of the pair's row.
+template <int KIND>
+__device__ __forceinline__ float dg(float gs, float gt, float k0, float k1, float k2, float k3, float scale,
+                                    bool student) {
+  if constexpr (KIND == MMKD_MSE) {
+    const float d = (gs - gt) * k0;
+    return student ? d : -d;
+  } else if constexpr (KIND == MMKD_PEARSON) {
+    const float cs = gs - k0;
+    const float ct = gt - k1;
+    return student ? ct * k2 - cs * k3 : cs * k2 - ct * k3;
+  } else {
+    const float log_p = gt * scale - k0;
+    const float log_q = gs * scale - k1;
+    const float p = expf(log_p);
+    return student ? (expf(log_q) - p) * k3 : (p * ((log_p - log_q) - k2)) * k3;
+  }
+}
+
+// A block of 64 rows' vectors in shared memory: inverse norms of both sides, the coefficients k0..k3
+// and whether each is a computed row (1 or 0).
+struct RowVectors {
+  float* inv_s;
+  float* inv_t;
+  float* k[4];
+  float* computed;
+  static constexpr int kCount = 7;  // vectors of kBlock floats
+  __device__ RowVectors(float* base) : inv_s(base), inv_t(base + kBlock), computed(base + 6 * kBlock) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) k[c] = base + (2 + c) * kBlock;
+  }
+  // Entry r for row `first + r` (0 and not computed past `end`); threads 0 .. kBlock − 1 call it.
+  template <int KIND>
+  __device__ void load(int r, int64_t first, int64_t end, const float* inv_s_g, const float* inv_t_g,
+                       const float* stats, const float* grad, int64_t n, int64_t row_start, int64_t row_count,
+                       float scale, bool student) const {
+    const int64_t row = first + r;
+    const bool in = row < end;
+    const bool is_computed = in && row >= row_start && row < row_start + row_count;
+    inv_s[r] = in ? inv_s_g[row] : 0.0f;
+    inv_t[r] = in ? inv_t_g[row] : 0.0f;
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (is_computed) {
+      const int64_t local = row - row_start;
+      coefficients<KIND>(stats + local * MMKD_STRUCTURE_STATS, grad[local], n, scale, student, c);
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) k[q][r] = c[q];
+    computed[r] = is_computed ? 1.0f : 0.0f;
+  }
+};
+
 // Shared memory of grad_kernel: both similarity tiles, the dG operand tile, the D chunks sharing a
-// region with the X tile of the product, the tile rows' inverse norms and coefficients (6 vectors)
-// and the tile columns' inverse norms (2 vectors).
+// region with the X tile of the product, and the vectors of the block's rows j and of the tile's
+// rows i.
 template <typename T>
 struct GradLayout {
   static constexpr size_t kGs = 0;
   static constexpr size_t kGt = kGs + kTileBytes;
   static constexpr size_t kP = kGt + kTileBytes;
   static constexpr size_t kStage = kP + kOperandBytes<T>;
-  static constexpr size_t kEdges = kStage + kStageOrOperandBytes<T>;
-  static constexpr size_t kTotal = kEdges + round_up(8 * kBlock * sizeof(float));
+  static constexpr size_t kRowsJ = kStage + kStageOrOperandBytes<T>;
+  static constexpr size_t kRowsI = kRowsJ + round_up(RowVectors::kCount * kBlock * sizeof(float));
+  static constexpr size_t kTotal = kRowsI + round_up(RowVectors::kCount * kBlock * sizeof(float));
   static_assert(kTotal <= kMaxSharedBytes, "shared memory");
 };
 
-// DX (rows of the output: computed rows from row_start when cols is false, all n rows when true),
-// output chunks blockIdx.y · CHUNKS .. of its dx columns: Σ over the other index of dG (of SIDE) · X̂.
+// DX[j, chunks blockIdx.y · CHUNKS ..] = Σ_i (dG_ji + dG_ij) X̂_i for the block's 64 rows j (of all n),
+// X̂ of SIDE. G = X̂X̂ᵀ sends a computed row i's dG_ij to X̂_i (the row term) and to X̂_j (the column
+// term). G is symmetric, so the tile of rows j × columns i serves both terms of row j: its rows'
+// coefficients give dG_ji, and with the columns' coefficients the same values give dG_ij. Each tile
+// is computed once, and no atomics. A block without computed rows only has column terms: it loops
+// over the computed rows i alone.
 template <typename T, int KIND, int CHUNKS>
 __global__ void __launch_bounds__(kThreads)
     grad_kernel(const T* __restrict__ S, const T* __restrict__ Tm, const float* __restrict__ inv_s,
                 const float* __restrict__ inv_t, const float* __restrict__ stats, const float* __restrict__ grad,
                 float* __restrict__ dX, int64_t n, int64_t row_start, int64_t row_count, int64_t ds, int64_t dt,
-                int64_t s_row, int64_t s_col, int64_t t_row, int64_t t_col, float scale, int side, bool cols) {
+                int64_t s_row, int64_t s_col, int64_t t_row, int64_t t_col, float scale, int side) {
   unsigned char* smem = dynamic_smem();
   using L = GradLayout<T>;
   constexpr int OP = Traits<T>::kOperandPitch;
@@ -221,116 +307,58 @@ __global__ void __launch_bounds__(kThreads)
   float* Gt = reinterpret_cast<float*>(smem + L::kGt);
   T* Pm = reinterpret_cast<T*>(smem + L::kP);
   T* stage = reinterpret_cast<T*>(smem + L::kStage);  // dot_tile's chunks, then the X tile of dG·X
-  float* inv_sa = reinterpret_cast<float*>(smem + L::kEdges);
-  float* inv_ta = inv_sa + kBlock;
-  float* c0 = inv_ta + kBlock;  // per-row coefficients of dG, by KIND (see below)
-  float* c1 = c0 + kBlock;
-  float* c2 = c1 + kBlock;
-  float* c3 = c2 + kBlock;
-  float* inv_sb = c3 + kBlock;
-  float* inv_tb = inv_sb + kBlock;
+  const RowVectors rj(reinterpret_cast<float*>(smem + L::kRowsJ));
+  const RowVectors ri(reinterpret_cast<float*>(smem + L::kRowsI));
 
   const bool student = side == MMKD_STUDENT;  // uniform over the grid
   const T* X = student ? S : Tm;
   const int64_t dx = student ? ds : dt;
   const int64_t x_row = student ? s_row : t_row;
   const int64_t x_col = student ? s_col : t_col;
-  const float* inv_xa = student ? inv_sa : inv_ta;
-  const float* inv_xb = student ? inv_sb : inv_tb;
+  const float* inv_xi = student ? ri.inv_s : ri.inv_t;
 
   const int tid = threadIdx.x;
-  const int64_t fixed = static_cast<int64_t>(blockIdx.x) * kBlock;  // this block's rows (local) or columns
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBlock;
   const int64_t do_first = static_cast<int64_t>(blockIdx.y) * kBlock * CHUNKS;
-  const int64_t a_end = row_start + row_count;
+  const int64_t computed_end = row_start + row_count;
+  const bool has_rows = j0 < computed_end && j0 + kBlock > row_start;  // uniform over the block
+  const int64_t lo = has_rows ? 0 : row_start;
+  const int64_t hi = has_rows ? n : computed_end;
+  if (tid < kBlock) {
+    rj.load<KIND>(tid, j0, n, inv_s, inv_t, stats, grad, n, row_start, row_count, scale, student);
+  }
 
   OutAccs<T, CHUNKS> accs;
   accs.zero();
-  const int64_t steps = cols ? row_count : n;
-  for (int64_t step = 0; step < steps; step += kBlock) {
-    const int64_t local0 = cols ? step : fixed;  // tile rows row_start + local0 + i
-    const int64_t b0 = cols ? fixed : step;      // tile columns b0 + j
-    const int64_t a_first = row_start + local0;
-    __syncthreads();  // the previous tile's readers of Gs, Gt, Pm, the X tile and the vectors are done
+  for (int64_t i0 = lo; i0 < hi; i0 += kBlock) {
+    __syncthreads();  // the previous tile's readers of Gs, Gt, Pm, the X tile and ri are done
     if (tid < kBlock) {
-      const int64_t local = local0 + tid;
-      const bool in = local < row_count;
-      inv_sa[tid] = in ? inv_s[a_first + tid] : 0.0f;
-      inv_ta[tid] = in ? inv_t[a_first + tid] : 0.0f;
-      const float g = in ? grad[local] : 0.0f;
-      const float* st = stats + (in ? local : 0) * MMKD_STRUCTURE_STATS;
-      float k0 = 0.0f, k1 = 0.0f, k2 = 0.0f, k3 = 0.0f;
-      if (in) {
-        if constexpr (KIND == MMKD_MSE) {
-          k0 = 2.0f * g / static_cast<float>(n - 1);  // dG^S = (gs − gt) · k0, dG^T its negative
-        } else if constexpr (KIND == MMKD_PEARSON) {
-          // loss_i = 1 − r_i: k0 mean_s, k1 mean_t, k2 g_r / denom, k3 the coefficient of the own side.
-          const float var_s = st[2], var_t = st[3], cov = st[4];
-          const float product = var_s * var_t;
-          const float denom = sqrtf(fmaxf(product, kEps2));
-          const float r = cov / denom;
-          const float g_r = -g;
-          const float var_own = student ? var_s : var_t;
-          k0 = st[0];
-          k1 = st[1];
-          k2 = g_r / denom;
-          k3 = product > kEps2 ? g_r * r / var_own : 0.0f;
-        } else {
-          // k0 lse_t, k1 lse_s, k2 the row's KL, k3 g · scale.
-          k0 = st[0];
-          k1 = st[1];
-          k2 = st[2];
-          k3 = g * scale;
-        }
-      }
-      c0[tid] = k0;
-      c1[tid] = k1;
-      c2[tid] = k2;
-      c3[tid] = k3;
-    } else if (tid < 2 * kBlock) {
-      const int j = tid - kBlock;
-      const bool in = b0 + j < n;
-      inv_sb[j] = in ? inv_s[b0 + j] : 0.0f;
-      inv_tb[j] = in ? inv_t[b0 + j] : 0.0f;
+      ri.load<KIND>(tid, i0, hi, inv_s, inv_t, stats, grad, n, row_start, row_count, scale, student);
     }
-    dot_tile<T>(S, a_first, a_end, s_row, s_col, S, b0, n, s_row, s_col, ds, stage, Gs);
-    dot_tile<T>(Tm, a_first, a_end, t_row, t_col, Tm, b0, n, t_row, t_col, dt, stage, Gt);
+    dot_tile<T>(S, j0, n, s_row, s_col, S, i0, hi, s_row, s_col, ds, stage, Gs);
+    dot_tile<T>(Tm, j0, n, t_row, t_col, Tm, i0, hi, t_row, t_col, dt, stage, Gt);
 #pragma unroll 4
     for (int e = tid; e < kBlock * kBlock; e += kThreads) {
-      const int i = e / kBlock;
-      const int j = e % kBlock;
-      float dg = 0.0f;
-      if (local0 + i < row_count && b0 + j < n && a_first + i != b0 + j) {
-        const float gs = Gs[i * kTilePitch + j] * (inv_sa[i] * inv_sb[j]);
-        const float gt = Gt[i * kTilePitch + j] * (inv_ta[i] * inv_tb[j]);
-        if constexpr (KIND == MMKD_MSE) {
-          dg = (gs - gt) * c0[i];
-          if (!student) dg = -dg;
-        } else if constexpr (KIND == MMKD_PEARSON) {
-          const float cs = gs - c0[i];
-          const float ct = gt - c1[i];
-          dg = student ? ct * c2[i] - cs * c3[i] : cs * c2[i] - ct * c3[i];
-        } else {
-          const float log_p = gt * scale - c0[i];
-          const float log_q = gs * scale - c1[i];
-          const float p = expf(log_p);
-          dg = student ? (expf(log_q) - p) * c3[i] : (p * ((log_p - log_q) - c2[i])) * c3[i];
+      const int jl = e / kBlock;
+      const int il = e % kBlock;
+      float d = 0.0f;
+      if (j0 + jl < n && i0 + il < hi && j0 + jl != i0 + il) {
+        const float gs = Gs[jl * kTilePitch + il] * (rj.inv_s[jl] * ri.inv_s[il]);
+        const float gt = Gt[jl * kTilePitch + il] * (rj.inv_t[jl] * ri.inv_t[il]);
+        // The row term (dG_ji, row j's coefficients) and the column term (dG_ij, row i's).
+        if (rj.computed[jl] != 0.0f) {
+          d += dg<KIND>(gs, gt, rj.k[0][jl], rj.k[1][jl], rj.k[2][jl], rj.k[3][jl], scale, student);
+        }
+        if (ri.computed[il] != 0.0f) {
+          d += dg<KIND>(gs, gt, ri.k[0][il], ri.k[1][il], ri.k[2][il], ri.k[3][il], scale, student);
         }
       }
-      // Rows: (dG · inv_x[column]) X_column; columns: the transpose, (dGᵀ · inv_x[row]) X_row.
-      if (cols) {
-        Pm[j * OP + i] = Traits<T>::from_float(dg * inv_xa[i]);
-      } else {
-        Pm[i * OP + j] = Traits<T>::from_float(dg * inv_xb[j]);
-      }
+      Pm[jl * OP + il] = Traits<T>::from_float(d * inv_xi[il]);
     }
-    if (cols) {
-      accumulate_px_chunks<T, CHUNKS>(Pm, X, a_first, a_end, x_row, x_col, do_first, dx, stage, accs);
-    } else {
-      accumulate_px_chunks<T, CHUNKS>(Pm, X, b0, n, x_row, x_col, do_first, dx, stage, accs);
-    }
+    accumulate_px_chunks<T, CHUNKS>(Pm, X, i0, hi, x_row, x_col, do_first, dx, stage, accs);
   }
   __syncthreads();  // no thread reads Gs any more: store_out may stage in it
-  store_out_chunks<T, CHUNKS>(accs, dX, fixed, cols ? n : row_count, do_first, dx, Gs);
+  store_out_chunks<T, CHUNKS>(accs, dX, j0, n, do_first, dx, Gs);
 }
 
 bool valid_dtype_and_kind(int dtype, int kind) {
@@ -355,28 +383,26 @@ int rows(const void* S, const void* Tm, const float* inv_s, const float* inv_t, 
 }
 
 template <typename T, int KIND, int CHUNKS>
-int grad_chunks(bool cols, int side, const void* S, const void* Tm, const float* inv_s, const float* inv_t,
-                const float* stats, const float* grad_weights, float* dX, int64_t n, int64_t row_start,
-                int64_t row_count, int64_t ds, int64_t dt, int64_t s_row, int64_t s_col, int64_t t_row,
-                int64_t t_col, float scale, cudaStream_t stream) {
-  const unsigned int out_blocks = blocks_of(cols ? n : row_count, 0x7fffffff);
+int grad_chunks(int side, const void* S, const void* Tm, const float* inv_s, const float* inv_t, const float* stats,
+                const float* grad_weights, float* dX, int64_t n, int64_t row_start, int64_t row_count, int64_t ds,
+                int64_t dt, int64_t s_row, int64_t s_col, int64_t t_row, int64_t t_col, float scale,
+                cudaStream_t stream) {
+  const unsigned int row_blocks = blocks_of(n, 0x7fffffff);
   const unsigned int d_groups = output_groups(side == MMKD_STUDENT ? ds : dt, CHUNKS);
-  if (out_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
-  return launch(grad_kernel<T, KIND, CHUNKS>, dim3(out_blocks, d_groups), GradLayout<T>::kTotal, stream,
+  if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
+  return launch(grad_kernel<T, KIND, CHUNKS>, dim3(row_blocks, d_groups), GradLayout<T>::kTotal, stream,
                 static_cast<const T*>(S), static_cast<const T*>(Tm), inv_s, inv_t, stats, grad_weights, dX, n,
-                row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale, side, cols);
+                row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale, side);
 }
 
 template <typename T, int KIND>
-int grad(bool cols, int side, const void* S, const void* Tm, const float* inv_s, const float* inv_t,
-         const float* stats, const float* grad_weights, float* dX, int64_t n, int64_t row_start, int64_t row_count,
-         int64_t ds, int64_t dt, int64_t s_row, int64_t s_col, int64_t t_row, int64_t t_col, float scale,
-         cudaStream_t stream) {
+int grad(int side, const void* S, const void* Tm, const float* inv_s, const float* inv_t, const float* stats,
+         const float* grad_weights, float* dX, int64_t n, int64_t row_start, int64_t row_count, int64_t ds,
+         int64_t dt, int64_t s_row, int64_t s_col, int64_t t_row, int64_t t_col, float scale, cudaStream_t stream) {
   if (output_chunks(side == MMKD_STUDENT ? ds : dt) == kNarrowChunks)
-    return grad_chunks<T, KIND, kNarrowChunks>(cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n,
-                                               row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale,
-                                               stream);
-  return grad_chunks<T, KIND, kWideChunks>(cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
+    return grad_chunks<T, KIND, kNarrowChunks>(side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
+                                               row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
+  return grad_chunks<T, KIND, kWideChunks>(side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
                                            row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
 }
 
@@ -400,44 +426,20 @@ int rows_of_kind(int kind, const void* S, const void* Tm, const float* inv_s, co
 }
 
 template <typename T>
-int grad_of_kind(int kind, bool cols, int side, const void* S, const void* Tm, const float* inv_s,
-                 const float* inv_t, const float* stats, const float* grad_weights, float* dX, int64_t n,
-                 int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t s_row, int64_t s_col,
-                 int64_t t_row, int64_t t_col, float scale, cudaStream_t stream) {
+int grad_of_kind(int kind, int side, const void* S, const void* Tm, const float* inv_s, const float* inv_t,
+                 const float* stats, const float* grad_weights, float* dX, int64_t n, int64_t row_start,
+                 int64_t row_count, int64_t ds, int64_t dt, int64_t s_row, int64_t s_col, int64_t t_row,
+                 int64_t t_col, float scale, cudaStream_t stream) {
   switch (kind) {
     case MMKD_MSE:
-      return grad<T, MMKD_MSE>(cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start, row_count, ds,
-                               dt, s_row, s_col, t_row, t_col, scale, stream);
+      return grad<T, MMKD_MSE>(side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start, row_count, ds, dt,
+                               s_row, s_col, t_row, t_col, scale, stream);
     case MMKD_PEARSON:
-      return grad<T, MMKD_PEARSON>(cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
-                                   row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
+      return grad<T, MMKD_PEARSON>(side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start, row_count, ds,
+                                   dt, s_row, s_col, t_row, t_col, scale, stream);
     case MMKD_KL:
-      return grad<T, MMKD_KL>(cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start, row_count, ds,
-                              dt, s_row, s_col, t_row, t_col, scale, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
-}
-
-// Both gradient launchers: check, skip when there is nothing to write, dispatch on the dtype.
-int grad_launcher(bool cols, int dtype, int kind, int side, const void* S, const void* Tm, const float* inv_s,
-                  const float* inv_t, const float* stats, const float* grad_weights, float* dX, int64_t n,
-                  int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t s_row, int64_t s_col,
-                  int64_t t_row, int64_t t_col, float scale, cudaStream_t stream) {
-  if (!valid_dtype_and_kind(dtype, kind) || !valid_rows(n, row_start, row_count, ds, dt) ||
-      (side != MMKD_STUDENT && side != MMKD_TEACHER))
-    return cudaErrorInvalidValue;
-  if ((cols ? n : row_count) == 0 || (side == MMKD_STUDENT ? ds : dt) == 0) return cudaSuccess;
-  switch (dtype) {
-    case MMKD_FLOAT32:
-      return grad_of_kind<float>(kind, cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
-                                 row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
-    case MMKD_FLOAT16:
-      return grad_of_kind<__half>(kind, cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
-                                  row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
-    case MMKD_BFLOAT16:
-      return grad_of_kind<__nv_bfloat16>(kind, cols, side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n,
-                                         row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
+      return grad<T, MMKD_KL>(side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start, row_count, ds, dt,
+                              s_row, s_col, t_row, t_col, scale, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -467,20 +469,26 @@ extern "C" int mmkd_structure_rows(int dtype, int kind, const void* S, const voi
   }
 }
 
-extern "C" int mmkd_structure_grad_rows(int dtype, int kind, int side, const void* S, const void* T,
-                                        const float* inv_s, const float* inv_t, const float* stats, const float* grad,
-                                        float* dx_rows, int64_t n, int64_t row_start, int64_t row_count, int64_t ds,
-                                        int64_t dt, int64_t stride_s, int64_t stride_sd, int64_t stride_t,
-                                        int64_t stride_td, float scale, cudaStream_t stream) {
-  return grad_launcher(false, dtype, kind, side, S, T, inv_s, inv_t, stats, grad, dx_rows, n, row_start, row_count,
-                       ds, dt, stride_s, stride_sd, stride_t, stride_td, scale, stream);
-}
-
-extern "C" int mmkd_structure_grad_cols(int dtype, int kind, int side, const void* S, const void* T,
-                                        const float* inv_s, const float* inv_t, const float* stats, const float* grad,
-                                        float* dx_cols, int64_t n, int64_t row_start, int64_t row_count, int64_t ds,
-                                        int64_t dt, int64_t stride_s, int64_t stride_sd, int64_t stride_t,
-                                        int64_t stride_td, float scale, cudaStream_t stream) {
-  return grad_launcher(true, dtype, kind, side, S, T, inv_s, inv_t, stats, grad, dx_cols, n, row_start, row_count,
-                       ds, dt, stride_s, stride_sd, stride_t, stride_td, scale, stream);
+extern "C" int mmkd_structure_grad(int dtype, int kind, int side, const void* S, const void* T, const float* inv_s,
+                                   const float* inv_t, const float* stats, const float* grad, float* dx, int64_t n,
+                                   int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t stride_s,
+                                   int64_t stride_sd, int64_t stride_t, int64_t stride_td, float scale,
+                                   cudaStream_t stream) {
+  if (!valid_dtype_and_kind(dtype, kind) || !valid_rows(n, row_start, row_count, ds, dt) ||
+      (side != MMKD_STUDENT && side != MMKD_TEACHER))
+    return cudaErrorInvalidValue;
+  if (n == 0 || (side == MMKD_STUDENT ? ds : dt) == 0) return cudaSuccess;
+  switch (dtype) {
+    case MMKD_FLOAT32:
+      return grad_of_kind<float>(kind, side, S, T, inv_s, inv_t, stats, grad, dx, n, row_start, row_count, ds, dt,
+                                 stride_s, stride_sd, stride_t, stride_td, scale, stream);
+    case MMKD_FLOAT16:
+      return grad_of_kind<__half>(kind, side, S, T, inv_s, inv_t, stats, grad, dx, n, row_start, row_count, ds, dt,
+                                  stride_s, stride_sd, stride_t, stride_td, scale, stream);
+    case MMKD_BFLOAT16:
+      return grad_of_kind<__nv_bfloat16>(kind, side, S, T, inv_s, inv_t, stats, grad, dx, n, row_start, row_count,
+                                         ds, dt, stride_s, stride_sd, stride_t, stride_td, scale, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
 }
