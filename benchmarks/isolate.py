@@ -62,6 +62,11 @@ def _serve(conn, spec: Spec) -> None:
     except Exception as exc:  # a peer that does not import: every request answers why
         fn, setup_error = None, f"error: {type(exc).__name__}: {exc}"
     warm: set[str] = set()  # modes this process has run: eager backends need no second warm-up
+    tunings = None
+    if spec.backend.startswith("triton") and device.type == "cuda":
+        from benchmarks import autotune_log
+
+        tunings = autotune_log.Recorder()
     while True:
         request = conn.recv()
         if request is None:
@@ -69,7 +74,7 @@ def _serve(conn, spec: Spec) -> None:
         try:
             if fn is None:
                 raise RuntimeError(setup_error)
-            conn.send(_answer(request, fn, spec, device, dtype, warm, cases, measure))
+            conn.send(_answer(request, fn, spec, device, dtype, warm, cases, measure, tunings))
         except Exception as exc:
             conn.send({"status": _failure(exc), "traceback": traceback.format_exc(limit=4)})
         finally:
@@ -77,7 +82,7 @@ def _serve(conn, spec: Spec) -> None:
                 torch.cuda.empty_cache()
 
 
-def _answer(request, fn, spec, device, dtype, warm, cases, measure) -> dict:
+def _answer(request, fn, spec, device, dtype, warm, cases, measure, tunings) -> dict:
     import torch
 
     kind, n, d = request[:3]
@@ -94,7 +99,10 @@ def _answer(request, fn, spec, device, dtype, warm, cases, measure) -> dict:
     timings = measure.measure_case(fn, inputs, device, min_time=spec.min_time, min_repeats=spec.min_repeats,
                                    max_repeats=spec.max_repeats, modes=modes, warm_up=warm_up)
     warm.update(modes)
-    return {"status": "ok", **{mode: asdict(timing) for mode, timing in timings.items()}}
+    answer = {"status": "ok", **{mode: asdict(timing) for mode, timing in timings.items()}}
+    if tunings is not None:  # what the autotuner timed at this size (benchmarks/autotune_log.py)
+        answer["autotune"] = tunings.take()
+    return answer
 
 
 def _failure(exc: Exception) -> str:

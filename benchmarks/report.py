@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import autotune_log
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -232,6 +234,7 @@ def markdown(result: dict, backend_order=()) -> str:
                     else:
                         lines.append(f"| {e['backend']} | {e['n']} | {e['status']} | |")
                 lines.append("")
+    lines += autotune_log.markdown(result.get("autotune", []))
     return "\n".join(lines)
 
 

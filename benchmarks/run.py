@@ -139,6 +139,7 @@ class Runner:
         self.element_size = torch.empty((), dtype=self.dtype).element_size()
         self.rows: list[dict] = []
         self.errors: list[dict] = []
+        self.autotune: list[dict] = []  # Triton's tunings, per series and size (benchmarks/autotune_log.py)
         self.done = 0
         self.total = 0
 
@@ -211,6 +212,8 @@ class Runner:
                 continue
             self._fill(row, answer, count, n, series.d)
             self.rows.append(row)
+            self.autotune += [{"loss": series.loss, "backend": series.backend, "n": n, "d": series.d, **record}
+                              for record in answer.get("autotune", [])]
             # The next size's cost is predicted from the runs themselves, without compilation
             # and start-up: every timed run plus one warm-up run of each mode.
             runs_s = answer["fwd"]["spent_s"] + answer["fwd_bwd"]["spent_s"] + (row["fwd_ms"] + row["fwd_bwd_ms"]) / 1e3
@@ -354,7 +357,8 @@ def main(argv=None) -> int:
         interrupted=interrupted,
         elapsed_s=round(time.perf_counter() - started, 1),
     )
-    result = {"schema": 1, "meta": meta, "ceilings": ceilings, "rows": runner.rows, "errors": runner.errors}
+    result = {"schema": 1, "meta": meta, "ceilings": ceilings, "rows": runner.rows, "errors": runner.errors,
+              "autotune": runner.autotune}
     paths = report.write_all(result, args.out, report.file_stem(device, date), cases.ALL_BACKENDS)
     log(f"done in {meta['elapsed_s']:.0f} s: " + ", ".join(str(p) for p in paths.values()))
     return 130 if interrupted else 0

@@ -93,3 +93,36 @@ def test_worker_resident_memory_sees_a_peak_in_reused_memory():
     finally:
         worker.close()
     assert 28 < peak < 40, peak  # 8 × 4 MB = 30.5 MiB
+
+
+def test_autotune_recorder_reports_each_tuning_once_fastest_first(monkeypatch):
+    """What a GPU benchmark records of Triton's autotuning (benchmarks/autotune_log.py), from an
+    autotuner given the state Triton leaves after timing three configs at one key."""
+    import triton
+
+    from benchmarks import autotune_log
+
+    tuners = autotune_log.autotuners()
+    assert "contrastive._lse_grad_kernel" in tuners and "structure._grad_kernel" in tuners
+    tuner = tuners["contrastive._lse_grad_kernel"]
+    slow = triton.Config({"BLOCK_A": 64, "BLOCK_B": 64}, num_warps=4, num_stages=2)
+    fast = triton.Config({"BLOCK_A": 128, "BLOCK_B": 64}, num_warps=8, num_stages=3)
+    failed = triton.Config({"BLOCK_A": 256, "BLOCK_B": 128}, num_warps=8, num_stages=4)
+    recorder = autotune_log.Recorder()
+    assert recorder.take() == []  # nothing timed yet (one config each under the interpreter)
+    key = (384, 4096, "torch.bfloat16", "torch.bfloat16")
+    monkeypatch.setattr(tuner, "cache", {(768, 1024, "torch.float16"): slow, key: fast})
+    monkeypatch.setattr(tuner, "configs_timings", {slow: [2.5, 2.4, 2.6], failed: float("inf"), fast: [1.0, 0.9, 1.1]},
+                        raising=False)
+    records = recorder.take()
+    assert records == [{
+        "kernel": "contrastive._lse_grad_kernel", "key": ["384", "4096", "torch.bfloat16", "torch.bfloat16"],
+        "best": "BLOCK_A=128 BLOCK_B=64 warps=8 stages=3",
+        "configs": [{"config": "BLOCK_A=128 BLOCK_B=64 warps=8 stages=3", "ms": 1.0},
+                    {"config": "BLOCK_A=64 BLOCK_B=64 warps=4 stages=2", "ms": 2.5},
+                    {"config": "BLOCK_A=256 BLOCK_B=128 warps=8 stages=4", "ms": None}],
+    }]
+    assert recorder.take() == []  # reported once
+    table = "\n".join(autotune_log.markdown(records))
+    assert "| contrastive._lse_grad_kernel | 384, 4096, torch.bfloat16 | 3 |" in table
+    assert "| 1.000 | 2.50× | 2.50× | 1 |" in table

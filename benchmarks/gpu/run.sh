@@ -14,7 +14,8 @@
 #          every failure it can
 #   bench  both contrastive losses (one direction, symmetric) at N = 4K..256K, D = 384 and 768, and
 #          structure at N = 4K..128K, D = 384, bfloat16 (the goals' dtype), every backend and peer;
-#          the autotuner's choices are logged
+#          every Triton config's time per kernel and key goes into the results (the JSON's
+#          "autotune", the table's last section: benchmarks/autotune_log.py), to prune the configs
 #
 # Files back (the device tool returns at most 8): env.txt, build.log, pytest.log, the two
 # benchmark tables (contrastive.md, structure.md) and gpu-run.tgz with everything (JSON, PNG, logs).
