@@ -34,6 +34,30 @@ namespace {
 
 using namespace mmkd_tiles;
 
+// z[i][j] of a tile from its raw dot product; inv_a·inv_b first, so that the tile read by rows
+// (q, k) and by columns (k, q) rounds alike.
+__device__ __forceinline__ float logit(const float* Z, int i, int j, float inv_a, const float* s_inv_b, float scale) {
+  return (Z[i * kTilePitch + j] * (inv_a * s_inv_b[j])) * scale;
+}
+
+// A row's results from its sums under a shift (its running max, or a fixed bound): the target's
+// weight w = e^{z_t − shift} and the others' o = Σ_{b≠t} e^{z_b − shift}.
+struct RowEnd {
+  float lse;    // shift + log(w + o)
+  float loss;   // ℓ = log(w + o) − log w
+  float total;  // w + o
+};
+
+__device__ __forceinline__ RowEnd end_row(float shift, float target_logit, float other) {
+  const float shifted_target = target_logit - shift;
+  const float weight = expf(shifted_target);
+  const float total = weight + other;
+  // log1p(o / w) while the target dominates (a nearly aligned pair keeps its digits),
+  // log(w + o) − (z_t − shift) otherwise.
+  const float loss = weight >= other ? log1pf(other / weight) : logf(total) - shifted_target;
+  return RowEnd{shift + logf(total), loss, total};
+}
+
 // Shared memory of lse_kernel: the z tile, the A/B chunks, inv_a and inv_b of the tile.
 template <typename T>
 struct LseLayout {
@@ -89,9 +113,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int j = lane + 32 * h;
-        // inv_a·inv_b first, as the Triton kernel: the tile read by rows (q, k) and by columns
-        // (k, q) then rounds alike.
-        z[h] = b0 + j < n_b ? (Z[i * kTilePitch + j] * (ia * s_inv_b[j])) * scale : -INFINITY;
+        z[h] = b0 + j < n_b ? logit(Z, i, j, ia, s_inv_b, scale) : -INFINITY;
         is_target[h] = b0 + j == target[r];
       }
       const float new_max = fmaxf(row_max[r], warp_max(fmaxf(z[0], z[1])));
@@ -102,7 +124,7 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t tj = target[r] - b0;
       if (tj >= 0 && tj < kBlock && b0 + tj < n_b) {
         const int j = static_cast<int>(tj);
-        target_logit[r] += (Z[i * kTilePitch + j] * (ia * s_inv_b[j])) * scale;
+        target_logit[r] += logit(Z, i, j, ia, s_inv_b, scale);
       }
     }
   }
@@ -112,13 +134,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int64_t a = a0 + warp * kRowsPerWarp + r;
       if (a < n_a) {
-        // ℓ = log(w + o) − log w for the target's weight w = e^{z_t − max} and the others' o:
-        // log1p(o / w) while the target dominates, log(w + o) − (z_t − max) otherwise.
-        const float shifted_target = target_logit[r] - row_max[r];
-        const float weight = expf(shifted_target);
-        const float total = weight + row_other[r];
-        lse[a] = row_max[r] + logf(total);
-        loss[a] = weight >= row_other[r] ? log1pf(row_other[r] / weight) : logf(total) - shifted_target;
+        const RowEnd row = end_row(row_max[r], target_logit[r], row_other[r]);
+        lse[a] = row.lse;
+        loss[a] = row.loss;
       }
     }
   }
@@ -196,15 +214,14 @@ __global__ void __launch_bounds__(kThreads)
       for (int h = 0; h < 2; ++h) {
         const int j = lane + 32 * h;
         const bool other = b0 + j < n_b && b0 + j != target[r];
-        // z as lse_kernel rounds it; e^{z − shift} ≤ 1 (up to the rounding of z).
-        e[h] = other ? expf((Z[i * kTilePitch + j] * (ia * s_inv_b[j])) * scale - shift) : 0.0f;
+        e[h] = other ? expf(logit(Z, i, j, ia, s_inv_b, scale) - shift) : 0.0f;  // ≤ 1 up to z's rounding
         Pm[i * OP + j] = Traits<T>::from_float(e[h] * s_inv_b[j]);
       }
       row_other[r] += warp_sum(e[0] + e[1]);
       const int64_t tj = target[r] - b0;
       if (tj >= 0 && tj < kBlock && b0 + tj < n_b) {
         const int j = static_cast<int>(tj);
-        target_logit[r] += (Z[i * kTilePitch + j] * (ia * s_inv_b[j])) * scale;
+        target_logit[r] += logit(Z, i, j, ia, s_inv_b, scale);
       }
     }
     accumulate_px_chunks<T, CHUNKS>(Pm, B, b0, n_b, stride_b, stride_bd, do_first, d, stage, accs);
@@ -217,17 +234,13 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t a = a0 + i;
       float row_factor = 0.0f, target_factor = 0.0f;
       if (a < n_a) {
-        // ℓ as lse_kernel, with the shift in place of the row max.
-        const float shifted_target = target_logit[r] - shift;
-        const float weight = expf(shifted_target);
-        const float total = weight + row_other[r];
-        const float row_loss = weight >= row_other[r] ? log1pf(row_other[r] / weight) : logf(total) - shifted_target;
+        const RowEnd row = end_row(shift, target_logit[r], row_other[r]);
         if (blockIdx.y == 0) {
-          lse[a] = shift + logf(total);
-          loss[a] = row_loss;
+          lse[a] = row.lse;
+          loss[a] = row.loss;
         }
-        row_factor = scale / total;
-        target_factor = scale * expm1f(-row_loss) * inv_b[target[r]];
+        row_factor = scale / row.total;
+        target_factor = scale * expm1f(-row.loss) * inv_b[target[r]];
       }
       s_row_factor[i] = row_factor;
       s_target_factor[i] = target_factor;
@@ -313,7 +326,7 @@ __global__ void __launch_bounds__(kThreads)
       const int j = e % kBlock;
       float dz = 0.0f;
       if (a0 + i < n_a && b0 + j < n_b) {
-        const float z = (Z[i * kTilePitch + j] * (s_inv_a[i] * s_inv_b[j])) * scale;
+        const float z = logit(Z, i, j, s_inv_a[i], s_inv_b, scale);
         if (has_a) dz += b0 + j == s_t_a[i] ? s_tg_a[i] : s_g_a[i] * expf(z - s_lse_a[i]);
         if (has_b) dz += a0 + i == s_t_b[j] ? s_tg_b[j] : s_g_b[j] * expf(z - s_lse_b[j]);
         dz = dz * (s_inv_b[j] * scale);
