@@ -200,7 +200,7 @@ def _tile_pass(s, t, kind, scale, normalize, row_start, row_count, grad, need_s,
     for start in range(row_start, row_start + row_count, row_block(x.shape[0])):
         stop = min(start + row_block(x.shape[0]), row_start + row_count)
         local = slice(start - row_start, stop - row_start)
-        tile = _Tile(x, y, start, stop)
+        tile = _Tile(x, y, start, stop, kl_centred=normalize and abs(scale) <= KL_CENTRED_MAX_SCALE)
         if grad is None:
             losses[local] = tile.loss(kind, scale)
             continue
@@ -262,14 +262,21 @@ def _gram_with_grad(s, t, kind, normalize, grad, need_s, need_t):
     return losses, dx, dy
 
 
+# The centred form of the KL needs e^x finite for every x = d − μ; with cosine similarities
+# |x| ≤ 4|scale|, and e^80 is a normal float32.
+KL_CENTRED_MAX_SCALE = 20.0
+
+
 class _Tile:
     """Rows start..stop of both similarity matrices (block × N), with the per-row math of each kind.
 
     Every row is whole here, so per-row statistics come from the tile itself (two-pass, stable);
-    backward recomputes the tile instead of saving it.
+    backward recomputes the tile instead of saving it. ``kl_centred``: the rows are cosine
+    similarities and |scale| ≤ KL_CENTRED_MAX_SCALE, so kl may take its centred form.
     """
 
-    def __init__(self, x, y, start, stop):
+    def __init__(self, x, y, start, stop, kl_centred=False):
+        self.kl_centred = kl_centred
         self.gs = torch.mm(x[start:stop], x.T)
         self.gt = torch.mm(y[start:stop], y.T)
         self.rows = torch.arange(stop - start, device=x.device)
@@ -306,12 +313,33 @@ class _Tile:
         terms = log_p.exp() * self._zero_diagonal(log_p - log_q)  # 0·(−inf + inf) would be NaN
         return log_p, log_q, terms
 
+    def _kl_centred_terms(self, scale):
+        """(p, x, kl): the teacher's softmax p over j ≠ i (a = scale·G^T), x = d − μ for the logits'
+        difference d = b − a (b = scale·G^S) and μ = Σ_j p_j d_j, and the row's
+            KL(P ‖ Q) = log Σ_j p_j e^{x_j} = log1p(Σ_j p_j (e^{x_j} − 1 − x_j)),
+        a sum of terms ≥ 0. Σ_j p_j log(p_j / q_j) adds terms of both signs far larger than their
+        sum when the student is close to its teacher (float32 kept about 1e-5 of it, and 1e-3 once
+        the KL is 1e-6); here each term keeps its digits. Diagonal: p = x = 0."""
+        a = self.gt.mul_(scale)
+        d = self.gs.mul_(scale).sub_(a)
+        a[self.rows, self.diag] = float("-inf")
+        p = torch.softmax(a, dim=1)
+        mu = (p * self._zero_diagonal(d)).sum(dim=1, keepdim=True)
+        x = self._zero_diagonal(d.sub_(mu))
+        # e^x − 1 − x in float64: its subtraction keeps the digits of a small x's x²/2 (the native
+        # kernel evaluates a Taylor series in registers instead; here that would be ten passes).
+        x64 = x.double()
+        spread = (p.double() * (torch.expm1(x64) - x64)).sum(dim=1)
+        return p, x, torch.log1p(spread).to(x.dtype)
+
     def loss(self, kind, scale):
         """Per-row losses (block,)."""
         if kind == "mse":
             return self._zero_diagonal(self.gs.sub_(self.gt)).pow_(2).sum(dim=1) / self.n_other
         if kind == "pearson":
             return 1 - self._pearson()[5]
+        if self.kl_centred:
+            return self._kl_centred_terms(scale)[2]
         return self._kl_logs(scale)[2].sum(dim=1)
 
     def loss_and_grads(self, kind, scale, grad):
@@ -329,10 +357,14 @@ class _Tile:
             coef_s = torch.where(unclamped, g_r * r / var_s, zero)[:, None]
             coef_t = torch.where(unclamped, g_r * r / var_t, zero)[:, None]
             return 1 - r, ct * inv_d - cs * coef_s, cs * inv_d - ct * coef_t
+        g = (grad * scale)[:, None]
+        if self.kl_centred:
+            # q − p = p (e^{x − kl} − 1), and ∂kl/∂a_j = −p_j x_j: no difference of two near numbers.
+            p, x, losses = self._kl_centred_terms(scale)
+            return losses, p * torch.expm1(x - losses[:, None]) * g, (p * x).mul_(g).neg_()
         log_p, log_q, terms = self._kl_logs(scale)
         losses = terms.sum(dim=1)
         p = log_p.exp_()
-        g = (grad * scale)[:, None]
         dgs = self._zero_diagonal(log_q.exp_().sub_(p)).mul_(g)
         dgt = terms.sub_(p * losses[:, None]).mul_(g)
         return losses, dgs, dgt

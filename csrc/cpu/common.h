@@ -75,6 +75,39 @@ inline float fast_exp(float x) {
 
 inline double fast_exp(double x) { return std::exp(x); }
 
+// 1/k! for k = 0 .. kLast, at compile time.
+template <typename T, int kLast>
+struct InverseFactorials {
+  T c[kLast + 1];
+  constexpr InverseFactorials() : c() {
+    T factorial = 1;
+    for (int k = 0; k <= kLast; ++k) {
+      if (k > 1) factorial *= T(k);
+      c[k] = T(1) / factorial;
+    }
+  }
+};
+
+// e^x − 1 − x (≥ 0) to a few ulps, vectorizable: its Taylor series x² Σ_{k≥2} x^{k−2}/k! where
+// |x| < 1/2 (e^x − 1 − x would cancel most digits of a small x's x²/2), fast_exp(x) − 1 − x
+// elsewhere. The series stops where its next term is below the type's rounding at |x| = 1/2.
+template <typename T>
+inline T expm1_minus_x(T x) {
+  constexpr int kLast = sizeof(T) == 4 ? 10 : 18;
+  static constexpr InverseFactorials<T, kLast> inv{};
+  const bool small = std::abs(x) < T(0.5);
+  const T t = small ? x : T(0);
+  T sum = inv.c[kLast];
+  for (int k = kLast - 1; k >= 2; --k) sum = sum * t + inv.c[k];
+  return small ? t * t * sum : (fast_exp(x) - T(1)) - x;
+}
+
+// e^x − 1 to a few ulps, vectorizable: x + expm1_minus_x(x) where |x| < 1/2, fast_exp(x) − 1 elsewhere.
+template <typename T>
+inline T fast_expm1(T x) {
+  return std::abs(x) < T(0.5) ? x + expm1_minus_x(x) : fast_exp(x) - T(1);
+}
+
 // Σ_{j ∈ [begin, end)} f(j) in two levels: partial sums over chunks of 256 terms in f's type, a
 // vectorized reduction (one float per lane), then the chunks in double. The error stays about
 // that of 256/lanes terms summed in order (a whole float32 row of 16K terms loses sqrt(16K)·eps),

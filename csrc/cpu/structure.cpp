@@ -18,6 +18,10 @@ namespace {
 
 enum class Kind { kMse, kPearson, kKl };
 
+// kl takes its centred form for cosine similarities up to this |scale| (mmkd_kernels/chunked.py
+// KL_CENTRED_MAX_SCALE): then |x| ≤ 4|scale| ≤ 80 and e^x is a normal float32.
+constexpr double kKlCentredMaxScale = 20.0;
+
 Kind parse_kind(c10::string_view kind) {
   if (kind == "mse") return Kind::kMse;
   if (kind == "pearson") return Kind::kPearson;
@@ -84,6 +88,47 @@ struct RowMath {
     return 1 - r;
   }
 
+  // KL(P ‖ Q) in its centred form (mmkd_kernels/chunked.py _Tile._kl_centred_terms states it):
+  // with e_j = e^{a_j − max a} (p = e / Σe), d = b − a, μ = Σ p d and x = d − μ,
+  //   KL = log1p(Σ_j p_j (e^{x_j} − 1 − x_j)),  dG^S = scale·p·expm1(x − KL),  dG^T = −scale·p·x,
+  // sums of terms ≥ 0 and no difference of near numbers, where the form below loses the digits of
+  // a small KL. Needs |x| ≤ 4|scale| ≤ 80 (cosine similarities; kKlCentredMaxScale). Three
+  // exponentials per pair where the form below takes five.
+  scalar_t kl_centred(bool grad_s, bool grad_t) {
+    scalar_t* e = gt;  // a, then e
+    scalar_t* x = gs;  // b, then d, then x
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t a = gt[j] * scale;
+      gs[j] = gs[j] * scale - a;
+      gt[j] = a;
+    }
+    gt[diag] = -std::numeric_limits<scalar_t>::infinity();
+    gs[diag] = 0;
+    scalar_t max_a = -std::numeric_limits<scalar_t>::infinity();
+#pragma omp simd reduction(max : max_a)
+    for (int64_t j = 0; j < n; ++j) max_a = e[j] > max_a ? e[j] : max_a;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) e[j] = fast_exp(e[j] - max_a);  // 0 on the diagonal
+    const double sum_e = blocked_sum(0, n, [e](int64_t j) { return e[j]; });
+    const scalar_t mu = static_cast<scalar_t>(blocked_sum(0, n, [e, x](int64_t j) { return e[j] * x[j]; }) / sum_e);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] -= mu;
+    x[diag] = 0;
+    const double spread = blocked_sum(0, n, [e, x](int64_t j) { return e[j] * expm1_minus_x(x[j]); }) / sum_e;
+    const scalar_t kl = static_cast<scalar_t>(std::log1p(spread));
+    if (grad_s || grad_t) {
+      const scalar_t p_scale = static_cast<scalar_t>(scale / sum_e);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const scalar_t p_scaled = e[j] * p_scale, x_j = x[j];  // gs is x, gt is e: read both first
+        gs[j] = p_scaled * fast_expm1(x_j - kl);
+        gt[j] = -p_scaled * x_j;
+      }
+    }
+    return kl;
+  }
+
   // KL(P ‖ Q) of the teacher's row softmax P (logits a = G^T/τ) to the student's Q (b = G^S/τ),
   // the diagonal left out; every pass a vectorized loop over the two ranges beside the diagonal.
   scalar_t kl(bool grad_s, bool grad_t) {
@@ -143,6 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_pass(const at::Tensor& s, co
   at::Tensor losses = at::empty({row_count}, opts);
   at::Tensor dx = grad_s ? at::zeros_like(x.rows) : at::Tensor();
   at::Tensor dy = grad_t ? at::zeros_like(y.rows) : at::Tensor();
+  const bool kl_centred = normalize && std::abs(scale) <= kKlCentredMaxScale;
   const int64_t block = row_block(2 * n, at::elementSize(acc));
   at::Tensor gs_buf = at::empty({block, n}, opts), gt_buf = at::empty({block, n}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "structure_tile", [&] {
@@ -157,8 +203,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_pass(const at::Tensor& s, co
       at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           RowMath<scalar_t> row{gs_p + r * n, gt_p + r * n, n, start + r, static_cast<scalar_t>(scale)};
-          out[r] = kind == Kind::kMse ? row.mse(grad_s, grad_t)
+          out[r] = kind == Kind::kMse       ? row.mse(grad_s, grad_t)
                    : kind == Kind::kPearson ? row.pearson(grad_s, grad_t)
+                   : kl_centred             ? row.kl_centred(grad_s, grad_t)
                                             : row.kl(grad_s, grad_t);
         }
       });
