@@ -254,16 +254,44 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// One side's vectors of a tile in shared memory (the tile's rows a or its columns b): the inverse
+// norms and that side's term of dz (log-sum-exps, weights g, targets t, target entries tg).
+struct TermVectors {
+  float* inv;
+  float* lse;
+  float* g;
+  float* tg;
+  int64_t* t;
+  static constexpr int kFloatVectors = 4;
+  __device__ TermVectors(float* floats, int64_t* indices)
+      : inv(floats), lse(floats + kBlock), g(floats + 2 * kBlock), tg(floats + 3 * kBlock), t(indices) {}
+  // Entry r for row `first + r`: zeros (and target −1) past `end` or where the term is off (lse_g
+  // NULL). Threads 0 .. kBlock − 1 call it.
+  __device__ void load(int r, int64_t first, int64_t end, const float* inv_g, const float* lse_g, const float* g_g,
+                       const int64_t* t_g, const float* tg_g) const {
+    const int64_t row = first + r;
+    const bool in = row < end;
+    const bool on = in && lse_g != nullptr;
+    inv[r] = in ? inv_g[row] : 0.0f;
+    lse[r] = on ? lse_g[row] : 0.0f;
+    g[r] = on ? g_g[row] : 0.0f;
+    t[r] = on ? t_g[row] : -1;
+    tg[r] = on ? tg_g[row] : 0.0f;
+  }
+};
+
 // Shared memory of grad_kernel: the z tile, the dz operand tile, the A/B chunks sharing a region
-// with the B tile of the product, and the per-row (a) and per-column (b) vectors of the tile.
+// with the B tile of the product, and the vectors of the tile's rows (a) and columns (b).
 template <typename T>
 struct GradLayout {
   static constexpr size_t kZ = 0;
   static constexpr size_t kP = kZ + kTileBytes;
   static constexpr size_t kStage = kP + kOperandBytes<T>;
-  static constexpr size_t kFloats = kStage + kStageOrOperandBytes<T>;              // 8 × kBlock floats
-  static constexpr size_t kIndices = kFloats + round_up(8 * kBlock * sizeof(float));  // 2 × kBlock int64
-  static constexpr size_t kTotal = kIndices + round_up(2 * kBlock * sizeof(int64_t));
+  static constexpr size_t kFloatsA = kStage + kStageOrOperandBytes<T>;
+  static constexpr size_t kFloatsB = kFloatsA + round_up(TermVectors::kFloatVectors * kBlock * sizeof(float));
+  static constexpr size_t kIndicesA = kFloatsB + round_up(TermVectors::kFloatVectors * kBlock * sizeof(float));
+  static constexpr size_t kIndicesB = kIndicesA + round_up(kBlock * sizeof(int64_t));
+  static constexpr size_t kTotal = kIndicesB + round_up(kBlock * sizeof(int64_t));
   static_assert(kTotal <= kMaxSharedBytes, "shared memory");
 };
 
@@ -280,45 +308,21 @@ __global__ void __launch_bounds__(kThreads)
   float* Z = reinterpret_cast<float*>(smem + L::kZ);
   T* Pm = reinterpret_cast<T*>(smem + L::kP);
   T* stage = reinterpret_cast<T*>(smem + L::kStage);  // dot_tile's chunks, then the B tile of dz·B
-  float* s_inv_a = reinterpret_cast<float*>(smem + L::kFloats);
-  float* s_lse_a = s_inv_a + kBlock;
-  float* s_g_a = s_lse_a + kBlock;
-  float* s_inv_b = s_g_a + kBlock;
-  float* s_lse_b = s_inv_b + kBlock;
-  float* s_g_b = s_lse_b + kBlock;
-  float* s_tg_a = s_g_b + kBlock;
-  float* s_tg_b = s_tg_a + kBlock;
-  int64_t* s_t_a = reinterpret_cast<int64_t*>(smem + L::kIndices);
-  int64_t* s_t_b = s_t_a + kBlock;
+  const TermVectors va(reinterpret_cast<float*>(smem + L::kFloatsA), reinterpret_cast<int64_t*>(smem + L::kIndicesA));
+  const TermVectors vb(reinterpret_cast<float*>(smem + L::kFloatsB), reinterpret_cast<int64_t*>(smem + L::kIndicesB));
 
   const bool has_a = lse_a != nullptr;  // uniform over the grid
   const bool has_b = lse_b != nullptr;
   const int tid = threadIdx.x;
   const int64_t a0 = static_cast<int64_t>(blockIdx.x) * kBlock;
   const int64_t do_first = static_cast<int64_t>(blockIdx.y) * kBlock * CHUNKS;
-  if (tid < kBlock) {
-    const int64_t a = a0 + tid;
-    const bool in = a < n_a;
-    s_inv_a[tid] = in ? inv_a[a] : 0.0f;
-    s_lse_a[tid] = in && has_a ? lse_a[a] : 0.0f;
-    s_g_a[tid] = in && has_a ? g_a[a] : 0.0f;
-    s_t_a[tid] = in && has_a ? t_a[a] : -1;
-    s_tg_a[tid] = in && has_a ? tg_a[a] : 0.0f;
-  }
+  if (tid < kBlock) va.load(tid, a0, n_a, inv_a, lse_a, g_a, t_a, tg_a);
 
   OutAccs<T, CHUNKS> accs;
   accs.zero();
   for (int64_t b0 = 0; b0 < n_b; b0 += kBlock) {
     __syncthreads();  // the previous tile's readers of the b vectors, Pm and the B tile are done
-    if (tid < kBlock) {
-      const int64_t b = b0 + tid;
-      const bool in = b < n_b;
-      s_inv_b[tid] = in ? inv_b[b] : 0.0f;
-      s_lse_b[tid] = in && has_b ? lse_b[b] : 0.0f;
-      s_g_b[tid] = in && has_b ? g_b[b] : 0.0f;
-      s_t_b[tid] = in && has_b ? t_b[b] : -1;
-      s_tg_b[tid] = in && has_b ? tg_b[b] : 0.0f;
-    }
+    if (tid < kBlock) vb.load(tid, b0, n_b, inv_b, lse_b, g_b, t_b, tg_b);
     dot_tile<T>(A, a0, n_a, stride_a, stride_ad, B, b0, n_b, stride_b, stride_bd, d, stage, Z);
 #pragma unroll 4
     for (int e = tid; e < kBlock * kBlock; e += kThreads) {
@@ -326,10 +330,10 @@ __global__ void __launch_bounds__(kThreads)
       const int j = e % kBlock;
       float dz = 0.0f;
       if (a0 + i < n_a && b0 + j < n_b) {
-        const float z = logit(Z, i, j, s_inv_a[i], s_inv_b, scale);
-        if (has_a) dz += b0 + j == s_t_a[i] ? s_tg_a[i] : s_g_a[i] * expf(z - s_lse_a[i]);
-        if (has_b) dz += a0 + i == s_t_b[j] ? s_tg_b[j] : s_g_b[j] * expf(z - s_lse_b[j]);
-        dz = dz * (s_inv_b[j] * scale);
+        const float z = logit(Z, i, j, va.inv[i], vb.inv, scale);
+        if (has_a) dz += b0 + j == va.t[i] ? va.tg[i] : va.g[i] * expf(z - va.lse[i]);
+        if (has_b) dz += a0 + i == vb.t[j] ? vb.tg[j] : vb.g[j] * expf(z - vb.lse[j]);
+        dz = dz * (vb.inv[j] * scale);
       }
       Pm[i * Traits<T>::kOperandPitch + j] = Traits<T>::from_float(dz);
     }
