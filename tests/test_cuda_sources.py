@@ -104,7 +104,7 @@ def launchers(tmp_path_factory):
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr}"
     lib = ctypes.CDLL(str(library))
     p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.mmkd_contrastive_lse.argtypes = [i32] + [p] * 7 + [i64] * 7 + [f32, p]
+    lib.mmkd_contrastive_lse.argtypes = [i32] + [p] * 9 + [i64] * 7 + [f32, f32, p]
     lib.mmkd_contrastive_lse_grad.argtypes = [i32] + [p] * 8 + [i64] * 7 + [f32, f32, p]
     lib.mmkd_contrastive_grad.argtypes = [i32] + [p] * 13 + [i64] * 7 + [f32, p]
     lib.mmkd_structure_rows.argtypes = [i32, i32] + [p] * 6 + [i64] * 9 + [f32, p]
@@ -148,13 +148,26 @@ def _input_grad(d_hat, x, normalize):
     return d_hat.sub_(x_hat * radial[:, None]).div_(norms[:, None])
 
 
-def _lse_by_rows(lib, a, b, inv_a, inv_b, targets, scale):
+def _lse_by_rows(lib, a, b, inv_a, inv_b, targets, scale, columns=False):
+    """(lse, loss, col_lse, col_loss) as ops_cuda.cpp's lse_by_rows; the last two None without columns."""
     lse = torch.empty(a.shape[0])
     loss = torch.empty_like(lse)
+    col_other = torch.zeros(b.shape[0]) if columns else None
+    col_target = torch.full((b.shape[0],), float("nan")) if columns else None
+    shift = abs(scale)
     _check(lib.mmkd_contrastive_lse(DTYPE_CODES[a.dtype], _ptr(a), _ptr(b), _ptr(inv_a), _ptr(inv_b), _ptr(targets),
-                                    _ptr(lse), _ptr(loss), a.shape[0], b.shape[0], a.shape[1], a.stride(0),
-                                    a.stride(1), b.stride(0), b.stride(1), scale, None), "mmkd_contrastive_lse")
-    return lse, loss
+                                    _ptr(lse), _ptr(loss), _ptr(col_other), _ptr(col_target), a.shape[0], b.shape[0],
+                                    a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale, shift, None),
+           "mmkd_contrastive_lse")
+    if not columns:
+        return lse, loss, None, None
+    shifted_target = col_target - shift
+    weight = shifted_target.exp()
+    total = weight + col_other
+    dominant = weight >= col_other
+    col_loss = torch.where(dominant, torch.log1p(col_other / torch.where(dominant, weight, torch.ones_like(weight))),
+                           total.log() - shifted_target)
+    return lse, loss, total.log() + shift, col_loss
 
 
 def _lse_grad_by_rows(lib, a, b, inv_a, inv_b, targets, scale):
@@ -187,10 +200,13 @@ def _grad_rows(lib, a, b, inv_a, inv_b, a_term, b_term, scale):
 def contrastive_forward(lib, q, k, targets, scale, normalize, symmetric):
     t = targets.long().contiguous()
     inv_q, inv_k = _inverse_norms(q, normalize), _inverse_norms(k, normalize)
-    row_lse, row_loss = _lse_by_rows(lib, q, k, inv_q, inv_k, t, scale)
+    columns_in_row_pass = (symmetric and normalize and abs(scale) <= FIXED_SHIFT_MAX
+                           and not torch.are_deterministic_algorithms_enabled())
+    row_lse, row_loss, col_lse, col_loss = _lse_by_rows(lib, q, k, inv_q, inv_k, t, scale, columns_in_row_pass)
     if not symmetric:
         return row_loss, row_lse.new_empty(0), row_lse, row_lse.new_empty(0)
-    col_lse, col_loss = _lse_by_rows(lib, k, q, inv_k, inv_q, torch.arange(k.shape[0]), scale)
+    if not columns_in_row_pass:
+        col_lse, col_loss, _, _ = _lse_by_rows(lib, k, q, inv_k, inv_q, torch.arange(k.shape[0]), scale)
     return row_loss, col_loss, row_lse, col_lse
 
 
@@ -220,7 +236,7 @@ def contrastive_forward_with_grad(lib, q, k, targets, scale, normalize, need_q, 
     if fused_q:
         row_lse, row_loss, dq_hat = _lse_grad_by_rows(lib, q, k, inv_q, inv_k, t, scale)
     else:
-        row_lse, row_loss = _lse_by_rows(lib, q, k, inv_q, inv_k, t, scale)
+        row_lse, row_loss, _, _ = _lse_by_rows(lib, q, k, inv_q, inv_k, t, scale)
     row_term = _term(row_lse, torch.ones_like(row_lse), t, row_loss)
     dq, dk = row_lse.new_empty(0), row_lse.new_empty(0)
     if need_q:
@@ -347,6 +363,30 @@ def test_contrastive_nearly_aligned_pairs_keep_their_digits(launchers):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_symmetric_columns_from_the_row_pass(launchers, dtype):
+    """The symmetric loss's column statistics from the rows' own pass (fixed-shift sums, which
+    three row blocks add into each column) match the float64 truth as the pass by columns does;
+    with deterministic algorithms on, the mirror of ops_cuda.cpp takes the pass by columns."""
+    n, d, scale = 150, 40, 20.0
+    q = randn(n, d, seed=21, dtype=dtype)
+    k = randn(n, d, seed=22, dtype=dtype, layout="transposed")
+    own = torch.arange(n)
+    inv_q, inv_k = _inverse_norms(q, True), _inverse_norms(k, True)
+    ref = chunked.contrastive_forward(q.double(), k.double(), own, scale, True, True)
+    _, _, col_lse, col_loss = _lse_by_rows(launchers, q, k, inv_q, inv_k, own, scale, columns=True)
+    _compare((col_loss, col_lse), (ref[1], ref[3]), ("col_loss", "col_lse"), dtype)
+    by_columns = _lse_by_rows(launchers, k, q, inv_k, inv_q, own, scale)
+    _compare((by_columns[1], by_columns[0]), (ref[1], ref[3]), ("col_loss", "col_lse"), dtype)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        deterministic = contrastive_forward(launchers, q, k, own, scale, True, True)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert torch.equal(deterministic[1], by_columns[1]) and torch.equal(deterministic[3], by_columns[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("normalize", [True, False])
 def test_contrastive_symmetric_and_options(launchers, dtype, normalize):
     """symmetric (both terms of dz), normalize=False, strided views, one gradient at a time."""
@@ -430,8 +470,14 @@ def test_launchers_refuse_bad_arguments_and_skip_empty_work(launchers):
     lib, invalid = launchers, 1  # cudaErrorInvalidValue
     none = [None] * 5
     # n_a = 0: nothing to launch. A bad dtype, a half-given gradient term: refused.
-    assert lib.mmkd_contrastive_lse(0, *none, None, None, 0, 5, 3, 3, 1, 3, 1, 1.0, None) == 0
-    assert lib.mmkd_contrastive_lse(3, *none, None, None, 0, 5, 3, 3, 1, 3, 1, 1.0, None) == invalid
+    assert lib.mmkd_contrastive_lse(0, *none, None, None, None, None, 0, 5, 3, 3, 1, 3, 1, 1.0, 0.0, None) == 0
+    assert lib.mmkd_contrastive_lse(3, *none, None, None, None, None, 0, 5, 3, 3, 1, 3, 1, 1.0, 0.0, None) == invalid
+    # Column sums: both outputs or neither, a square z, a shift within MMKD_FIXED_SHIFT_MAX.
+    col = torch.zeros(5)
+    for col_other, col_target, n_a, shift in ((_ptr(col), None, 5, 1.0), (_ptr(col), _ptr(col), 4, 1.0),
+                                              (_ptr(col), _ptr(col), 5, FIXED_SHIFT_MAX * 1.01)):
+        assert lib.mmkd_contrastive_lse(0, *none, None, None, col_other, col_target, n_a, 5, 3, 3, 1, 3, 1, 1.0, shift,
+                                        None) == invalid
     # The one-pass gradient: float16 and a shift past MMKD_FIXED_SHIFT_MAX (or NaN) refused.
     lse_grad_args = (*none, None, None, None, 4, 5, 3, 3, 1, 3, 1, 1.0)
     assert lib.mmkd_contrastive_lse_grad(1, *lse_grad_args, 1.0, None) == invalid

@@ -4,8 +4,9 @@
 // - lse_kernel: for a block of 64 rows of A, streams over 64-column tiles of z with an online
 //   log-sum-exp and picks each row's target logit in the same pass; the sum leaves the target out,
 //   so a nearly aligned pair's small loss is log1p(Σ_{b≠t} e^{z_b − z_t}) with its digits (lse − z_t
-//   would cancel them). On (q, k): the row statistics;
-//   on (k, q) with targets = arange: the column statistics of the symmetric loss.
+//   would cancel them). On (q, k): the row statistics. The symmetric loss's column statistics come
+//   from the same pass where z is bounded (fixed-shift column sums added atomically), else from a
+//   run on (k, q) with targets = arange.
 // - grad_kernel: for a block of 64 rows of A and CHUNKS 64-wide chunks of D (tiles.cuh: 2 for
 //   D ≤ 128, else 6), recomputes the z tiles and accumulates dÂ_a = scale · Σ_b dz_ab inv_b[b] B_b,
 //   dz with a row term g_a (softmax_b − [b = t_a]) and a column term g_b (softmax_a − [a = t'_b]);
@@ -20,7 +21,7 @@
 //
 // Tiles 64 × 64, D in chunks of 32, 256 threads; float32 by FMA, float16/bfloat16 by WMMA tensor
 // cores, float32 accumulation (tiles.cuh). Dynamic shared memory (float32 / half inputs): lse
-// 34 / 27.5 KiB, grad 53.5 / 38.5 KiB, lse_grad 52.5 / 37.5 KiB (opted in above 48 KiB).
+// 36 / 29.5 KiB, grad 53.5 / 38.5 KiB, lse_grad 52.5 / 37.5 KiB (opted in above 48 KiB).
 //
 // Validation: compiled with nvcc -arch=sm_90 and run on the CPU under emulation/ against the chunked
 // backend (tests/test_cuda_sources.py); a run on a GPU is still owed.
@@ -58,28 +59,37 @@ __device__ __forceinline__ RowEnd end_row(float shift, float target_logit, float
   return RowEnd{shift + logf(total), loss, total};
 }
 
-// Shared memory of lse_kernel: the z tile, the A/B chunks, inv_a and inv_b of the tile.
+// Shared memory of lse_kernel: the z tile, the A/B chunks, inv_a and inv_b of the tile, and the
+// warps' partial column sums of the tile (kWarps × kBlock).
 template <typename T>
 struct LseLayout {
   static constexpr size_t kZ = 0;
   static constexpr size_t kStage = kZ + kTileBytes;
   static constexpr size_t kEdges = kStage + kStageBytes<T>;
-  static constexpr size_t kTotal = kEdges + round_up(2 * kBlock * sizeof(float));
+  static constexpr size_t kColumns = kEdges + round_up(2 * kBlock * sizeof(float));
+  static constexpr size_t kTotal = kColumns + round_up(kWarps * kBlock * sizeof(float));
   static_assert(kTotal <= kMaxSharedBytes, "shared memory");
 };
 
+// With col_other (not NULL): the columns' sums of the symmetric loss in the same pass, under the
+// fixed shift (every |z| ≤ shift ≤ MMKD_FIXED_SHIFT_MAX): col_other[b] += Σ_{a≠b} e^{z_ab − shift}
+// over the block's rows (atomically: blocks add in no fixed order), and col_target[b] = z_bb from
+// the one block that holds row b.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lse_kernel(const T* __restrict__ A, const T* __restrict__ B, const float* __restrict__ inv_a,
                const float* __restrict__ inv_b, const int64_t* __restrict__ targets, float* __restrict__ lse,
-               float* __restrict__ loss, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a, int64_t stride_ad,
-               int64_t stride_b, int64_t stride_bd, float scale) {
+               float* __restrict__ loss, float* __restrict__ col_other, float* __restrict__ col_target, int64_t n_a,
+               int64_t n_b, int64_t d, int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd,
+               float scale, float shift) {
   unsigned char* smem = dynamic_smem();
   using L = LseLayout<T>;
   float* Z = reinterpret_cast<float*>(smem + L::kZ);
   T* stage = reinterpret_cast<T*>(smem + L::kStage);
   float* s_inv_a = reinterpret_cast<float*>(smem + L::kEdges);
   float* s_inv_b = s_inv_a + kBlock;
+  float* s_columns = reinterpret_cast<float*>(smem + L::kColumns);  // [warp][column]
+  const bool columns = col_other != nullptr;                         // uniform over the grid
 
   const int tid = threadIdx.x;
   const int lane = tid % 32;
@@ -104,6 +114,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();  // the previous tile's readers of Z and s_inv_b are done
     if (tid < kBlock) s_inv_b[tid] = b0 + tid < n_b ? inv_b[b0 + tid] : 0.0f;
     dot_tile<T>(A, a0, n_a, stride_a, stride_ad, B, b0, n_b, stride_b, stride_bd, d, stage, Z);
+    float column_part[2] = {0.0f, 0.0f};  // this lane's columns, over the warp's rows
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int i = warp * kRowsPerWarp + r;
@@ -115,6 +126,13 @@ __global__ void __launch_bounds__(kThreads)
         const int j = lane + 32 * h;
         z[h] = b0 + j < n_b ? logit(Z, i, j, ia, s_inv_b, scale) : -INFINITY;
         is_target[h] = b0 + j == target[r];
+        if (columns && a0 + i < n_a && b0 + j < n_b) {
+          if (a0 + i == b0 + j) {
+            col_target[b0 + j] = z[h];
+          } else {
+            column_part[h] += expf(z[h] - shift);
+          }
+        }
       }
       const float new_max = fmaxf(row_max[r], warp_max(fmaxf(z[0], z[1])));
       const float tile_other = warp_sum((is_target[0] ? 0.0f : expf(z[0] - new_max)) +
@@ -125,6 +143,17 @@ __global__ void __launch_bounds__(kThreads)
       if (tj >= 0 && tj < kBlock && b0 + tj < n_b) {
         const int j = static_cast<int>(tj);
         target_logit[r] += logit(Z, i, j, ia, s_inv_b, scale);
+      }
+    }
+    if (columns) {
+      s_columns[warp * kBlock + lane] = column_part[0];
+      s_columns[warp * kBlock + lane + 32] = column_part[1];
+      __syncthreads();
+      if (tid < kBlock && b0 + tid < n_b) {
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += s_columns[w * kBlock + tid];
+        atomicAdd(col_other + b0 + tid, sum);
       }
     }
   }
@@ -349,13 +378,13 @@ bool valid_dtype(int dtype) { return dtype == MMKD_FLOAT32 || dtype == MMKD_FLOA
 
 template <typename T>
 int lse(const void* A, const void* B, const float* inv_a, const float* inv_b, const int64_t* targets, float* lse_out,
-        float* loss, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a, int64_t stride_ad, int64_t stride_b,
-        int64_t stride_bd, float scale, cudaStream_t stream) {
+        float* loss, float* col_other, float* col_target, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a,
+        int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale, float shift, cudaStream_t stream) {
   const unsigned int blocks = blocks_of(n_a, 0x7fffffff);
   if (blocks == 0) return cudaErrorInvalidValue;
   return launch(lse_kernel<T>, dim3(blocks), LseLayout<T>::kTotal, stream, static_cast<const T*>(A),
-                static_cast<const T*>(B), inv_a, inv_b, targets, lse_out, loss, n_a, n_b, d, stride_a, stride_ad,
-                stride_b, stride_bd, scale);
+                static_cast<const T*>(B), inv_a, inv_b, targets, lse_out, loss, col_other, col_target, n_a, n_b, d,
+                stride_a, stride_ad, stride_b, stride_bd, scale, shift);
 }
 
 template <typename T, int CHUNKS>
@@ -417,21 +446,25 @@ bool consistent(const void* lse, const void* g, const void* t, const void* tg) {
 }  // namespace
 
 extern "C" int mmkd_contrastive_lse(int dtype, const void* A, const void* B, const float* inv_a, const float* inv_b,
-                                    const int64_t* targets, float* lse_out, float* loss, int64_t n_a, int64_t n_b,
-                                    int64_t d, int64_t stride_a, int64_t stride_ad, int64_t stride_b,
-                                    int64_t stride_bd, float scale, cudaStream_t stream) {
-  if (!valid_dtype(dtype) || !valid_sizes(n_a, n_b, d)) return cudaErrorInvalidValue;
+                                    const int64_t* targets, float* lse_out, float* loss, float* col_other,
+                                    float* col_target, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a,
+                                    int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale, float shift,
+                                    cudaStream_t stream) {
+  const bool columns = col_other != nullptr;
+  if (!valid_dtype(dtype) || !valid_sizes(n_a, n_b, d) || columns != (col_target != nullptr) ||
+      (columns && (n_a != n_b || !(shift >= 0.0f) || shift > MMKD_FIXED_SHIFT_MAX)))
+    return cudaErrorInvalidValue;
   if (n_a == 0) return cudaSuccess;
   switch (dtype) {
     case MMKD_FLOAT32:
-      return lse<float>(A, B, inv_a, inv_b, targets, lse_out, loss, n_a, n_b, d, stride_a, stride_ad, stride_b,
-                        stride_bd, scale, stream);
+      return lse<float>(A, B, inv_a, inv_b, targets, lse_out, loss, col_other, col_target, n_a, n_b, d, stride_a,
+                        stride_ad, stride_b, stride_bd, scale, shift, stream);
     case MMKD_FLOAT16:
-      return lse<__half>(A, B, inv_a, inv_b, targets, lse_out, loss, n_a, n_b, d, stride_a, stride_ad, stride_b,
-                         stride_bd, scale, stream);
+      return lse<__half>(A, B, inv_a, inv_b, targets, lse_out, loss, col_other, col_target, n_a, n_b, d, stride_a,
+                         stride_ad, stride_b, stride_bd, scale, shift, stream);
     case MMKD_BFLOAT16:
-      return lse<__nv_bfloat16>(A, B, inv_a, inv_b, targets, lse_out, loss, n_a, n_b, d, stride_a, stride_ad,
-                                stride_b, stride_bd, scale, stream);
+      return lse<__nv_bfloat16>(A, B, inv_a, inv_b, targets, lse_out, loss, col_other, col_target, n_a, n_b, d,
+                                stride_a, stride_ad, stride_b, stride_bd, scale, shift, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -472,8 +505,9 @@ extern "C" int mmkd_contrastive_lse_grad(int dtype, const void* A, const void* B
       shift > MMKD_FIXED_SHIFT_MAX)
     return cudaErrorInvalidValue;
   if (n_a == 0) return cudaSuccess;
-  if (d == 0) return mmkd_contrastive_lse(dtype, A, B, inv_a, inv_b, targets, lse_out, loss, n_a, n_b, d, stride_a,
-                                          stride_ad, stride_b, stride_bd, scale, stream);
+  if (d == 0)
+    return mmkd_contrastive_lse(dtype, A, B, inv_a, inv_b, targets, lse_out, loss, nullptr, nullptr, n_a, n_b, d,
+                                stride_a, stride_ad, stride_b, stride_bd, scale, 0.0f, stream);
   if (dtype == MMKD_FLOAT32)
     return lse_grad_of_width<float>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a, stride_ad,
                                     stride_b, stride_bd, scale, shift, stream);

@@ -43,20 +43,25 @@ enum mmkd_structure_side { MMKD_STUDENT = 0, MMKD_TEACHER = 1 };
  * Contrastive loss, z[a, b] = scale · (A_a · B_b) · inv_a[a] · inv_b[b], never stored.
  * ------------------------------------------------------------------------------------------- */
 
+/* The largest fixed shift the kernels take: e^{−2·40} is still a normal float32. */
+#define MMKD_FIXED_SHIFT_MAX 40.0f
+
 /* Online log-sum-exp over the rows of z.
  *   A (n_a, d), B (n_b, d) of `dtype`; inv_a (n_a,), inv_b (n_b,) float32; targets (n_a,) int64
  *   in [0, n_b).
  * Writes lse (n_a,) float32: lse[a] = log Σ_b exp z[a, b], and loss (n_a,) float32:
  * loss[a] = lse[a] − z[a, targets[a]], computed as log1p(Σ_{b≠t} e^{z_b − z_t}) while the target
  * dominates, so that a nearly aligned pair's small loss keeps its digits.
- * Run on (q, k) it gives the row statistics; on (k, q) with targets = arange, the column ones. */
+ * Run on (q, k) it gives the row statistics; on (k, q) with targets = arange, the column ones.
+ * Or, in the same pass, for the symmetric loss (n_a = n_b) where every |z[a, b]| ≤ shift ≤
+ * MMKD_FIXED_SHIFT_MAX (normalized rows: shift = |scale|): with col_other and col_target (n_b,)
+ * float32 (both or neither; col_other zeroed by the caller), adds Σ_{a≠b} e^{z[a, b] − shift} into
+ * col_other[b] (atomically, in no fixed order) and writes col_target[b] = z[b, b]. shift is read
+ * only then. */
 int mmkd_contrastive_lse(int dtype, const void* A, const void* B, const float* inv_a, const float* inv_b,
-                         const int64_t* targets, float* lse, float* loss, int64_t n_a, int64_t n_b, int64_t d,
-                         int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale,
-                         cudaStream_t stream);
-
-/* The largest shift mmkd_contrastive_lse_grad takes: e^{−2·40} is still a normal float32. */
-#define MMKD_FIXED_SHIFT_MAX 40.0f
+                         const int64_t* targets, float* lse, float* loss, float* col_other, float* col_target,
+                         int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a, int64_t stride_ad, int64_t stride_b,
+                         int64_t stride_bd, float scale, float shift, cudaStream_t stream);
 
 /* mmkd_contrastive_lse and the row term of mmkd_contrastive_grad with g = 1 (the gradient of
  * Σ_a loss[a]) in one pass over z, for inputs whose every |z[a, b]| ≤ shift ≤ MMKD_FIXED_SHIFT_MAX

@@ -102,17 +102,37 @@ Term make_term(at::Tensor lse, at::Tensor g, at::Tensor t, const at::Tensor& los
   return Term{std::move(lse), std::move(g), std::move(t), std::move(tg)};
 }
 
-// (lse (n_a,), loss (n_a,)) of z = scale·Â B̂ᵀ read by rows of A.
-std::tuple<at::Tensor, at::Tensor> lse_by_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_a,
-                                           const at::Tensor& inv_b, const at::Tensor& targets, double scale) {
+// (lse (n_a,), loss (n_a,)) of z = scale·Â B̂ᵀ read by rows of A. With `columns` (the symmetric
+// loss, |z| ≤ |scale| ≤ MMKD_FIXED_SHIFT_MAX), also (col_lse, col_loss) from the same pass.
+struct RowPass {
+  at::Tensor lse, loss, col_lse, col_loss;
+};
+
+RowPass lse_by_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor& inv_a, const at::Tensor& inv_b,
+                    const at::Tensor& targets, double scale, bool columns = false) {
   at::Tensor lse = at::empty({a.size(0)}, floats(a));
   at::Tensor loss = at::empty_like(lse);
+  at::Tensor col_other = columns ? at::zeros({b.size(0)}, floats(a)) : at::Tensor();
+  at::Tensor col_target = columns ? at::empty({b.size(0)}, floats(a)) : at::Tensor();
+  const double shift = std::abs(scale);
   check_launch(mmkd_contrastive_lse(dtype_code(a, "q"), a.data_ptr(), b.data_ptr(), inv_a.data_ptr<float>(),
                                     inv_b.data_ptr<float>(), targets.data_ptr<int64_t>(), lse.data_ptr<float>(),
-                                    loss.data_ptr<float>(), a.size(0), b.size(0), a.size(1), a.stride(0),
-                                    a.stride(1), b.stride(0), b.stride(1), static_cast<float>(scale), stream()),
+                                    loss.data_ptr<float>(), columns ? col_other.data_ptr<float>() : nullptr,
+                                    columns ? col_target.data_ptr<float>() : nullptr, a.size(0), b.size(0),
+                                    a.size(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                    static_cast<float>(scale), static_cast<float>(shift), stream()),
                "mmkd_contrastive_lse");
-  return {lse, loss};
+  if (!columns) return {lse, loss, at::Tensor(), at::Tensor()};
+  // The columns' results from their fixed-shift sums, in the rows' log1p form (end_row in
+  // contrastive.cu): the target's weight against the others'.
+  const at::Tensor shifted_target = col_target - shift;
+  const at::Tensor weight = shifted_target.exp();
+  const at::Tensor total = weight + col_other;
+  const at::Tensor dominant = weight >= col_other;
+  const at::Tensor col_loss =
+      at::where(dominant, at::log1p(col_other / at::where(dominant, weight, at::ones_like(weight))),
+                total.log() - shifted_target);
+  return {lse, loss, total.log() + shift, col_loss};
 }
 
 // dÂ (n_a, D) float32 for the rows of A; a term that is null is off.
@@ -180,13 +200,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_forward(c
   const at::Tensor t = row_targets(targets, qc);
   const at::Tensor inv_q = inverse_norms(qc, normalize);
   const at::Tensor inv_k = inverse_norms(kc, normalize);
-  auto [lse_rows, loss_rows] = lse_by_rows(qc, kc, inv_q, inv_k, t, scale);
-  if (!symmetric) return {loss_rows, lse_rows.new_empty({0}), lse_rows, lse_rows.new_empty({0})};
-  TORCH_CHECK(kc.size(0) == qc.size(0), "symmetric needs as many rows in k as in q, got ", kc.size(0), " and ",
-              qc.size(0));
+  TORCH_CHECK(!symmetric || kc.size(0) == qc.size(0), "symmetric needs as many rows in k as in q, got ", kc.size(0),
+              " and ", qc.size(0));
+  // The columns' statistics from the rows' pass where z is bounded and bitwise reproducibility is
+  // not asked for (their sums are atomic adds in no fixed order); else from a pass by columns.
+  const bool columns_in_row_pass = symmetric && normalize && std::abs(scale) <= MMKD_FIXED_SHIFT_MAX &&
+                                   !at::globalContext().deterministicAlgorithms();
+  const RowPass rows = lse_by_rows(qc, kc, inv_q, inv_k, t, scale, columns_in_row_pass);
+  if (!symmetric) return {rows.loss, rows.lse.new_empty({0}), rows.lse, rows.lse.new_empty({0})};
+  if (columns_in_row_pass) return {rows.loss, rows.col_loss, rows.lse, rows.col_lse};
   const at::Tensor own = at::arange(kc.size(0), t.options());
-  auto [lse_cols, loss_cols] = lse_by_rows(kc, qc, inv_k, inv_q, own, scale);
-  return {loss_rows, loss_cols, lse_rows, lse_cols};
+  const RowPass cols = lse_by_rows(kc, qc, inv_k, inv_q, own, scale);
+  return {rows.loss, cols.loss, rows.lse, cols.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor> contrastive_backward(const at::Tensor& grad_row, const at::Tensor& grad_col,
@@ -235,7 +260,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad(con
   if (fused_q) {
     std::tie(lse_rows, loss_rows, dq_hat) = lse_grad_by_rows(qc, kc, inv_q, inv_k, t, scale);
   } else {
-    std::tie(lse_rows, loss_rows) = lse_by_rows(qc, kc, inv_q, inv_k, t, scale);
+    const RowPass rows = lse_by_rows(qc, kc, inv_q, inv_k, t, scale);
+    lse_rows = rows.lse;
+    loss_rows = rows.loss;
   }
   const Term row_term = make_term(lse_rows, at::ones_like(lse_rows), t, loss_rows);
   at::Tensor dq = lse_rows.new_empty({0});

@@ -204,6 +204,14 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t bytes, Args... 
 
 inline void __syncthreads() { mmkd_emulation::wait(mmkd_emulation::state().block); }
 
+// Fibers switch only at barriers and shuffles, so a plain read-modify-write is atomic here; blocks
+// run one after another, so the order of the adds is fixed (on a GPU it is not).
+inline float atomicAdd(float* address, float value) {
+  const float old = *address;
+  *address = old + value;
+  return old;
+}
+
 inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask, int width = 32) {
   using namespace mmkd_emulation;
   if (mask != 0xffffffffu || width != 32) report("__shfl_xor_sync: only full-warp shuffles are emulated");
