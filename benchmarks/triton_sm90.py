@@ -55,7 +55,8 @@ def _kernels():
     kinds = [dict(KIND=code) for code in structure.KIND_CODES.values()]
     return [
         ("contrastive._lse_kernel", contrastive._lse_kernel, [dict(COLUMNS=False), dict(COLUMNS=True)]),
-        ("contrastive._lse_grad_kernel", contrastive._lse_grad_kernel, [{}]),
+        ("contrastive._lse_grad_kernel", contrastive._lse_grad_kernel,
+         [dict(FIXED_SHIFT=False), dict(FIXED_SHIFT=True)]),
         ("contrastive._grad_kernel", contrastive._grad_kernel,
          [dict(HAS_A_TERM=a, HAS_B_TERM=b) for a, b in ((True, False), (False, True), (True, True))]),
         ("structure._rows_kernel", structure._rows_kernel, kinds),

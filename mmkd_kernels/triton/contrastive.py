@@ -10,9 +10,10 @@ Two kernels serve every direction, because z is the same matrix read by rows or 
   same pass (fixed-shift sums added atomically, where z is bounded) or from a run on (k, q) with
   targets = arange.
 - ``_lse_grad_kernel`` is ``_lse_kernel`` that also accumulates the row term of the gradient,
-  flash-attention style: Σ_{b≠t} e^{z_ab − max} B̂_b rescaled whenever the running max moves, so
-  a forward with gradients for the rows' side costs one pass (z and P·B̂), not a pass for the
-  statistics and another that recomputes z. Each program owns up to three BLOCK_DO-wide
+  flash-attention style: Σ_{b≠t} e^{z_ab − max} B̂_b rescaled whenever the running max moves (or,
+  where z is bounded, under a fixed shift that never moves), so a forward with gradients for the
+  rows' side costs one pass (z and P·B̂), not a pass for the statistics and another that
+  recomputes z. Each program owns up to three BLOCK_DO-wide
   accumulators (BLOCK_A × 384 floats fit in an H100's registers, BLOCK_A × 768 do not), so z is
   computed once at D ≤ 384 and once per span of D beyond: the autotuner weighs wider spans
   against register pressure.
@@ -135,13 +136,18 @@ def _store_grad_chunk(DA, acc, total, target_coef, B, target, offs_a, mask_a, of
 @autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "A")
 @triton.jit
 def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
-                     stride_a, stride_ad, stride_b, stride_bd, scale, n_key,
+                     stride_a, stride_ad, stride_b, stride_bd, scale, shift, n_key,
+                     FIXED_SHIFT: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                      CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
     """``_lse_kernel``'s LSE and LOSS (stored by the programs of the first D span) and, for this
     program's span of D (CHUNKS accumulators of BLOCK_DO columns, 1 to 3), DA[a] = ∂(Σ_a LOSS[a])/∂Â_a
     = scale · (Σ_{b≠t} p_ab inv_b B_b + expm1(−LOSS[a]) inv_t B_t), with t = TARGETS[a] and p the
-    row's softmax: p_t − 1 = expm1(−ℓ), exact where p_t rounds to 1."""
+    row's softmax: p_t − 1 = expm1(−ℓ), exact where p_t rounds to 1.
+
+    FIXED_SHIFT (every z ≤ ``shift``, as normalized rows give with shift = |scale|): the sums are
+    taken as Σ e^{z − shift}, so no tile computes a row max and no accumulator is rescaled (a
+    multiply of every accumulator element per column tile otherwise)."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     span = tl.program_id(1) * (CHUNKS * BLOCK_DO)
     offs_do0 = span + tl.arange(0, BLOCK_DO)
@@ -157,19 +163,26 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
     acc0 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
+    if FIXED_SHIFT:
+        row_max = tl.full((BLOCK_A,), shift, dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad,
                                                stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
         z = tl.where(mask_b[None, :], z, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(z, axis=1))
-        rescale = tl.exp(row_max - new_max)
         is_target = offs_b[None, :] == target[:, None]
-        others = tl.where(is_target, 0.0, tl.exp(z - new_max[:, None]))
-        row_other = row_other * rescale + tl.sum(others, axis=1)
-        row_max = new_max
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
-        r = rescale[:, None]
-        acc0, acc1, acc2 = accumulate_chunks(acc0 * r, acc1 * r, acc2 * r, others * inv_b[None, :], B, offs_b, mask_b,
+        if FIXED_SHIFT:
+            others = tl.where(is_target, 0.0, tl.exp(z - shift))
+            row_other += tl.sum(others, axis=1)
+        else:
+            new_max = tl.maximum(row_max, tl.max(z, axis=1))
+            rescale = tl.exp(row_max - new_max)
+            others = tl.where(is_target, 0.0, tl.exp(z - new_max[:, None]))
+            row_other = row_other * rescale + tl.sum(others, axis=1)
+            row_max = new_max
+            r = rescale[:, None]
+            acc0, acc1, acc2 = acc0 * r, acc1 * r, acc2 * r
+        acc0, acc1, acc2 = accumulate_chunks(acc0, acc1, acc2, others * inv_b[None, :], B, offs_b, mask_b,
                                              offs_do0, d, stride_b, stride_bd, BLOCK_DO, CHUNKS, PRECISION)
     shifted_target = target_logit - row_max
     target_weight = tl.exp(shifted_target)
@@ -256,15 +269,17 @@ def _row_lse(a, b, inv_a, inv_b, targets, scale, columns_shift=None):
     return lse, loss, (col_other if columns else None), (col_target if columns else None)
 
 
-def _row_lse_grad(a, b, inv_a, inv_b, targets, scale):
-    """(lse, loss, dÂ (n_a, D) float32 of Σ loss) in one pass over z = scale·Â B̂ᵀ by rows of A."""
+def _row_lse_grad(a, b, inv_a, inv_b, targets, scale, shift=None):
+    """(lse, loss, dÂ (n_a, D) float32 of Σ loss) in one pass over z = scale·Â B̂ᵀ by rows of A;
+    with ``shift`` (an upper bound of z) under that fixed shift instead of a running max."""
     n_a, d = a.shape
     lse = torch.empty(n_a, device=a.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     da = torch.empty(n_a, d, device=a.device, dtype=torch.float32)
     grid = span_grid(n_a, d)
     _lse_grad_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, da, n_a, b.shape[0], d, *_strides(a, b), scale,
-                           size_key(b.shape[0]), PRECISION=precision(a))
+                           float(shift or 0.0), size_key(b.shape[0]), FIXED_SHIFT=shift is not None,
+                           PRECISION=precision(a))
     return lse, loss, da
 
 
@@ -284,7 +299,8 @@ def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
 
 
 # Below this, e^{−2|scale|} (the smallest term under the fixed shift) is a normal float32 with
-# room for N terms: the one-pass column statistics keep full precision.
+# room for N terms: the one-pass column statistics and the fixed-shift gradient pass keep full
+# precision.
 _ONE_PASS_MAX_SCALE = 40.0
 
 
@@ -351,7 +367,10 @@ def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, 
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
     dq, dk = q.new_empty(0, dtype=torch.float32), k.new_empty(0, dtype=torch.float32)
     if need_q:
-        row_lse, row_loss, dq_hat = _row_lse_grad(q, k, inv_q, inv_k, targets, scale)
+        # A fixed shift where z is bounded (normalized rows) and e^{−2|scale|} survives the cast of
+        # p to the dot's dtype (float16's exponent range does not hold it).
+        fixed = normalize and abs(scale) <= _ONE_PASS_MAX_SCALE and q.dtype != torch.float16
+        row_lse, row_loss, dq_hat = _row_lse_grad(q, k, inv_q, inv_k, targets, scale, abs(scale) if fixed else None)
         dq = input_grad(dq_hat, q, normalize)
     else:
         row_lse, row_loss, _, _ = _row_lse(q, k, inv_q, inv_k, targets, scale)
