@@ -91,7 +91,9 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n
     gives the columns' statistics: COL_OTHER[b] += Σ_{a≠b} e^{z_ab − shift} (atomically, from every
     row block; zeroed by the caller) and COL_TARGET[b] = z_bb. A column's running max would need
     every row block at once, so the shift is fixed instead: the caller passes an upper bound of z
-    (|scale| for normalized rows) and uses this only where e^{−2|scale|} stays a normal float."""
+    (|scale| for normalized rows) and uses this only where e^{−2|scale|} stays a normal float. The
+    rows then take the same shift: one exponential per element serves both sums, and no tile
+    computes a row max."""
     row0 = tl.program_id(0) * BLOCK_A
     offs_a = row0 + tl.arange(0, BLOCK_A)
     mask_a = offs_a < n_a
@@ -100,23 +102,28 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n
     row_max = tl.full((BLOCK_A,), float("-inf"), dtype=tl.float32)
     row_other = tl.zeros((BLOCK_A,), dtype=tl.float32)  # Σ_{b ≠ target} exp(z_ab − row_max)
     target_logit = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    if COLUMNS:
+        row_max = tl.full((BLOCK_A,), shift, dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad,
                                                stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
         z = tl.where(mask_b[None, :], z, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(z, axis=1))
         is_target = offs_b[None, :] == target[:, None]
-        others = tl.where(is_target, 0.0, tl.exp(z - new_max[:, None]))
-        row_other = row_other * tl.exp(row_max - new_max) + tl.sum(others, axis=1)
-        row_max = new_max
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         if COLUMNS:
+            weights = tl.exp(z - shift)  # 0 past n_b
+            row_other += tl.sum(tl.where(is_target, 0.0, weights), axis=1)
             diagonal = offs_a[:, None] == offs_b[None, :]
-            column_terms = tl.where(mask_a[:, None] & ~diagonal, tl.exp(z - shift), 0.0)
+            column_terms = tl.where(mask_a[:, None] & ~diagonal, weights, 0.0)
             tl.atomic_add(COL_OTHER + offs_b, tl.sum(column_terms, axis=0), mask=mask_b)
             # The diagonal of this tile, where the row block holds column b's target row.
             holds_target = mask_b & (offs_b >= row0) & (offs_b < row0 + BLOCK_A) & (offs_b < n_a)
             tl.store(COL_TARGET + offs_b, tl.sum(tl.where(diagonal, z, 0.0), axis=0), mask=holds_target)
+        else:
+            new_max = tl.maximum(row_max, tl.max(z, axis=1))
+            others = tl.where(is_target, 0.0, tl.exp(z - new_max[:, None]))
+            row_other = row_other * tl.exp(row_max - new_max) + tl.sum(others, axis=1)
+            row_max = new_max
     shifted_target = target_logit - row_max
     target_weight = tl.exp(shifted_target)
     tl.store(LSE + offs_a, row_max + tl.log(target_weight + row_other), mask=mask_a)
