@@ -74,7 +74,8 @@ struct LseLayout {
 // With col_other (not NULL): the columns' sums of the symmetric loss in the same pass, under the
 // fixed shift (every |z| ≤ shift ≤ MMKD_FIXED_SHIFT_MAX): col_other[b] += Σ_{a≠b} e^{z_ab − shift}
 // over the block's rows (atomically: blocks add in no fixed order), and col_target[b] = z_bb from
-// the one block that holds row b.
+// the one block that holds row b. The rows then take the same shift: one exponential serves both
+// sums, and no tile computes a row max.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     lse_kernel(const T* __restrict__ A, const T* __restrict__ B, const float* __restrict__ inv_a,
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int64_t a = a0 + warp * kRowsPerWarp + r;
-    row_max[r] = -INFINITY;
+    row_max[r] = columns ? shift : -INFINITY;  // the rows take the columns' fixed shift
     row_other[r] = 0.0f;
     target_logit[r] = 0.0f;
     target[r] = a < n_a ? targets[a] : -1;
@@ -121,24 +122,33 @@ __global__ void __launch_bounds__(kThreads)
       const float ia = s_inv_a[i];
       float z[2];
       bool is_target[2];
+      float row_part = 0.0f;  // with columns: this lane's Σ_{b≠t} e^{z_ab − shift}
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int j = lane + 32 * h;
         z[h] = b0 + j < n_b ? logit(Z, i, j, ia, s_inv_b, scale) : -INFINITY;
         is_target[h] = b0 + j == target[r];
-        if (columns && a0 + i < n_a && b0 + j < n_b) {
-          if (a0 + i == b0 + j) {
-            col_target[b0 + j] = z[h];
-          } else {
-            column_part[h] += expf(z[h] - shift);
+        if (columns) {
+          const float weight = expf(z[h] - shift);  // 0 past n_b; one exponential for both sums
+          if (!is_target[h]) row_part += weight;
+          if (a0 + i < n_a && b0 + j < n_b) {
+            if (a0 + i == b0 + j) {
+              col_target[b0 + j] = z[h];
+            } else {
+              column_part[h] += weight;
+            }
           }
         }
       }
-      const float new_max = fmaxf(row_max[r], warp_max(fmaxf(z[0], z[1])));
-      const float tile_other = warp_sum((is_target[0] ? 0.0f : expf(z[0] - new_max)) +
-                                        (is_target[1] ? 0.0f : expf(z[1] - new_max)));
-      row_other[r] = row_other[r] * expf(row_max[r] - new_max) + tile_other;
-      row_max[r] = new_max;
+      if (columns) {
+        row_other[r] += warp_sum(row_part);  // under the fixed shift: row_max[r] stays `shift`
+      } else {
+        const float new_max = fmaxf(row_max[r], warp_max(fmaxf(z[0], z[1])));
+        const float tile_other = warp_sum((is_target[0] ? 0.0f : expf(z[0] - new_max)) +
+                                          (is_target[1] ? 0.0f : expf(z[1] - new_max)));
+        row_other[r] = row_other[r] * expf(row_max[r] - new_max) + tile_other;
+        row_max[r] = new_max;
+      }
       const int64_t tj = target[r] - b0;
       if (tj >= 0 && tj < kBlock && b0 + tj < n_b) {
         const int j = static_cast<int>(tj);
