@@ -397,55 +397,35 @@ int lse(const void* A, const void* B, const float* inv_a, const float* inv_b, co
                 stride_a, stride_ad, stride_b, stride_bd, scale, shift);
 }
 
-template <typename T, int CHUNKS>
+template <typename T>
 int lse_grad(const void* A, const void* B, const float* inv_a, const float* inv_b, const int64_t* targets,
              float* lse_out, float* loss, float* dA, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a,
              int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale, float shift, cudaStream_t stream) {
-  const unsigned int row_blocks = blocks_of(n_a, 0x7fffffff);
-  const unsigned int d_groups = output_groups(d, CHUNKS);
-  if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
-  return launch(lse_grad_kernel<T, CHUNKS>, dim3(row_blocks, d_groups), LseGradLayout<T>::kTotal, stream,
-                static_cast<const T*>(A), static_cast<const T*>(B), inv_a, inv_b, targets, lse_out, loss, dA, n_a,
-                n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale, shift);
+  return with_output_chunks(d, [&](auto chunks) -> int {
+    constexpr int CHUNKS = decltype(chunks)::value;
+    const unsigned int row_blocks = blocks_of(n_a, 0x7fffffff);
+    const unsigned int d_groups = output_groups(d, CHUNKS);
+    if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
+    return launch(lse_grad_kernel<T, CHUNKS>, dim3(row_blocks, d_groups), LseGradLayout<T>::kTotal, stream,
+                  static_cast<const T*>(A), static_cast<const T*>(B), inv_a, inv_b, targets, lse_out, loss, dA, n_a,
+                  n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale, shift);
+  });
 }
 
 template <typename T>
-int lse_grad_of_width(const void* A, const void* B, const float* inv_a, const float* inv_b, const int64_t* targets,
-                      float* lse_out, float* loss, float* dA, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a,
-                      int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale, float shift,
-                      cudaStream_t stream) {
-  if (output_chunks(d) == kNarrowChunks)
-    return lse_grad<T, kNarrowChunks>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a,
-                                      stride_ad, stride_b, stride_bd, scale, shift, stream);
-  return lse_grad<T, kWideChunks>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a, stride_ad,
-                                  stride_b, stride_bd, scale, shift, stream);
-}
-
-template <typename T, int CHUNKS>
 int grad(const void* A, const void* B, const float* inv_a, const float* inv_b, const float* lse_a, const float* g_a,
          const int64_t* t_a, const float* tg_a, const float* lse_b, const float* g_b, const int64_t* t_b,
-         const float* tg_b, float* dA, int64_t n_a,
-         int64_t n_b, int64_t d, int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd,
-         float scale, cudaStream_t stream) {
-  const unsigned int row_blocks = blocks_of(n_a, 0x7fffffff);
-  const unsigned int d_groups = output_groups(d, CHUNKS);
-  if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
-  return launch(grad_kernel<T, CHUNKS>, dim3(row_blocks, d_groups), GradLayout<T>::kTotal, stream,
-                static_cast<const T*>(A), static_cast<const T*>(B), inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b,
-                t_b, tg_b, dA, n_a, n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale);
-}
-
-template <typename T>
-int grad_of_width(const void* A, const void* B, const float* inv_a, const float* inv_b, const float* lse_a,
-                  const float* g_a, const int64_t* t_a, const float* tg_a, const float* lse_b, const float* g_b,
-                  const int64_t* t_b, const float* tg_b, float* dA, int64_t n_a, int64_t n_b, int64_t d,
-                  int64_t stride_a, int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale,
-                  cudaStream_t stream) {
-  if (output_chunks(d) == kNarrowChunks)
-    return grad<T, kNarrowChunks>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b, d,
-                                  stride_a, stride_ad, stride_b, stride_bd, scale, stream);
-  return grad<T, kWideChunks>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b, d,
-                              stride_a, stride_ad, stride_b, stride_bd, scale, stream);
+         const float* tg_b, float* dA, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a, int64_t stride_ad,
+         int64_t stride_b, int64_t stride_bd, float scale, cudaStream_t stream) {
+  return with_output_chunks(d, [&](auto chunks) -> int {
+    constexpr int CHUNKS = decltype(chunks)::value;
+    const unsigned int row_blocks = blocks_of(n_a, 0x7fffffff);
+    const unsigned int d_groups = output_groups(d, CHUNKS);
+    if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
+    return launch(grad_kernel<T, CHUNKS>, dim3(row_blocks, d_groups), GradLayout<T>::kTotal, stream,
+                  static_cast<const T*>(A), static_cast<const T*>(B), inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b,
+                  g_b, t_b, tg_b, dA, n_a, n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale);
+  });
 }
 
 // A term's four pointers are all given or all NULL.
@@ -492,13 +472,13 @@ extern "C" int mmkd_contrastive_grad(int dtype, const void* A, const void* B, co
   if (n_a == 0 || d == 0) return cudaSuccess;
   switch (dtype) {
     case MMKD_FLOAT32:
-      return grad_of_width<float>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b,
+      return grad<float>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b,
                                   d, stride_a, stride_ad, stride_b, stride_bd, scale, stream);
     case MMKD_FLOAT16:
-      return grad_of_width<__half>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b,
+      return grad<__half>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b,
                                    d, stride_a, stride_ad, stride_b, stride_bd, scale, stream);
     case MMKD_BFLOAT16:
-      return grad_of_width<__nv_bfloat16>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a,
+      return grad<__nv_bfloat16>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a,
                                           n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale, stream);
     default:
       return cudaErrorInvalidValue;
@@ -519,8 +499,8 @@ extern "C" int mmkd_contrastive_lse_grad(int dtype, const void* A, const void* B
     return mmkd_contrastive_lse(dtype, A, B, inv_a, inv_b, targets, lse_out, loss, nullptr, nullptr, n_a, n_b, d,
                                 stride_a, stride_ad, stride_b, stride_bd, scale, 0.0f, stream);
   if (dtype == MMKD_FLOAT32)
-    return lse_grad_of_width<float>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a, stride_ad,
+    return lse_grad<float>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a, stride_ad,
                                     stride_b, stride_bd, scale, shift, stream);
-  return lse_grad_of_width<__nv_bfloat16>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a,
+  return lse_grad<__nv_bfloat16>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a,
                                           stride_ad, stride_b, stride_bd, scale, shift, stream);
 }

@@ -382,28 +382,20 @@ int rows(const void* S, const void* Tm, const float* inv_s, const float* inv_t, 
                 t_row, t_col, scale);
 }
 
-template <typename T, int KIND, int CHUNKS>
-int grad_chunks(int side, const void* S, const void* Tm, const float* inv_s, const float* inv_t, const float* stats,
-                const float* grad_weights, float* dX, int64_t n, int64_t row_start, int64_t row_count, int64_t ds,
-                int64_t dt, int64_t s_row, int64_t s_col, int64_t t_row, int64_t t_col, float scale,
-                cudaStream_t stream) {
-  const unsigned int row_blocks = blocks_of(n, 0x7fffffff);
-  const unsigned int d_groups = output_groups(side == MMKD_STUDENT ? ds : dt, CHUNKS);
-  if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
-  return launch(grad_kernel<T, KIND, CHUNKS>, dim3(row_blocks, d_groups), GradLayout<T>::kTotal, stream,
-                static_cast<const T*>(S), static_cast<const T*>(Tm), inv_s, inv_t, stats, grad_weights, dX, n,
-                row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale, side);
-}
-
 template <typename T, int KIND>
 int grad(int side, const void* S, const void* Tm, const float* inv_s, const float* inv_t, const float* stats,
          const float* grad_weights, float* dX, int64_t n, int64_t row_start, int64_t row_count, int64_t ds,
          int64_t dt, int64_t s_row, int64_t s_col, int64_t t_row, int64_t t_col, float scale, cudaStream_t stream) {
-  if (output_chunks(side == MMKD_STUDENT ? ds : dt) == kNarrowChunks)
-    return grad_chunks<T, KIND, kNarrowChunks>(side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
-                                               row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
-  return grad_chunks<T, KIND, kWideChunks>(side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start,
-                                           row_count, ds, dt, s_row, s_col, t_row, t_col, scale, stream);
+  const int64_t dx = side == MMKD_STUDENT ? ds : dt;
+  return with_output_chunks(dx, [&](auto chunks) -> int {
+    constexpr int CHUNKS = decltype(chunks)::value;
+    const unsigned int row_blocks = blocks_of(n, 0x7fffffff);
+    const unsigned int d_groups = output_groups(dx, CHUNKS);
+    if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
+    return launch(grad_kernel<T, KIND, CHUNKS>, dim3(row_blocks, d_groups), GradLayout<T>::kTotal, stream,
+                  static_cast<const T*>(S), static_cast<const T*>(Tm), inv_s, inv_t, stats, grad_weights, dX, n,
+                  row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale, side);
+  });
 }
 
 template <typename T>

@@ -333,6 +333,14 @@ inline unsigned int output_groups(int64_t d, int chunks) {
   return groups <= 65535 ? static_cast<unsigned int>(groups) : 0u;
 }
 
+// f(std::integral_constant<int, CHUNKS>) for the output width d: launchers pick the kernel instance
+// with `with_output_chunks(d, [&](auto chunks) { ... kernel<T, decltype(chunks)::value> ... })`.
+template <typename F>
+int with_output_chunks(int64_t d, F f) {
+  if (output_chunks(d) == kNarrowChunks) return f(std::integral_constant<int, kNarrowChunks>{});
+  return f(std::integral_constant<int, kWideChunks>{});
+}
+
 template <typename T, int CHUNKS>
 struct OutAccs {
   OutAcc<T> chunk[CHUNKS];
