@@ -403,10 +403,9 @@ int lse_grad(const void* A, const void* B, const float* inv_a, const float* inv_
              int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale, float shift, cudaStream_t stream) {
   return with_output_chunks(d, [&](auto chunks) -> int {
     constexpr int CHUNKS = decltype(chunks)::value;
-    const unsigned int row_blocks = blocks_of(n_a, 0x7fffffff);
-    const unsigned int d_groups = output_groups(d, CHUNKS);
-    if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
-    return launch(lse_grad_kernel<T, CHUNKS>, dim3(row_blocks, d_groups), LseGradLayout<T>::kTotal, stream,
+    dim3 grid;
+    if (!gradient_grid(n_a, d, CHUNKS, &grid)) return cudaErrorInvalidValue;
+    return launch(lse_grad_kernel<T, CHUNKS>, grid, LseGradLayout<T>::kTotal, stream,
                   static_cast<const T*>(A), static_cast<const T*>(B), inv_a, inv_b, targets, lse_out, loss, dA, n_a,
                   n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale, shift);
   });
@@ -419,10 +418,9 @@ int grad(const void* A, const void* B, const float* inv_a, const float* inv_b, c
          int64_t stride_b, int64_t stride_bd, float scale, cudaStream_t stream) {
   return with_output_chunks(d, [&](auto chunks) -> int {
     constexpr int CHUNKS = decltype(chunks)::value;
-    const unsigned int row_blocks = blocks_of(n_a, 0x7fffffff);
-    const unsigned int d_groups = output_groups(d, CHUNKS);
-    if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
-    return launch(grad_kernel<T, CHUNKS>, dim3(row_blocks, d_groups), GradLayout<T>::kTotal, stream,
+    dim3 grid;
+    if (!gradient_grid(n_a, d, CHUNKS, &grid)) return cudaErrorInvalidValue;
+    return launch(grad_kernel<T, CHUNKS>, grid, GradLayout<T>::kTotal, stream,
                   static_cast<const T*>(A), static_cast<const T*>(B), inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b,
                   g_b, t_b, tg_b, dA, n_a, n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale);
   });

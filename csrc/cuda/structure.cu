@@ -389,10 +389,9 @@ int grad(int side, const void* S, const void* Tm, const float* inv_s, const floa
   const int64_t dx = side == MMKD_STUDENT ? ds : dt;
   return with_output_chunks(dx, [&](auto chunks) -> int {
     constexpr int CHUNKS = decltype(chunks)::value;
-    const unsigned int row_blocks = blocks_of(n, 0x7fffffff);
-    const unsigned int d_groups = output_groups(dx, CHUNKS);
-    if (row_blocks == 0 || d_groups == 0) return cudaErrorInvalidValue;
-    return launch(grad_kernel<T, KIND, CHUNKS>, dim3(row_blocks, d_groups), GradLayout<T>::kTotal, stream,
+    dim3 grid;
+    if (!gradient_grid(n, dx, CHUNKS, &grid)) return cudaErrorInvalidValue;
+    return launch(grad_kernel<T, KIND, CHUNKS>, grid, GradLayout<T>::kTotal, stream,
                   static_cast<const T*>(S), static_cast<const T*>(Tm), inv_s, inv_t, stats, grad_weights, dX, n,
                   row_start, row_count, ds, dt, s_row, s_col, t_row, t_col, scale, side);
   });

@@ -315,6 +315,12 @@ __device__ void store_out(const OutAcc<T>& acc, float* __restrict__ out, int64_t
   }
 }
 
+// Blocks of kBlock covering n (n > 0), or 0 when they would not fit a grid dimension (limit).
+inline unsigned int blocks_of(int64_t n, int64_t limit) {
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  return blocks <= limit ? static_cast<unsigned int>(blocks) : 0u;
+}
+
 // Output chunks held side by side: a gradient block accumulates CHUNKS kBlock-wide chunks of the
 // output's D at once, so that each similarity tile is computed once per kBlock · CHUNKS output
 // columns instead of once per kBlock (at D = 384, once instead of six times). Two widths are built:
@@ -331,6 +337,15 @@ inline unsigned int output_groups(int64_t d, int chunks) {
   const int64_t width = static_cast<int64_t>(kBlock) * chunks;
   const int64_t groups = (d + width - 1) / width;
   return groups <= 65535 ? static_cast<unsigned int>(groups) : 0u;
+}
+
+// The grid of a gradient kernel: blocks of kBlock rows × groups of CHUNKS output chunks covering
+// d (rows, d > 0). False where it would not fit the grid's limits.
+inline bool gradient_grid(int64_t rows, int64_t d, int chunks, dim3* grid) {
+  const unsigned int row_blocks = blocks_of(rows, 0x7fffffff);
+  const unsigned int d_groups = output_groups(d, chunks);
+  *grid = dim3(row_blocks, d_groups);
+  return row_blocks != 0 && d_groups != 0;
 }
 
 // f(std::integral_constant<int, CHUNKS>) for the output width d: launchers pick the kernel instance
@@ -410,10 +425,5 @@ cudaError_t launch(Kernel kernel, dim3 grid, size_t bytes, cudaStream_t stream, 
 #endif
 }
 
-// Blocks of kBlock covering n (n > 0), or 0 when they would not fit a grid dimension (limit).
-inline unsigned int blocks_of(int64_t n, int64_t limit) {
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  return blocks <= limit ? static_cast<unsigned int>(blocks) : 0u;
-}
 
 }  // namespace mmkd_tiles
