@@ -15,6 +15,11 @@ NAMESPACES = {"chunked": "mmkd_chunked", "triton": "mmkd_triton", "native": "mmk
 # Why an optional backend's module failed to import (then it is unavailable, and says so).
 _IMPORT_ERRORS: dict[str, str] = {}
 
+# Looked up once, here: the checks below run inside functions that torch.compile traces, and
+# torch 2.11's dynamo refuses to trace importlib.util.find_spec (a graph break, an error under
+# fullgraph=True).
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
 
 def load_optional_backends() -> None:
     """Import the optional backends' modules, which register their ops. At import time of the
@@ -22,7 +27,7 @@ def load_optional_backends() -> None:
     from . import native
 
     native.load(build=False)  # the built extension only: a build just in time waits for a request
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_FOUND:
         return
     try:
         importlib.import_module("mmkd_kernels.triton")
@@ -31,7 +36,7 @@ def load_optional_backends() -> None:
 
 
 def _triton_reason(device: torch.device | None, dtype: torch.dtype | None) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not _TRITON_FOUND:
         return "backend='triton' needs the triton package (pip install triton)"
     if "triton" in _IMPORT_ERRORS:
         return _IMPORT_ERRORS["triton"]
