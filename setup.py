@@ -5,7 +5,7 @@ The package metadata lives in pyproject.toml. Build switches (environment variab
 | variable            | default  | effect                                                              |
 |---------------------|----------|---------------------------------------------------------------------|
 | MMKD_BUILD_NATIVE   | 1        | 0: build no extension (mmkd_kernels.native then builds it on first use) |
-| MMKD_BUILD_CUDA     | auto     | 1: build the CUDA kernels too; 0: CPU only; auto: when torch has CUDA and nvcc is found |
+| MMKD_BUILD_CUDA     | auto     | 1: build the CUDA kernels too; 0: CPU only; auto: when torch has CUDA and the CUDA toolkit (nvcc, headers) is found |
 | MMKD_CPU_ARCH       | native   | the -march of the CPU kernels (e.g. x86-64-v3 for a portable build)  |
 | MMKD_CUDA_ARCH      | 9.0      | TORCH_CUDA_ARCH_LIST of the CUDA kernels (9.0 = H100)                |
 | MAX_JOBS            | (cores)  | parallel compile jobs (torch.utils.cpp_extension)                   |
@@ -13,6 +13,7 @@ The package metadata lives in pyproject.toml. Build switches (environment variab
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -36,7 +37,12 @@ def _extensions():
 
     build = _native_build()
     want_cuda = os.environ.get("MMKD_BUILD_CUDA", "auto")
-    with_cuda = want_cuda == "1" or (want_cuda == "auto" and torch.version.cuda is not None and CUDA_HOME is not None)
+    missing = build.cuda_toolkit_missing(CUDA_HOME)
+    if want_cuda == "1" and missing is not None:
+        raise SystemExit(f"MMKD_BUILD_CUDA=1: {missing}")
+    with_cuda = want_cuda == "1" or (want_cuda == "auto" and torch.version.cuda is not None and missing is None)
+    if want_cuda == "auto" and torch.version.cuda is not None and missing is not None:
+        print(f"mmkd-kernels: building the CPU kernels only: {missing}", file=sys.stderr)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MMKD_CUDA_ARCH", "9.0"))
         ext = CUDAExtension("mmkd_kernels._C", build.sources(with_cuda=True, relative=True),

@@ -21,12 +21,12 @@ def _jit_build() -> None:
     """torch.utils.cpp_extension.load of csrc/ (CPU kernels; CUDA too where torch and nvcc have it)."""
     from torch.utils.cpp_extension import CUDA_HOME, load
 
-    from .native_build import CSRC, cxx_flags, nvcc_flags, sources
+    from .native_build import CSRC, cuda_toolkit_missing, cxx_flags, nvcc_flags, sources
 
     if not CSRC.is_dir():
         raise RuntimeError(f"mmkd_kernels._C is not built and its sources are not at {CSRC} "
                            "(reinstall from a source checkout: pip install --no-build-isolation -e .)")
-    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+    with_cuda = torch.version.cuda is not None and cuda_toolkit_missing(CUDA_HOME) is None and torch.cuda.is_available()
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MMKD_CUDA_ARCH", "9.0"))
     load(name=f"mmkd_native_{torch.__version__.replace('.', '_').replace('+', '_')}",

@@ -24,3 +24,14 @@ def cxx_flags() -> list[str]:
 
 def nvcc_flags() -> list[str]:
     return ["-O3", "-std=c++17"]
+
+
+def cuda_toolkit_missing(cuda_home: str | None) -> str | None:
+    """Why the CUDA kernels cannot be compiled with the toolkit torch found (its CUDA_HOME), or
+    None. nvcc alone is not enough: a machine may have nvcc on the PATH and the runtime headers
+    elsewhere, and the build would then stop at ``#include <cuda_runtime.h>``."""
+    if cuda_home is None:
+        return "no CUDA toolkit found (set CUDA_HOME, or put nvcc on the PATH)"
+    if not (Path(cuda_home) / "include" / "cuda_runtime.h").is_file():
+        return f"the CUDA toolkit at CUDA_HOME={cuda_home} has no include/cuda_runtime.h (set CUDA_HOME to the toolkit's root)"
+    return None
