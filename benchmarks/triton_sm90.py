@@ -52,7 +52,8 @@ MULTIPLES_OF_16 = {"d", "ds", "dt", "stride_a", "stride_b", "s_row", "t_row"}
 
 def _kernels():
     """(name, autotuner, the constexpr variants the launchers use)."""
-    kinds = [dict(KIND=code) for code in structure.KIND_CODES.values()]
+    kinds = [dict(KIND=code, CENTRED=False) for code in structure.KIND_CODES.values()]
+    kinds.append(dict(KIND=structure.KIND_CODES["kl"], CENTRED=True))
     return [
         ("contrastive._lse_kernel", contrastive._lse_kernel, [dict(COLUMNS=False), dict(COLUMNS=True)]),
         ("contrastive._lse_grad_kernel", contrastive._lse_grad_kernel,

@@ -85,19 +85,14 @@ def test_options(target, kind, algorithm, layout, seed):
     _check(target, offset, t, kind=kind, algorithm=algorithm, temperature=0.2)
 
 
-# The backends whose kl sees whole rows and so takes the centred form (chunked.KL_CENTRED_MAX_SCALE);
-# the streaming kernels (triton, native on CUDA) keep Σ p log(p/q).
-WHOLE_ROW_KL = [t for t in TARGETS if t.backend == "chunked" or (t.backend == "native" and t.device == "cpu")]
-
-
-def _close_pair(noise, device):
-    """A student (600, 96) at `noise` from its teacher, both float32."""
+def _close_pair(noise, device, n):
+    """A student (n, 96) at `noise` from its teacher, both float32."""
     gen = torch.Generator().manual_seed(int(noise * 1000))
-    teacher = torch.randn(600, 96, generator=gen)
-    return (teacher + noise * torch.randn(600, 96, generator=gen)).to(device), teacher.to(device)
+    teacher = torch.randn(n, 96, generator=gen)
+    return (teacher + noise * torch.randn(n, 96, generator=gen)).to(device), teacher.to(device)
 
 
-@pytest.mark.parametrize("target", WHOLE_ROW_KL, ids=str)
+@pytest.mark.parametrize("target", TARGETS, ids=str)
 def test_kl_of_a_student_close_to_its_teacher(target):
     """Late in distillation (teacher = student + noise) each row's KL is far smaller than the terms
     of Σ p log(p/q): float32 kept 3e-5 of the loss at noise 0.03 and 1e-3 at noise 0.003 (chunked
@@ -105,15 +100,18 @@ def test_kl_of_a_student_close_to_its_teacher(target):
     The centred form keeps float32's tolerance: for the loss and both gradients at noise 0.03, for
     the loss at 0.003 (there the gradients are 8e-5 off: G^S and G^T come from two float32 GEMMs,
     each rounded at about 1e-7 of its entries, which is no longer small next to their difference,
-    of the order of the noise). At a temperature
+    of the order of the noise). Every backend has it: the whole-row ones (chunked, native on CPU)
+    centre on the row's μ, the streaming kernels (Triton, CUDA) on each tile's and merge; under
+    Triton's interpreter 240 rows, where the plain form is 1e-4 off at 0.003. At a temperature
     below 1 / KL_CENTRED_MAX_SCALE the plain form serves, and still matches at random inputs."""
-    s, t = _close_pair(0.03, target.device)
+    n = 600 if runs(target, torch.float32, 600 * 600 * 192) else 240
+    s, t = _close_pair(0.03, target.device, n)
     _check(target, leaf(s), leaf(t), kind="kl", temperature=0.1)
-    s, t = _close_pair(0.003, target.device)
+    s, t = _close_pair(0.003, target.device, n)
     out = mk.structure_loss(s, t, kind="kl", temperature=0.1, backend=target.backend)
     ref = mk.structure_loss(s.double().cpu(), t.double().cpu(), kind="kl", temperature=0.1, backend="reference")
     assert rel_err(out, ref) <= TOLERANCE[torch.float32], f"loss at noise 0.003: {rel_err(out, ref):.2e}"
-    s, t = leaf(randn(300, 48, seed=3, device=target.device)), leaf(randn(300, 40, seed=4, device=target.device))
+    s, t = leaf(randn(130, 48, seed=3, device=target.device)), leaf(randn(130, 40, seed=4, device=target.device))
     _check(target, s, t, kind="kl", temperature=1 / (2 * mk.chunked.KL_CENTRED_MAX_SCALE))
 
 

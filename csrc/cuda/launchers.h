@@ -30,8 +30,14 @@ extern "C" {
 /* The dtype of the input matrices. */
 enum mmkd_dtype { MMKD_FLOAT32 = 0, MMKD_FLOAT16 = 1, MMKD_BFLOAT16 = 2 };
 
-/* The kind of structure loss (DESIGN §1.2). */
-enum mmkd_structure_kind { MMKD_MSE = 0, MMKD_PEARSON = 1, MMKD_KL = 2 };
+/* The kind of structure loss (DESIGN §1.2). MMKD_KL_CENTRED is kl in its centred form (structure.cu),
+ * which keeps float32's digits when the student is close to its teacher; it assumes cosine
+ * similarities (inv_s, inv_t the rows' inverse norms) and |scale| <= MMKD_KL_CENTRED_MAX_SCALE. */
+enum mmkd_structure_kind { MMKD_MSE = 0, MMKD_PEARSON = 1, MMKD_KL = 2, MMKD_KL_CENTRED = 3 };
+
+/* The largest |scale| of MMKD_KL_CENTRED: its weights e^{scale·G^T − |scale|} need no running max,
+ * and its e^{d − μ} stay finite in float32 (|d − μ| <= 4 |scale|). As chunked.KL_CENTRED_MAX_SCALE. */
+#define MMKD_KL_CENTRED_MAX_SCALE 20.0f
 
 /* Which similarity matrix a structure gradient is of: the student's G^S = ŝŝᵀ or the teacher's. */
 enum mmkd_structure_side { MMKD_STUDENT = 0, MMKD_TEACHER = 1 };
@@ -110,7 +116,8 @@ int mmkd_contrastive_grad(int dtype, const void* A, const void* B, const float* 
  *   mse     (0, 0, 0, 0, 0)
  *   pearson (mean_s, mean_t, var_s, var_t, cov): means and centered sums (not means) over j ≠ i
  *   kl      (lse_t, lse_s, kl, 0, 0): log-sum-exps over j ≠ i of scale·G^T and scale·G^S, and
- *           the row's KL(P ‖ Q) (= its loss). */
+ *           the row's KL(P ‖ Q) (= its loss)
+ *   kl, centred (lse_t, μ, kl, 0, 0): μ = Σ_j p_j d_j, p the teacher's softmax, d = scale·(G^S − G^T). */
 int mmkd_structure_rows(int dtype, int kind, const void* S, const void* T, const float* inv_s, const float* inv_t,
                         float* loss, float* stats, int64_t n, int64_t row_start, int64_t row_count, int64_t ds,
                         int64_t dt, int64_t stride_s, int64_t stride_sd, int64_t stride_t, int64_t stride_td,

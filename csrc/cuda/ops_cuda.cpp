@@ -280,12 +280,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad(con
 
 namespace {
 
-int kind_code(c10::string_view kind) {
+// The kernels' kind: kl takes its centred form for cosine similarities at a bounded scale, as the
+// chunked and Triton backends do (chunked.KL_CENTRED_MAX_SCALE).
+int kind_code(c10::string_view kind, bool normalize, double scale) {
   const std::string name(kind.data(), kind.size());
   if (name == "mse") return MMKD_MSE;
   if (name == "pearson") return MMKD_PEARSON;
   TORCH_CHECK(name == "kl", "kind must be 'mse', 'pearson' or 'kl', got '", name, "'");
-  return MMKD_KL;
+  return normalize && std::abs(scale) <= MMKD_KL_CENTRED_MAX_SCALE ? MMKD_KL_CENTRED : MMKD_KL;
 }
 
 // s, t checked and in one dtype, with the row range checked against their N.
@@ -333,7 +335,7 @@ at::Tensor side_grad(const at::Tensor& s, const at::Tensor& t, const at::Tensor&
 
 at::Tensor structure_tile_forward(const at::Tensor& s, const at::Tensor& t, c10::string_view kind, double scale,
                                   bool normalize, int64_t row_start, int64_t row_count) {
-  const int code = kind_code(kind);
+  const int code = kind_code(kind, normalize, scale);
   auto [sc, tc] = structure_inputs(s, t, row_start, row_count);
   const c10::cuda::CUDAGuard guard(s.device());
   return std::get<0>(rows(sc, tc, inverse_norms(sc, normalize), inverse_norms(tc, normalize), code, scale,
@@ -346,7 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> structure_tile_forward_with_grad(
                                                                                 bool normalize, int64_t row_start,
                                                                                 int64_t row_count, bool need_s,
                                                                                 bool need_t) {
-  const int code = kind_code(kind);
+  const int code = kind_code(kind, normalize, scale);
   auto [sc, tc] = structure_inputs(s, t, row_start, row_count);
   const c10::cuda::CUDAGuard guard(s.device());
   const at::Tensor inv_s = inverse_norms(sc, normalize);

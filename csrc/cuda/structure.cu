@@ -1,11 +1,18 @@
 // CUDA kernels of the structure loss, tile algorithm (DESIGN §1.2), a port of
 // mmkd_kernels/triton/structure.py: tiles of G^S = ŜŜᵀ and G^T = T̂T̂ᵀ are computed side by side and
-// never stored; the diagonal (i, i) is left out. Kinds (a template parameter): 0 mse, 1 pearson, 2 kl.
+// never stored; the diagonal (i, i) is left out. Kinds (a template parameter): 0 mse, 1 pearson, 2 kl,
+// 3 kl in its centred form.
 //
 // - rows_kernel: for a block of 64 rows, one pass over the 64-column tiles with per-row statistics
 //   in registers (warp w owns rows w·8 .. w·8 + 7): mse the sum of squared differences; pearson
 //   means, centered sums of squares and cross-sums merged tile by tile with Chan et al.'s formulas
-//   (each tile centered on its own means); kl two online softmaxes and the running Σ P·(a − b).
+//   (each tile centered on its own means); kl two online softmaxes and the running Σ P·(a − b);
+//   kl centred (MMKD_KL_CENTRED) the sums Z = Σ w, μ = Σ w d / Z and V = Σ w φ(d − μ), with
+//   w = e^{a − |scale|} (a = scale·G^T), d = scale·(G^S − G^T) and φ(x) = e^x − 1 − x ≥ 0, so that
+//   KL = log1p(V / Z): terms ≥ 0, where Σ P·(a − b) − lse_a + lse_b cancels to far less than its
+//   terms when the student is close to its teacher. Each tile's sums are taken about its own μ and
+//   merged as Chan et al. merge variances: about the merged μ', a part with mean μ₁ has
+//   V₁' = e^{μ₁ − μ'} V₁ + Z₁ φ(μ₁ − μ'). As mmkd_kernels/triton/structure.py.
 //   Writes the per-row losses and the statistics the gradient needs ([row_count, 5]).
 // - grad_kernel: recomputes the tiles and turns the per-row statistics into dG of one side (student
 //   or teacher). For a block of 64 rows j (of all n) it accumulates Σ_i (dG_ji + dG_ij) X̂_i: G is
@@ -31,6 +38,29 @@ namespace {
 using namespace mmkd_tiles;
 
 constexpr float kEps2 = 1e-16f;  // reference.EPS²: the pearson denominator is sqrt(max(var_s·var_t, eps²))
+
+// φ(x) = e^x − 1 − x to a few ulps of φ: its Taylor series Σ_{k=2..10} x^k / k! where |x| < 1/2
+// (e^x − 1 − x would cancel there), the difference elsewhere (where it is ≥ 0.1 and e^x's own
+// rounding is small next to it; expf is a smaller routine than expm1f, and registers are short).
+// As csrc/cpu/common.h expm1_minus_x.
+__device__ __forceinline__ float expm1_minus_x(float x) {
+  if (fabsf(x) >= 0.5f) return (expf(x) - 1.0f) - x;
+  float series = 1.0f / 3628800.0f;
+  series = series * x + 1.0f / 362880.0f;
+  series = series * x + 1.0f / 40320.0f;
+  series = series * x + 1.0f / 5040.0f;
+  series = series * x + 1.0f / 720.0f;
+  series = series * x + 1.0f / 120.0f;
+  series = series * x + 1.0f / 24.0f;
+  series = series * x + 1.0f / 6.0f;
+  series = series * x + 0.5f;
+  return x * x * series;
+}
+
+// e^x − 1 to a few ulps: x + φ(x) where |x| < 1/2, e^x − 1 elsewhere (common.h fast_expm1).
+__device__ __forceinline__ float expm1_small(float x) {
+  return fabsf(x) < 0.5f ? x + expm1_minus_x(x) : expf(x) - 1.0f;
+}
 
 // Shared memory of rows_kernel: both similarity tiles, the D chunks, the inverse norms of the tile's
 // rows (s, t) and columns (s, t).
@@ -75,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
   // Running statistics of the warp's rows (every lane the same values); their meaning by KIND:
   // mse r0 Σ(gs − gt)²; pearson count, r0 mean_s, r1 mean_t, r2 M2_s, r3 M2_t, r4 C;
   // kl (a = scale·G^T, b = scale·G^S) max_a, max_b, r0 Σexp(a − max_a), r1 Σexp(b − max_b),
-  // r2 Σexp(a − max_a)(a − b).
+  // r2 Σexp(a − max_a)(a − b); kl centred r0 Z, r1 μ, r2 V.
   float count[kRowsPerWarp], r0[kRowsPerWarp], r1[kRowsPerWarp], r2[kRowsPerWarp], r3[kRowsPerWarp],
       r4[kRowsPerWarp], max_a[kRowsPerWarp], max_b[kRowsPerWarp];
 #pragma unroll
@@ -137,6 +167,34 @@ __global__ void __launch_bounds__(kThreads)
         r3[r] += m2_t + delta_t * delta_t * count[r] * weight;
         r4[r] += c_st + delta_s * delta_t * count[r] * weight;
         count[r] = total;
+      } else if constexpr (KIND == MMKD_KL_CENTRED) {
+        // |a| ≤ |scale|: the weights need no running max.
+        const float shift = fabsf(scale);
+        float w[2], d[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          d[h] = valid[h] ? (gs[h] - gt[h]) * scale : 0.0f;
+          w[h] = valid[h] ? expf(gt[h] * scale - shift) : 0.0f;
+        }
+        const float tile_z = warp_sum(w[0] + w[1]);
+        // The mean about the tile's largest d: exact when the row has one column (n = 2, whose loss
+        // and gradient are exactly 0), where Σ w d / Σ w would round.
+        float pivot = warp_max(fmaxf(valid[0] ? d[0] : -INFINITY, valid[1] ? d[1] : -INFINITY));
+        pivot = pivot == -INFINITY ? 0.0f : pivot;
+        const float tile_mu =
+            pivot + warp_sum(w[0] * (d[0] - pivot) + w[1] * (d[1] - pivot)) / (tile_z > 0.0f ? tile_z : 1.0f);
+        float v[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) v[h] = valid[h] ? w[h] * expm1_minus_x(d[h] - tile_mu) : 0.0f;
+        const float tile_v = warp_sum(v[0] + v[1]);
+        const float total = r0[r] + tile_z;
+        const float mu = r1[r] + (tile_mu - r1[r]) * (tile_z / (total > 0.0f ? total : 1.0f));
+        const float old_part = r1[r] - mu;
+        const float tile_part = tile_mu - mu;
+        r2[r] = expf(old_part) * r2[r] + r0[r] * expm1_minus_x(old_part) + expf(tile_part) * tile_v +
+                tile_z * expm1_minus_x(tile_part);
+        r0[r] = total;
+        r1[r] = mu;
       } else {
         float a[2], b[2];
 #pragma unroll
@@ -179,6 +237,11 @@ __global__ void __launch_bounds__(kThreads)
         s[2] = r2[r];
         s[3] = r3[r];
         s[4] = r4[r];
+      } else if constexpr (KIND == MMKD_KL_CENTRED) {
+        row_loss = log1pf(r2[r] / r0[r]);
+        s[0] = fabsf(scale) + logf(r0[r]);
+        s[1] = r1[r];
+        s[2] = row_loss;
       } else {
         // Differences first: with one column, (a − b) − ((max_a − max_b) + 0) is exactly 0.
         row_loss = r2[r] / r0[r] - ((max_a[r] - max_b[r]) + (logf(r0[r]) - logf(r1[r])));
@@ -213,7 +276,7 @@ __device__ void coefficients(const float* st, float g, int64_t n, float scale, b
     k[2] = g_r / denom;
     k[3] = product > kEps2 ? g_r * r / var_own : 0.0f;
   } else {
-    // k0 lse_t, k1 lse_s, k2 the row's KL, k3 g · scale.
+    // k0 lse_t, k1 lse_s (centred: μ), k2 the row's KL, k3 g · scale.
     k[0] = st[0];
     k[1] = st[1];
     k[2] = st[2];
@@ -232,6 +295,11 @@ __device__ __forceinline__ float dg(float gs, float gt, float k0, float k1, floa
     const float cs = gs - k0;
     const float ct = gt - k1;
     return student ? ct * k2 - cs * k3 : cs * k2 - ct * k3;
+  } else if constexpr (KIND == MMKD_KL_CENTRED) {
+    // q − p = p (e^{x − kl} − 1) and ∂kl/∂a = −p x for x = d − μ: no difference of near numbers.
+    const float p = expf(gt * scale - k0);
+    const float x = (gs - gt) * scale - k1;
+    return student ? (p * expm1_small(x - k2)) * k3 : -(p * x) * k3;
   } else {
     const float log_p = gt * scale - k0;
     const float log_q = gs * scale - k1;
@@ -361,9 +429,11 @@ __global__ void __launch_bounds__(kThreads)
   store_out_chunks<T, CHUNKS>(accs, dX, j0, n, do_first, dx, Gs);
 }
 
-bool valid_dtype_and_kind(int dtype, int kind) {
+// A dtype and a kind the kernels have, at a scale the kind allows (NaN refused for the centred kl).
+bool valid_dtype_and_kind(int dtype, int kind, float scale) {
   return (dtype == MMKD_FLOAT32 || dtype == MMKD_FLOAT16 || dtype == MMKD_BFLOAT16) &&
-         (kind == MMKD_MSE || kind == MMKD_PEARSON || kind == MMKD_KL);
+         (kind == MMKD_MSE || kind == MMKD_PEARSON || kind == MMKD_KL ||
+          (kind == MMKD_KL_CENTRED && fabsf(scale) <= MMKD_KL_CENTRED_MAX_SCALE));
 }
 
 bool valid_rows(int64_t n, int64_t row_start, int64_t row_count, int64_t ds, int64_t dt) {
@@ -411,6 +481,9 @@ int rows_of_kind(int kind, const void* S, const void* Tm, const float* inv_s, co
     case MMKD_KL:
       return rows<T, MMKD_KL>(S, Tm, inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt, s_row, s_col,
                               t_row, t_col, scale, stream);
+    case MMKD_KL_CENTRED:
+      return rows<T, MMKD_KL_CENTRED>(S, Tm, inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt, s_row,
+                                      s_col, t_row, t_col, scale, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -431,6 +504,9 @@ int grad_of_kind(int kind, int side, const void* S, const void* Tm, const float*
     case MMKD_KL:
       return grad<T, MMKD_KL>(side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start, row_count, ds, dt,
                               s_row, s_col, t_row, t_col, scale, stream);
+    case MMKD_KL_CENTRED:
+      return grad<T, MMKD_KL_CENTRED>(side, S, Tm, inv_s, inv_t, stats, grad_weights, dX, n, row_start, row_count,
+                                      ds, dt, s_row, s_col, t_row, t_col, scale, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -442,7 +518,7 @@ extern "C" int mmkd_structure_rows(int dtype, int kind, const void* S, const voi
                                    const float* inv_t, float* loss, float* stats, int64_t n, int64_t row_start,
                                    int64_t row_count, int64_t ds, int64_t dt, int64_t stride_s, int64_t stride_sd,
                                    int64_t stride_t, int64_t stride_td, float scale, cudaStream_t stream) {
-  if (!valid_dtype_and_kind(dtype, kind) || !valid_rows(n, row_start, row_count, ds, dt))
+  if (!valid_dtype_and_kind(dtype, kind, scale) || !valid_rows(n, row_start, row_count, ds, dt))
     return cudaErrorInvalidValue;
   if (row_count == 0) return cudaSuccess;
   switch (dtype) {
@@ -465,7 +541,7 @@ extern "C" int mmkd_structure_grad(int dtype, int kind, int side, const void* S,
                                    int64_t row_start, int64_t row_count, int64_t ds, int64_t dt, int64_t stride_s,
                                    int64_t stride_sd, int64_t stride_t, int64_t stride_td, float scale,
                                    cudaStream_t stream) {
-  if (!valid_dtype_and_kind(dtype, kind) || !valid_rows(n, row_start, row_count, ds, dt) ||
+  if (!valid_dtype_and_kind(dtype, kind, scale) || !valid_rows(n, row_start, row_count, ds, dt) ||
       (side != MMKD_STUDENT && side != MMKD_TEACHER))
     return cudaErrorInvalidValue;
   if (n == 0 || (side == MMKD_STUDENT ? ds : dt) == 0) return cudaSuccess;

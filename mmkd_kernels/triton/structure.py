@@ -6,8 +6,16 @@ never stored; the diagonal (i, i) is masked out. Kinds are a constexpr: 0 mse, 1
 - ``_rows_kernel``: for a block of rows, one pass over the column tiles with per-row statistics in
   registers: mse the sum of squared differences; pearson means, sums of squares and cross-sums
   merged tile by tile with Chan's parallel formulas (each tile centered on its own mean: no
-  Σw² − (Σw)²/n cancellation); kl two online softmaxes and the running Σ P·(a − b). Writes the
+  Σw² − (Σw)²/n cancellation); kl, for cosine similarities at |scale| ≤ KL_CENTRED_MAX_SCALE,
+  its centred form (below), else two online softmaxes and the running Σ P·(a − b). Writes the
   per-row losses and the statistics the gradient needs.
+- The centred kl: with p the teacher's softmax over j ≠ i (a = scale·G^T), d = b − a the logits'
+  difference (b = scale·G^S) and μ = Σ p d, KL_i = log Σ p e^{d − μ} = log1p(V / Z) for
+  Z = Σ w and V = Σ w φ(d − μ), w = e^{a − |scale|} and φ(x) = e^x − 1 − x ≥ 0: a sum of terms
+  ≥ 0, where Σ p log(p/q) adds terms far larger than a small KL (a student close to its teacher).
+  μ is not known until the row ends, so each tile's (Z, μ, V) is taken about its own mean and
+  merged into the running ones as Chan et al. merge variances: about the merged mean μ', a part
+  with mean μ₁ has V₁' = e^{μ₁ − μ'} V₁ + Z₁ φ(μ₁ − μ'), again terms ≥ 0. One pass, as before.
 - ``_grad_kernel``: recomputes the tiles and turns the per-row statistics into dG (of one side:
   student or teacher). G = x̂x̂ᵀ sends dG_ij to x̂_i and to x̂_j; since G is symmetric, one tile of
   rows j × columns i gives both terms of row j (its own statistics' dG_ji, and read transposed,
@@ -23,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import chunked
+from ..chunked import KL_CENTRED_MAX_SCALE
 from .tiles import (accumulate_chunks, autotuned, check_dtypes, configs, input_grad, inverse_norms, precision,
                     similarity_tile, size_key, span_grid, store_chunks)
 
@@ -48,6 +57,44 @@ _KEY = ["ds", "dt", "n_key"]
 
 
 @triton.jit
+def _expm1_minus_x(x):
+    """φ(x) = e^x − 1 − x, float32, to a few ulps of φ: its Taylor series Σ_{k=2..10} x^k/k! where
+    |x| < 1/2 (there e^x − 1 − x would cancel to eps/x² of the result), e^x − 1 − x elsewhere.
+    As csrc/cpu/common.h's expm1_minus_x."""
+    small = tl.abs(x) < 0.5
+    t = tl.where(small, x, 0.0)
+    series = 1.0 / 3628800.0
+    series = series * t + 1.0 / 362880.0
+    series = series * t + 1.0 / 40320.0
+    series = series * t + 1.0 / 5040.0
+    series = series * t + 1.0 / 720.0
+    series = series * t + 1.0 / 120.0
+    series = series * t + 1.0 / 24.0
+    series = series * t + 1.0 / 6.0
+    series = series * t + 0.5
+    return tl.where(small, t * t * series, (tl.exp(x) - 1.0) - x)
+
+
+@triton.jit
+def _log1p(u):
+    """log(1 + u) for u ≥ 0 to a few ulps: 2·atanh(v), v = u/(2 + u) ≤ 1/3, by its series where
+    u ≤ 1 (log(1 + u) would lose the digits of a small u, and a GPU's fast log is accurate to an
+    absolute 2^-22 only), log(1 + u) above."""
+    v = u / (2.0 + u)
+    v2 = v * v
+    series = 1.0 / 17.0
+    series = series * v2 + 1.0 / 15.0
+    series = series * v2 + 1.0 / 13.0
+    series = series * v2 + 1.0 / 11.0
+    series = series * v2 + 1.0 / 9.0
+    series = series * v2 + 1.0 / 7.0
+    series = series * v2 + 1.0 / 5.0
+    series = series * v2 + 1.0 / 3.0
+    series = series * v2 + 1.0
+    return tl.where(u <= 1.0, 2.0 * v * series, tl.log(1.0 + u))
+
+
+@triton.jit
 def _both_tiles(S, T, INV_S, INV_T, offs_a, offs_b, mask_a, mask_b, ds, dt, s_row, s_col, t_row, t_col,
                 BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Tiles of G^S and G^T for rows offs_a and columns offs_b, and the mask of pairs i ≠ j that exist."""
@@ -67,10 +114,10 @@ def _both_tiles(S, T, INV_S, INV_T, offs_a, offs_b, mask_a, mask_b, ds, dt, s_ro
 @triton.jit
 def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, dt,
                  s_row, s_col, t_row, t_col, scale, n_key,
-                 KIND: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """Per-row losses LOSS[i − row_start] and STATS[i − row_start, :5]:
-    pearson (mean_s, mean_t, var_s, var_t, cov), kl (lse_t, lse_s, kl, 0, 0), mse zeros."""
+                 KIND: tl.constexpr, CENTRED: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Per-row losses LOSS[i − row_start] and STATS[i − row_start, :5]: pearson (mean_s, mean_t,
+    var_s, var_t, cov), kl (lse_t, μ, kl, 0, 0) when CENTRED, else (lse_t, lse_s, kl, 0, 0), mse zeros."""
     local = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     mask_a = local < row_count
     offs_a = row_start + local
@@ -111,6 +158,27 @@ def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, d
             r3 += tl.sum(ct * ct, axis=1) + delta_t * delta_t * count * weight
             r4 += tl.sum(cs * ct, axis=1) + delta_s * delta_t * count * weight
             count = total
+        elif CENTRED:
+            # r0 Z, r1 μ, r2 V (module docstring). |a| ≤ |scale|, so w = e^{a − |scale|} needs no
+            # running max; |d − μ| ≤ 4|scale| keeps every e^x finite.
+            shift = tl.abs(scale)
+            d = tl.where(valid, (gs - gt) * scale, 0.0)
+            w = tl.where(valid, tl.exp(gt * scale - shift), 0.0)
+            tile_z = tl.sum(w, axis=1)
+            # The mean about the tile's largest d: exact when the row has one column (N = 2, whose
+            # loss and gradient are exactly 0), where Σ w d / Σ w would round.
+            pivot = tl.max(tl.where(valid, d, minus_inf), axis=1)
+            pivot = tl.where(pivot == minus_inf, 0.0, pivot)
+            tile_mu = pivot + tl.sum(w * (d - pivot[:, None]), axis=1) / tl.where(tile_z > 0, tile_z, 1.0)
+            tile_v = tl.sum(tl.where(valid, w * _expm1_minus_x(d - tile_mu[:, None]), 0.0), axis=1)
+            total = r0 + tile_z
+            mu = r1 + (tile_mu - r1) * (tile_z / tl.where(total > 0, total, 1.0))
+            old_part = r1 - mu
+            tile_part = tile_mu - mu
+            r2 = (tl.exp(old_part) * r2 + r0 * _expm1_minus_x(old_part)
+                  + tl.exp(tile_part) * tile_v + tile_z * _expm1_minus_x(tile_part))
+            r0 = total
+            r1 = mu
         else:
             # a = G^T/τ (teacher, P), b = G^S/τ (student, Q). r0 Σexp(a − max_a), r1 Σexp(b − max_b),
             # r2 Σexp(a − max_a)(a − b): KL_i = r2/r0 − lse_a + lse_b.
@@ -133,6 +201,9 @@ def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, d
     elif KIND == 1:
         loss = 1.0 - r4 / tl.sqrt(tl.maximum(r2 * r3, 1e-16))
         s0, s1, s2, s3, s4 = r0, r1, r2, r3, r4
+    elif CENTRED:
+        loss = _log1p(r2 / r0)
+        s0, s1, s2, s3, s4 = tl.abs(scale) + tl.log(r0), r1, loss, r3, r3
     else:
         lse_a = max_a + tl.log(r0)
         lse_b = max_b + tl.log(r1)
@@ -150,7 +221,7 @@ def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, d
 
 @triton.jit
 def _d_from_tiles(gs, gt, valid, STATS, G, offs_a, mask_a, n, row_start, scale,
-                  KIND: tl.constexpr, SIDE: tl.constexpr):
+                  KIND: tl.constexpr, CENTRED: tl.constexpr, SIDE: tl.constexpr):
     """dG of one side (SIDE 0: G^S, 1: G^T) on a tile whose rows offs_a are computed rows
     (mask_a) and whose similarity tiles gs, gt are given; zero off ``valid``. The rows'
     statistics come from STATS, their gradient weights from G."""
@@ -179,6 +250,18 @@ def _d_from_tiles(gs, gt, valid, STATS, G, offs_a, mask_a, n, row_start, scale,
         else:
             coef = tl.where(unclamped, g_r * r / tl.where(unclamped, var_t, 1.0), 0.0)
             dg = cs * (g_r / denom)[:, None] - ct * coef[:, None]
+    elif CENTRED:
+        # q − p = p (e^{x − kl} − 1) and ∂kl/∂a = −p x for x = d − μ: no difference of near numbers.
+        lse_a = tl.load(base + 0, mask=mask_a, other=0.0)
+        mu = tl.load(base + 1, mask=mask_a, other=0.0)
+        kl = tl.load(base + 2, mask=mask_a, other=0.0)
+        p = tl.where(valid, tl.exp(gt * scale - lse_a[:, None]), 0.0)
+        x = tl.where(valid, (gs - gt) * scale - mu[:, None], 0.0)
+        if SIDE == 0:
+            u = x - kl[:, None]
+            dg = p * (u + _expm1_minus_x(u)) * (g * scale)[:, None]
+        else:
+            dg = -(p * x) * (g * scale)[:, None]
     else:
         lse_a = tl.load(base + 0, mask=mask_a, other=0.0)
         lse_b = tl.load(base + 1, mask=mask_a, other=0.0)
@@ -197,7 +280,7 @@ def _d_from_tiles(gs, gt, valid, STATS, G, offs_a, mask_a, n, row_start, scale,
 @triton.jit
 def _grad_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, dt,
                  s_row, s_col, t_row, t_col, scale, n_key,
-                 KIND: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                 KIND: tl.constexpr, CENTRED: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
     """DX[j, span] = Σ_i (dG_ji + dG_ij) x̂_i for this program's rows j (of all N) and span of D
     (CHUNKS chunks of BLOCK_DO), x̂ of SIDE: G = x̂x̂ᵀ sends row i's dG_ij to x̂_i (the row term, where
@@ -228,9 +311,9 @@ def _grad_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, 
         gs, gt, valid = _both_tiles(S, T, INV_S, INV_T, offs_j, offs_i, mask_j, mask_i, ds, dt,
                                     s_row, s_col, t_row, t_col, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
         rows = _d_from_tiles(gs, gt, valid & computed_j[:, None], STATS, G, offs_j, computed_j, n, row_start,
-                             scale, KIND, SIDE)
+                             scale, KIND, CENTRED, SIDE)
         cols = _d_from_tiles(tl.trans(gs), tl.trans(gt), tl.trans(valid & computed_i[None, :]), STATS, G, offs_i,
-                             computed_i, n, row_start, scale, KIND, SIDE)
+                             computed_i, n, row_start, scale, KIND, CENTRED, SIDE)
         weights = (rows + tl.trans(cols)) * tl.load(INV + offs_i, mask=mask_i, other=0.0)[None, :]
         acc0, acc1, acc2 = accumulate_chunks(acc0, acc1, acc2, weights, X, offs_i, mask_i, offs_do0, dx, x_row, x_col,
                                              BLOCK_DO, CHUNKS, PRECISION)
@@ -249,30 +332,37 @@ def _common(s, t, scale, row_start, row_count):
             s.stride(0), s.stride(1), t.stride(0), t.stride(1), scale, size_key(n))
 
 
-def _rows(s, t, inv_s, inv_t, kind, scale, row_start, row_count):
+def _centred(kind, scale, normalize):
+    """Whether kl takes its centred form: cosine similarities (|G| ≤ 1) at a bounded scale, as
+    chunked's (chunked.KL_CENTRED_MAX_SCALE)."""
+    return kind == "kl" and normalize and abs(scale) <= KL_CENTRED_MAX_SCALE
+
+
+def _rows(s, t, inv_s, inv_t, kind, centred, scale, row_start, row_count):
     check_dtypes(s, t)
     loss = torch.empty(row_count, device=s.device, dtype=torch.float32)
     stats = torch.empty(row_count, N_STATS, device=s.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(row_count, meta["BLOCK_A"]),)  # noqa: E731
     _rows_kernel[grid](s, t, inv_s, inv_t, loss, stats, *_common(s, t, scale, row_start, row_count),
-                       KIND=KIND_CODES[kind], PRECISION=precision(s))
+                       KIND=KIND_CODES[kind], CENTRED=centred, PRECISION=precision(s))
     return loss, stats
 
 
-def _side_grad(s, t, inv_s, inv_t, stats, grad, kind, scale, row_start, row_count, side):
+def _side_grad(s, t, inv_s, inv_t, stats, grad, kind, centred, scale, row_start, row_count, side):
     """dx̂ (N, D_side) float32 of one side: the row terms of the computed rows and the column terms."""
     x = s if side == 0 else t
     n, d = x.shape
     d_hat = torch.empty(n, d, device=s.device, dtype=torch.float32)
     grid = span_grid(n, d)
     _grad_kernel[grid](s, t, inv_s, inv_t, stats, grad, d_hat, *_common(s, t, scale, row_start, row_count),
-                       KIND=KIND_CODES[kind], SIDE=side, PRECISION=precision(s))
+                       KIND=KIND_CODES[kind], CENTRED=centred, SIDE=side, PRECISION=precision(s))
     return d_hat
 
 
 def structure_tile_forward(s, t, kind: str, scale: float, normalize: bool, row_start: int, row_count: int):
     """As chunked.structure_tile_forward: per-row losses (row_count,), float32."""
-    loss, _ = _rows(s, t, inverse_norms(s, normalize), inverse_norms(t, normalize), kind, scale, row_start, row_count)
+    loss, _ = _rows(s, t, inverse_norms(s, normalize), inverse_norms(t, normalize), kind,
+                    _centred(kind, scale, normalize), scale, row_start, row_count)
     return loss
 
 
@@ -280,14 +370,15 @@ def structure_tile_forward_with_grad(s, t, kind: str, scale: float, normalize: b
                                      row_count: int, need_s: bool, need_t: bool):
     """As chunked.structure_tile_forward_with_grad: (loss_sum (), ds, dt) in float32."""
     inv_s, inv_t = inverse_norms(s, normalize), inverse_norms(t, normalize)
-    loss, stats = _rows(s, t, inv_s, inv_t, kind, scale, row_start, row_count)
+    centred = _centred(kind, scale, normalize)
+    loss, stats = _rows(s, t, inv_s, inv_t, kind, centred, scale, row_start, row_count)
     ones = torch.ones_like(loss)
     grads = []
     for side, (x, needed) in enumerate(((s, need_s), (t, need_t))):
         if not needed:
             grads.append(loss.new_empty(0))
             continue
-        d_hat = _side_grad(s, t, inv_s, inv_t, stats, ones, kind, scale, row_start, row_count, side)
+        d_hat = _side_grad(s, t, inv_s, inv_t, stats, ones, kind, centred, scale, row_start, row_count, side)
         grads.append(input_grad(d_hat, x, normalize))
     return loss.sum(), grads[0], grads[1]
 
