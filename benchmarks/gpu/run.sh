@@ -49,7 +49,10 @@ for step in $STEPS; do
       echo "build exit $? (tail of build.log:)"; tail -n 5 "$WORK/build.log"
       ;;
     test)
-      timeout 420 python3 -m pytest -q --maxfail=20 -p no:cacheprovider tests --ignore=tests/train \
+      # pytest-xdist (in the GPU image) spreads the tests, and so Triton's compilations (one per
+      # kernel variant, dtype and argument specialization, serial within a process), over 8 workers.
+      parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+      timeout 420 python3 -m pytest -q $parallel --maxfail=20 -p no:cacheprovider tests --ignore=tests/train \
         --ignore=tests/test_cuda_sources.py -k "cuda or triton" 2>&1 | tee "$WORK/pytest.log" | tail -n 25
       ;;
     bench)
