@@ -7,19 +7,27 @@ gradient, the reference computed in float64 on the same rounded inputs (student 
 teacher frozen), the worst over three seeds. Two regimes: ``random`` (teacher = student + 2·noise,
 early training) and ``aligned`` (teacher = student + 0.03·noise, late in distillation: the
 contrastive loss is about 1e-5 and p_target rounds to 1 in float32). The ``reference`` rows are the
-eager PyTorch losses run in the inputs' dtype: what a user gets without this library. Writes
+eager PyTorch losses run in the inputs' dtype: what a user gets without this library. The
+``triton`` rows run its kernels under Triton's interpreter (float32 arithmetic in NumPy, with exact
+exponentials where a GPU uses fast ones), at a smaller N (``--interpreter-n``), in float32 and
+float16 (the interpreter is wrong for bfloat16, and the kernels refuse float64). Writes
 ``<out>/accuracy-<device>-<date>.{json,md}``.
 """
 
 import argparse
 import datetime
 import json
+import os
 import platform
 from pathlib import Path
 
 import torch
 
-import mmkd_kernels as mk
+# Before the kernels are defined (at import): on a CPU, the triton rows run under the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import mmkd_kernels as mk  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 REGIMES = {"random": 2.0, "aligned": 0.03}  # the teacher's distance from the student, in noise units
@@ -60,36 +68,49 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--d", type=int, default=384)
+    parser.add_argument("--interpreter-n", type=int, default=300,
+                        help="N of the triton rows (under Triton's interpreter, about N² slower); 0: none")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    backends = ["reference"] + [b for b in mk.available_backends() if b in ("chunked", "native")]
+    # (backend, N, dtypes it computes here)
+    backends = [(b, args.n, list(DTYPES)) for b in mk.available_backends() if b in ("reference", "chunked", "native")]
+    if args.interpreter_n and "triton" in mk.available_backends():
+        backends.append(("triton", args.interpreter_n, ["float32", "float16"]))
     rows = []
     for regime, noise in REGIMES.items():
         for name, loss in LOSSES.items():
-            for backend in backends:
-                for dtype_name, dtype in DTYPES.items():
-                    loss_err, grad_err = measure(args.n, args.d, backend, dtype, loss, noise)
-                    rows.append(dict(regime=regime, loss=name, backend=backend, dtype=dtype_name,
+            for backend, n, dtypes in backends:
+                for dtype_name in dtypes:
+                    loss_err, grad_err = measure(n, args.d, backend, DTYPES[dtype_name], loss, noise)
+                    rows.append(dict(regime=regime, loss=name, backend=backend, n=n, dtype=dtype_name,
                                      loss_error=loss_err, grad_error=grad_err))
     date = datetime.date.today().isoformat()
     stem = args.out / f"accuracy-cpu-{date}"
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(date=date, n=args.n, d=args.d, torch=torch.__version__, python=platform.python_version(),
-                machine=platform.processor() or platform.machine(), regimes=REGIMES,
-                command=f"python -m benchmarks.accuracy --n {args.n} --d {args.d}")
+    meta = dict(date=date, n=args.n, d=args.d, interpreter_n=args.interpreter_n, torch=torch.__version__,
+                python=platform.python_version(), machine=platform.processor() or platform.machine(),
+                regimes=REGIMES,
+                command=(f"python -m benchmarks.accuracy --n {args.n} --d {args.d} "
+                         f"--interpreter-n {args.interpreter_n}"))
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [f"# Accuracy against the float64 reference, CPU ({date})", "",
              f"`{meta['command']}`: N = {args.n}, D = {args.d}, worst of 3 seeds; relative error ‖out − ref‖/‖ref‖ "
              "of the loss / of the student's gradient, the float64 reference on the same rounded inputs. "
              "`reference` rows: the eager PyTorch losses in the inputs' dtype (float32 for half inputs). "
              "DESIGN §4 tolerances: float32 1e-5, float16/bfloat16 inputs 1e-2."]
+    if any(backend == "triton" for backend, _, _ in backends):
+        lines[-1] += (f" `triton` rows: its kernels under Triton's interpreter on the CPU, N = {args.interpreter_n}, "
+                      "float32 and float16 only (exact exponentials where a GPU uses fast ones: "
+                      "the algorithm's accuracy, not a GPU's measurement).")
     for regime, noise in REGIMES.items():
         lines += ["", f"## {regime}: teacher = student + {noise}·noise", "",
                   "| loss | backend | " + " | ".join(DTYPES) + " |", "|---|---|" + "---|" * len(DTYPES)]
         for name in LOSSES:
-            for backend in backends:
-                cells = [f"{r['loss_error']:.1e} / {r['grad_error']:.1e}" for r in rows
-                         if r["regime"] == regime and r["loss"] == name and r["backend"] == backend]
+            for backend, _, _ in backends:
+                found = {r["dtype"]: r for r in rows if r["regime"] == regime and r["loss"] == name
+                         and r["backend"] == backend}
+                cells = [f"{found[d]['loss_error']:.1e} / {found[d]['grad_error']:.1e}" if d in found else "—"
+                         for d in DTYPES]
                 lines.append(f"| {name} | {backend} | " + " | ".join(cells) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -126,3 +126,26 @@ def test_autotune_recorder_reports_each_tuning_once_fastest_first(monkeypatch):
     table = "\n".join(autotune_log.markdown(records))
     assert "| contrastive._lse_grad_kernel | 384, 4096, torch.bfloat16 | 3 |" in table
     assert "| 1.000 | 2.50× | 2.50× | 1 |" in table
+
+
+def test_accuracy_table_has_every_backend_within_tolerance(tmp_path):
+    """``python -m benchmarks.accuracy`` at tiny sizes: a row per loss and backend in both regimes,
+    the triton rows (interpreter) in float32 and float16 only, and the fused backends' float32
+    errors within DESIGN §4's tolerance at random inputs (the eager reference's are not checked: it
+    is the baseline; nor the aligned regime's, where 1 − r of a pearson loss near 0 cancels)."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--n", "40", "--d", "16",
+                           "--interpreter-n", "20", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (result,) = tmp_path.glob("accuracy-cpu-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    backends = {row["backend"] for row in rows}
+    assert {"reference", "chunked", "triton"} <= backends
+    assert {row["dtype"] for row in rows if row["backend"] == "triton"} == {"float32", "float16"}
+    assert {row["n"] for row in rows if row["backend"] == "triton"} == {20}
+    for row in rows:
+        if row["backend"] != "reference" and row["dtype"] == "float32" and row["regime"] == "random":
+            assert max(row["loss_error"], row["grad_error"]) <= 1e-5, row
+    assert len(rows) == len({(r["regime"], r["loss"], r["backend"], r["dtype"]) for r in rows})  # each once
+    table = result.with_suffix(".md").read_text()
+    assert table.count("| structure kl | triton |") == 2 and "—" in table

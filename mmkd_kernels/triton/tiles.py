@@ -131,9 +131,17 @@ def column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride
 @triton.jit
 def accumulate_chunk(acc, weights, B, offs_b, mask_b, offs_do, d, stride_b, stride_bd, PRECISION: tl.constexpr):
     """acc + weights @ B[offs_b, offs_do] (masked past the rows and past D): one BLOCK_DO-wide
-    chunk of a gradient accumulated as (weights of a tile) · (rows of an input)."""
+    chunk of a gradient accumulated as (weights of a tile) · (rows of an input).
+
+    The weights enter the dot in the input's dtype, but for float16, whose range ends at 6e-8:
+    late in distillation a softmax's weights off the target are about e^{−scale} (1e-9 at scale
+    20), and rounded to float16 they vanished (the gradient was 0.75 off at the accuracy table's
+    aligned pairs). There the dot takes TF32 (float32's range, float16's 10-bit mantissa).
+    bfloat16 has float32's range."""
     b = tl.load(B + offs_b[:, None] * stride_b + offs_do[None, :] * stride_bd,
                 mask=mask_b[:, None] & (offs_do < d)[None, :], other=0.0)
+    if b.dtype == tl.float16:
+        return acc + tl.dot(weights, b.to(tl.float32), input_precision="tf32")
     return acc + tl.dot(weights.to(b.dtype), b, input_precision=PRECISION)
 
 
