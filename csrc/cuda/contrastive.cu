@@ -20,8 +20,9 @@
 //   computes z once at D = 384 where the two kernels compute it twice.
 //
 // Tiles 64 × 64, D in chunks of 32, 256 threads; float32 by FMA, float16/bfloat16 by WMMA tensor
-// cores, float32 accumulation (tiles.cuh). Dynamic shared memory (float32 / half inputs): lse
-// 36 / 29.5 KiB, grad 53.5 / 38.5 KiB, lse_grad 52.5 / 37.5 KiB (opted in above 48 KiB).
+// cores (float16's gradient products in TF32: tiles.cuh Traits), float32 accumulation. Dynamic
+// shared memory (float32 / float16 / bfloat16 inputs): lse 36 / 29.5 / 29.5 KiB, grad
+// 54 / 54 / 39 KiB, lse_grad 52.5 / – / 37.5 KiB (opted in above 48 KiB).
 //
 // Validation: compiled with nvcc -arch=sm_90 and run on the CPU under emulation/ against the chunked
 // backend (tests/test_cuda_sources.py); a run on a GPU is still owed.
@@ -212,8 +213,9 @@ __global__ void __launch_bounds__(kThreads)
   using L = LseGradLayout<T>;
   constexpr int OP = Traits<T>::kOperandPitch;
   float* Z = reinterpret_cast<float*>(smem + L::kZ);
-  T* Pm = reinterpret_cast<T*>(smem + L::kP);
-  T* stage = reinterpret_cast<T*>(smem + L::kStage);  // dot_tile's chunks, then the B tile of p·B
+  Operand<T>* Pm = reinterpret_cast<Operand<T>*>(smem + L::kP);
+  T* stage = reinterpret_cast<T*>(smem + L::kStage);  // dot_tile's chunks, then
+  Operand<T>* Xs = reinterpret_cast<Operand<T>*>(stage);  // the B tile of p·B
   float* s_inv_a = reinterpret_cast<float*>(smem + L::kFloats);
   float* s_inv_b = s_inv_a + kBlock;
   float* s_row_factor = s_inv_b + kBlock;     // scale / l_a
@@ -254,7 +256,7 @@ __global__ void __launch_bounds__(kThreads)
         const int j = lane + 32 * h;
         const bool other = b0 + j < n_b && b0 + j != target[r];
         e[h] = other ? expf(logit(Z, i, j, ia, s_inv_b, scale) - shift) : 0.0f;  // ≤ 1 up to z's rounding
-        Pm[i * OP + j] = Traits<T>::from_float(e[h] * s_inv_b[j]);
+        Pm[i * OP + j] = Traits<T>::to_operand(e[h] * s_inv_b[j]);
       }
       row_other[r] += warp_sum(e[0] + e[1]);
       const int64_t tj = target[r] - b0;
@@ -263,7 +265,7 @@ __global__ void __launch_bounds__(kThreads)
         target_logit[r] += logit(Z, i, j, ia, s_inv_b, scale);
       }
     }
-    accumulate_px_chunks<T, CHUNKS>(Pm, B, b0, n_b, stride_b, stride_bd, do_first, d, stage, accs);
+    accumulate_px_chunks<T, CHUNKS>(Pm, B, b0, n_b, stride_b, stride_bd, do_first, d, Xs, accs);
   }
 
   if (lane == 0) {
@@ -345,8 +347,9 @@ __global__ void __launch_bounds__(kThreads)
   unsigned char* smem = dynamic_smem();
   using L = GradLayout<T>;
   float* Z = reinterpret_cast<float*>(smem + L::kZ);
-  T* Pm = reinterpret_cast<T*>(smem + L::kP);
-  T* stage = reinterpret_cast<T*>(smem + L::kStage);  // dot_tile's chunks, then the B tile of dz·B
+  Operand<T>* Pm = reinterpret_cast<Operand<T>*>(smem + L::kP);
+  T* stage = reinterpret_cast<T*>(smem + L::kStage);  // dot_tile's chunks, then
+  Operand<T>* Xs = reinterpret_cast<Operand<T>*>(stage);  // the B tile of dz·B
   const TermVectors va(reinterpret_cast<float*>(smem + L::kFloatsA), reinterpret_cast<int64_t*>(smem + L::kIndicesA));
   const TermVectors vb(reinterpret_cast<float*>(smem + L::kFloatsB), reinterpret_cast<int64_t*>(smem + L::kIndicesB));
 
@@ -374,9 +377,9 @@ __global__ void __launch_bounds__(kThreads)
         if (has_b) dz += a0 + i == vb.t[j] ? vb.tg[j] : vb.g[j] * expf(z - vb.lse[j]);
         dz = dz * (vb.inv[j] * scale);
       }
-      Pm[i * Traits<T>::kOperandPitch + j] = Traits<T>::from_float(dz);
+      Pm[i * Traits<T>::kOperandPitch + j] = Traits<T>::to_operand(dz);
     }
-    accumulate_px_chunks<T, CHUNKS>(Pm, B, b0, n_b, stride_b, stride_bd, do_first, d, stage, accs);
+    accumulate_px_chunks<T, CHUNKS>(Pm, B, b0, n_b, stride_b, stride_bd, do_first, d, Xs, accs);
   }
   __syncthreads();  // no thread reads Z any more: store_out may stage in it
   store_out_chunks<T, CHUNKS>(accs, dA, a0, n_a, do_first, d, Z);

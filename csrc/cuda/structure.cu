@@ -22,8 +22,9 @@
 //   computed once per 64 · CHUNKS output columns (once at D = 384).
 //
 // Tiles 64 × 64, D in chunks of 32, 256 threads; float32 by FMA, float16/bfloat16 by WMMA tensor
-// cores, float32 accumulation (tiles.cuh). Dynamic shared memory (float32 / half inputs): rows
-// 51.5 / 45 KiB, grad 71.5 / 56.5 KiB (opted in above 48 KiB).
+// cores (float16's gradient products in TF32: tiles.cuh Traits), float32 accumulation. Dynamic
+// shared memory (float32 / float16 / bfloat16 inputs): rows 51.5 / 45 / 45 KiB, grad
+// 71.5 / 71.5 / 56.5 KiB (opted in above 48 KiB).
 //
 // Validation: compiled with nvcc -arch=sm_90 and run on the CPU under emulation/ against the chunked
 // backend (tests/test_cuda_sources.py); a run on a GPU is still owed.
@@ -373,8 +374,9 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int OP = Traits<T>::kOperandPitch;
   float* Gs = reinterpret_cast<float*>(smem + L::kGs);
   float* Gt = reinterpret_cast<float*>(smem + L::kGt);
-  T* Pm = reinterpret_cast<T*>(smem + L::kP);
-  T* stage = reinterpret_cast<T*>(smem + L::kStage);  // dot_tile's chunks, then the X tile of dG·X
+  Operand<T>* Pm = reinterpret_cast<Operand<T>*>(smem + L::kP);
+  T* stage = reinterpret_cast<T*>(smem + L::kStage);  // dot_tile's chunks, then
+  Operand<T>* Xs = reinterpret_cast<Operand<T>*>(stage);  // the X tile of dG·X
   const RowVectors rj(reinterpret_cast<float*>(smem + L::kRowsJ));
   const RowVectors ri(reinterpret_cast<float*>(smem + L::kRowsI));
 
@@ -421,9 +423,9 @@ __global__ void __launch_bounds__(kThreads)
           d += dg<KIND>(gs, gt, ri.k[0][il], ri.k[1][il], ri.k[2][il], ri.k[3][il], scale, student);
         }
       }
-      Pm[jl * OP + il] = Traits<T>::from_float(d * inv_xi[il]);
+      Pm[jl * OP + il] = Traits<T>::to_operand(d * inv_xi[il]);
     }
-    accumulate_px_chunks<T, CHUNKS>(Pm, X, i0, hi, x_row, x_col, do_first, dx, stage, accs);
+    accumulate_px_chunks<T, CHUNKS>(Pm, X, i0, hi, x_row, x_col, do_first, dx, Xs, accs);
   }
   __syncthreads();  // no thread reads Gs any more: store_out may stage in it
   store_out_chunks<T, CHUNKS>(accs, dX, j0, n, do_first, dx, Gs);

@@ -46,33 +46,51 @@ constexpr int kRowsPerWarp = kBlock / kWarps;  // row-wise epilogues: warp w own
 static_assert(kThreads == 256 && kBlock == 64, "the FMA and WMMA thread mappings assume 256 threads and 64×64 tiles");
 static_assert(kChunk % 16 == 0, "WMMA steps of 16 along D");
 
-// Operand type of the tile products, and the padded pitches (in elements) of its shared buffers.
+// Per input dtype T: the padded pitches (in elements) of the shared buffers, and the operand type of
+// the gradient products P·X (P = dz or dG, X an input tile). float16's range ends at 6e-8, and late
+// in distillation a softmax's weights off the target are about e^{−scale} (1e-9 at scale 20): in
+// float16 they vanished (the emulated gradient was 9e-2 off at D = 384). So for float16 inputs P and
+// X enter the product as TF32 (float32's range, float16's 10-bit mantissa; WMMA 16×16×8), at half
+// the rate of float16's tensor cores. bfloat16 has float32's range.
 template <typename T>
 struct Traits;
 
 template <>
 struct Traits<float> {
+  using Operand = float;
   static constexpr int kStagePitch = kChunk + 1;    // odd: conflict-free reads down a column
   static constexpr int kOperandPitch = kBlock + 4;  // P (dz or dG) and X tiles
   __device__ static float from_float(float x) { return x; }
   __device__ static float to_float(float x) { return x; }
+  __device__ static Operand to_operand(float x) { return x; }
 };
 
 template <>
 struct Traits<__half> {
+  using Operand = float;  // TF32 values
+  using Precision = nvcuda::wmma::precision::tf32;
+  static constexpr int kProductK = 8;
   static constexpr int kStagePitch = kChunk + 8;    // WMMA: a multiple of 8 halves (16 bytes)
-  static constexpr int kOperandPitch = kBlock + 8;
+  static constexpr int kOperandPitch = kBlock + 4;  // WMMA: a multiple of 4 floats
   __device__ static __half from_float(float x) { return __float2half_rn(x); }
   __device__ static float to_float(__half x) { return __half2float(x); }
+  __device__ static Operand to_operand(float x) { return nvcuda::wmma::__float_to_tf32(x); }
 };
 
 template <>
 struct Traits<__nv_bfloat16> {
+  using Operand = __nv_bfloat16;
+  using Precision = __nv_bfloat16;
+  static constexpr int kProductK = 16;
   static constexpr int kStagePitch = kChunk + 8;
   static constexpr int kOperandPitch = kBlock + 8;
   __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static Operand to_operand(float x) { return __float2bfloat16_rn(x); }
 };
+
+template <typename T>
+using Operand = typename Traits<T>::Operand;
 
 template <typename T>
 constexpr bool kIsFloat = std::is_same<T, float>::value;
@@ -83,7 +101,7 @@ constexpr size_t kTileBytes = round_up(sizeof(float) * kBlock * kTilePitch);  //
 template <typename T>
 constexpr size_t kStageBytes = round_up(sizeof(T) * 2 * kBlock * Traits<T>::kStagePitch);  // A and B chunks
 template <typename T>
-constexpr size_t kOperandBytes = round_up(sizeof(T) * kBlock * Traits<T>::kOperandPitch);
+constexpr size_t kOperandBytes = round_up(sizeof(Operand<T>) * kBlock * Traits<T>::kOperandPitch);
 // The stage (A, B chunks of dot_tile) and the X tile of accumulate_px are never live together:
 // dot_tile ends with a barrier before any X load, and a kernel's loop begins with one before the
 // next dot_tile. Kernels give them one region of this size.
@@ -107,20 +125,30 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;  // fmaxf drops NaN: callers keep NaN alive through their sums of exp(z − max)
 }
 
+// x as a D: itself, or (D = Operand<T> ≠ T) converted through float.
+template <typename T, typename D>
+__device__ __forceinline__ D convert(T x) {
+  if constexpr (std::is_same<T, D>::value) {
+    return x;
+  } else {
+    return Traits<T>::to_operand(Traits<T>::to_float(x));
+  }
+}
+
 // dst[r][c] = X[first + r, col0 + c] for r < kBlock, c < WIDTH, 0 where first + r >= end or
-// col0 + c >= cols. Consecutive threads read consecutive columns (coalesced when the column
-// stride is 1). No barrier.
-template <typename T, int WIDTH>
+// col0 + c >= cols, as D (T, or Operand<T>). Consecutive threads read consecutive columns
+// (coalesced when the column stride is 1). No barrier.
+template <typename T, int WIDTH, typename D = T>
 __device__ __forceinline__ void load_rows(const T* __restrict__ X, int64_t first, int64_t end, int64_t row_stride,
-                                          int64_t col_stride, int64_t col0, int64_t cols, T* dst, int pitch) {
-  const T zero = Traits<T>::from_float(0.0f);
+                                          int64_t col_stride, int64_t col0, int64_t cols, D* dst, int pitch) {
+  const D zero = convert<T, D>(Traits<T>::from_float(0.0f));
 #pragma unroll 4
   for (int e = threadIdx.x; e < kBlock * WIDTH; e += kThreads) {
     const int r = e / WIDTH;
     const int c = e % WIDTH;
     const int64_t row = first + r;
     const int64_t col = col0 + c;
-    dst[r * pitch + c] = (row < end && col < cols) ? X[row * row_stride + col * col_stride] : zero;
+    dst[r * pitch + c] = (row < end && col < cols) ? convert<T, D>(X[row * row_stride + col * col_stride]) : zero;
   }
 }
 
@@ -218,7 +246,8 @@ struct OutAcc<T, true> {
 
 template <typename T>
 struct OutAcc<T, false> {
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> f[2];  // fragments as in dot_tile
+  // fragments placed as in dot_tile's, of the product's shape (16×16×8 for TF32)
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, Traits<T>::kProductK, float> f[2];
   __device__ void zero() {
     nvcuda::wmma::fill_fragment(f[0], 0.0f);
     nvcuda::wmma::fill_fragment(f[1], 0.0f);
@@ -226,15 +255,16 @@ struct OutAcc<T, false> {
 };
 
 // acc += Pm · X[x_first .. x_first + kBlock, do0 .. do0 + kBlock] where Pm is the kBlock × kBlock
-// operand tile in shared memory (pitch Traits<T>::kOperandPitch, type T) and rows x_first + k >=
-// x_end or columns >= dx of X count as 0. Xs is a kOperandBytes<T> buffer (it may alias dot_tile's
-// stage). The caller wrote Pm since its last barrier and has passed a barrier since the last reads
-// of Xs; the barrier here makes both visible. The next writes of Pm or Xs need a barrier first.
+// operand tile in shared memory (pitch Traits<T>::kOperandPitch, type Operand<T>, written with
+// Traits<T>::to_operand) and rows x_first + k >= x_end or columns >= dx of X count as 0. Xs is a
+// kOperandBytes<T> buffer (it may alias dot_tile's stage). The caller wrote Pm since its last
+// barrier and has passed a barrier since the last reads of Xs; the barrier here makes both visible.
+// The next writes of Pm or Xs need a barrier first.
 template <typename T>
-__device__ void accumulate_px(const T* Pm, const T* __restrict__ X, int64_t x_first, int64_t x_end, int64_t x_row,
-                              int64_t x_col, int64_t do0, int64_t dx, T* Xs, OutAcc<T>& acc) {
+__device__ void accumulate_px(const Operand<T>* Pm, const T* __restrict__ X, int64_t x_first, int64_t x_end,
+                              int64_t x_row, int64_t x_col, int64_t do0, int64_t dx, Operand<T>* Xs, OutAcc<T>& acc) {
   constexpr int P = Traits<T>::kOperandPitch;
-  load_rows<T, kBlock>(X, x_first, x_end, x_row, x_col, do0, dx, Xs, P);
+  load_rows<T, kBlock, Operand<T>>(X, x_first, x_end, x_row, x_col, do0, dx, Xs, P);
   __syncthreads();
   if constexpr (kIsFloat<T>) {
     const int tx = threadIdx.x % 16;
@@ -256,13 +286,15 @@ __device__ void accumulate_px(const T* Pm, const T* __restrict__ X, int64_t x_fi
     const int warp = threadIdx.x / 32;
     const int fr = warp / 2;
     const int fc = (warp % 2) * 2;
+    constexpr int K = Traits<T>::kProductK;
+    using Precision = typename Traits<T>::Precision;
 #pragma unroll
-    for (int k = 0; k < kBlock; k += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+    for (int k = 0; k < kBlock; k += K) {
+      wmma::fragment<wmma::matrix_a, 16, 16, K, Precision, wmma::row_major> fa;
       wmma::load_matrix_sync(fa, Pm + fr * 16 * P + k, P);
 #pragma unroll
       for (int x = 0; x < 2; ++x) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb;
+        wmma::fragment<wmma::matrix_b, 16, 16, K, Precision, wmma::row_major> fb;
         wmma::load_matrix_sync(fb, Xs + k * P + (fc + x) * 16, P);
         wmma::mma_sync(acc.f[x], fa, fb, acc.f[x]);
       }
@@ -369,8 +401,8 @@ struct OutAccs {
 // dx: accumulate_px, chunk after chunk, with its contract, and a barrier between chunks (each
 // reloads Xs).
 template <typename T, int CHUNKS>
-__device__ void accumulate_px_chunks(const T* Pm, const T* __restrict__ X, int64_t x_first, int64_t x_end,
-                                     int64_t x_row, int64_t x_col, int64_t do_first, int64_t dx, T* Xs,
+__device__ void accumulate_px_chunks(const Operand<T>* Pm, const T* __restrict__ X, int64_t x_first, int64_t x_end,
+                                     int64_t x_row, int64_t x_col, int64_t do_first, int64_t dx, Operand<T>* Xs,
                                      OutAccs<T, CHUNKS>& accs) {
 #pragma unroll
   for (int c = 0; c < CHUNKS; ++c) {
