@@ -12,22 +12,26 @@
 #   test   the library's tests whose targets are on CUDA (compiled Triton, native CUDA, bf16), the
 #          Triton config paths and the sm_90a compile check; --maxfail=20 so that one call shows
 #          every failure it can
-#   bench  both contrastive losses (one direction, symmetric) at N = 4K..256K, D = 384 and 768, and
-#          structure at N = 4K..128K, D = 384, bfloat16 (the goals' dtype), every backend and peer;
-#          every Triton config's time per kernel and key goes into the results (the JSON's
+#   bench  in bfloat16 (the goals' dtype), in three parts, each with its own time limit and its
+#          table copied out as soon as it is written, the goals' numbers first: the one-direction
+#          contrastive loss (N = 4K..256K, D = 384 and 768; ours, then the peers memeff and Inf-CL,
+#          then the other backends), the symmetric one, then structure at N = 4K..128K, D = 384.
+#          Every Triton config's time per kernel and key goes into the results (the JSON's
 #          "autotune", the table's last section: benchmarks/autotune_log.py), to prune the configs
 #
-# Files back (the device tool returns at most 8): env.txt, build.log, pytest.log, the two
-# benchmark tables (contrastive.md, structure.md) and gpu-run.tgz with everything (JSON, PNG, logs).
-# Copy the benchmark files into benchmarks/results/ and commit them.
+# Files back (the device tool returns at most 8): env.txt, build.log, pytest.log, the benchmark
+# tables (contrastive.md, symmetric.md, structure.md) and gpu-run.tgz with everything (JSON, PNG,
+# logs). The three parts' files share one name (the device and the date): copy each into
+# benchmarks/results/ with its part's name added (cuda-<device>-<date>-contrastive.json, ...) and
+# commit them.
 set -uo pipefail
 OUT=${OUT:-/tmp/mmkd-gpu-out}
 WORK=/tmp/mmkd-gpu-work
 STEPS=${*:-build test}
 DTYPE=${MMKD_BENCH_DTYPE:-bfloat16}
-mkdir -p "$OUT" "$WORK/contrastive" "$WORK/structure"
+mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-trap 'tar czf "$OUT/gpu-run.tgz" -C "$WORK" . 2>/dev/null; cp "$WORK"/*.log "$WORK"/env.txt "$OUT"/ 2>/dev/null; ls -l "$OUT"' EXIT
+trap 'tar czf "$OUT/gpu-run.tgz" -C "$WORK" . 2>/dev/null; cp "$WORK"/{env.txt,build.log,pytest.log} "$OUT"/ 2>/dev/null; ls -l "$OUT"' EXIT
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -36,6 +40,19 @@ fi
 { nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
   > "$WORK/env.txt" 2>&1
 tail -n 1 "$WORK/env.txt"
+
+# One part of the benchmark: bench_part NAME SECONDS ARGS... runs benchmarks.run with ARGS into
+# $WORK/NAME under `timeout SECONDS` (what was measured when it stops is still written) and copies
+# its table to $OUT/NAME.md.
+bench_part() {
+  local name=$1 seconds=$2
+  shift 2
+  mkdir -p "$WORK/$name"
+  timeout "$seconds" python3 -m benchmarks.run --device cuda --dtype "$DTYPE" --time-budget 12 --out "$WORK/$name" \
+    "$@" > "$WORK/bench-$name.log" 2>&1
+  echo "$name bench exit $?"
+  cp "$WORK/$name"/*.md "$OUT/$name.md" 2>/dev/null && head -n 40 "$OUT/$name.md"
+}
 
 has_cuda_kernels() {
   python3 -c "import sys; from mmkd_kernels import native; native.load(build=False); sys.exit(0 if native.has_cuda_kernels() else 1)" 2>/dev/null
@@ -57,16 +74,14 @@ for step in $STEPS; do
       ;;
     bench)
       # TRITON_PRINT_AUTOTUNING: the config each Triton kernel chose per shape, for the next tuning.
-      # Each part's table is copied out as soon as it is written, in case the call runs out of time.
+      # 270 + 150 + 120 s: the call's 10 minutes, less the start and the copies.
       export TRITON_PRINT_AUTOTUNING=1
-      timeout 240 python3 -m benchmarks.run --device cuda --dtype "$DTYPE" --losses contrastive,contrastive-symmetric \
-        --dims 384,768 --time-budget 12 --out "$WORK/contrastive" > "$WORK/bench-contrastive.log" 2>&1
-      echo "contrastive bench exit $?"
-      cp "$WORK/contrastive"/*.md "$OUT/contrastive.md" 2>/dev/null && head -n 40 "$OUT/contrastive.md"
-      timeout 120 python3 -m benchmarks.run --device cuda --dtype "$DTYPE" --losses structure-pearson,structure-kl \
-        --sizes 4096,32768,131072 --time-budget 12 --out "$WORK/structure" > "$WORK/bench-structure.log" 2>&1
-      echo "structure bench exit $?"
-      cp "$WORK/structure"/*.md "$OUT/structure.md" 2>/dev/null && head -n 40 "$OUT/structure.md"
+      bench_part contrastive 270 --losses contrastive --dims 384,768 \
+        --backends triton,memeff,inf-cl,reference,native,chunked,compile,mnrl
+      bench_part symmetric 150 --losses contrastive-symmetric --dims 384,768 \
+        --backends triton,memeff,reference,native,chunked,compile,mnrl
+      bench_part structure 120 --losses structure-pearson,structure-kl --sizes 4096,32768,131072 \
+        --backends triton-gram,triton,reference,native-gram,native,chunked-gram,chunked,compile
       ;;
     *) echo "unknown step '$step' (steps: build test bench)" >&2; exit 2 ;;
   esac
