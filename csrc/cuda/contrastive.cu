@@ -22,7 +22,7 @@
 // Tiles 64 × 64, D in chunks of 32, 256 threads; float32 by FMA, float16/bfloat16 by WMMA tensor
 // cores (float16's gradient products in TF32: tiles.cuh Traits), float32 accumulation. Dynamic
 // shared memory (float32 / float16 / bfloat16 inputs): lse 36 / 29.5 / 29.5 KiB, grad
-// 54 / 54 / 39 KiB, lse_grad 52.5 / – / 37.5 KiB (opted in above 48 KiB).
+// 54 / 54 / 39 KiB, lse_grad 52.5 / 52.5 / 37.5 KiB (opted in above 48 KiB).
 //
 // Validation: compiled with nvcc -arch=sm_90 and run on the CPU under emulation/ against the chunked
 // backend (tests/test_cuda_sources.py); a run on a GPU is still owed.
@@ -491,17 +491,22 @@ extern "C" int mmkd_contrastive_lse_grad(int dtype, const void* A, const void* B
                                          float* dA, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a,
                                          int64_t stride_ad, int64_t stride_b, int64_t stride_bd, float scale,
                                          float shift, cudaStream_t stream) {
-  // float16 is refused: e^{z − shift} down to e^{−2·shift} does not fit its exponent range.
-  if ((dtype != MMKD_FLOAT32 && dtype != MMKD_BFLOAT16) || !valid_sizes(n_a, n_b, d) || !(shift >= 0.0f) ||
-      shift > MMKD_FIXED_SHIFT_MAX)
+  // e^{z − shift} reaches e^{−2·shift}: every product operand holds it (float16's in TF32).
+  if (!valid_dtype(dtype) || !valid_sizes(n_a, n_b, d) || !(shift >= 0.0f) || shift > MMKD_FIXED_SHIFT_MAX)
     return cudaErrorInvalidValue;
   if (n_a == 0) return cudaSuccess;
   if (d == 0)
     return mmkd_contrastive_lse(dtype, A, B, inv_a, inv_b, targets, lse_out, loss, nullptr, nullptr, n_a, n_b, d,
                                 stride_a, stride_ad, stride_b, stride_bd, scale, 0.0f, stream);
-  if (dtype == MMKD_FLOAT32)
-    return lse_grad<float>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a, stride_ad,
-                                    stride_b, stride_bd, scale, shift, stream);
-  return lse_grad<__nv_bfloat16>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a,
-                                          stride_ad, stride_b, stride_bd, scale, shift, stream);
+  switch (dtype) {
+    case MMKD_FLOAT32:
+      return lse_grad<float>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a, stride_ad,
+                             stride_b, stride_bd, scale, shift, stream);
+    case MMKD_FLOAT16:
+      return lse_grad<__half>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a, stride_ad,
+                              stride_b, stride_bd, scale, shift, stream);
+    default:
+      return lse_grad<__nv_bfloat16>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a,
+                                     stride_ad, stride_b, stride_bd, scale, shift, stream);
+  }
 }

@@ -73,7 +73,7 @@ int mmkd_contrastive_lse(int dtype, const void* A, const void* B, const float* i
  * Σ_a loss[a]) in one pass over z, for inputs whose every |z[a, b]| ≤ shift ≤ MMKD_FIXED_SHIFT_MAX
  * (normalized rows: shift = |scale|). The sums are taken as Σ e^{z − shift}: no running max, so
  * the gradient's accumulator needs no rescaling.
- *   dtype: MMKD_FLOAT32 or MMKD_BFLOAT16 (float16 cannot hold e^{−2·shift}: use the two calls).
+ *   dtype: any (float16's weights reach e^{−2·shift}: its products take them in TF32).
  *   A, B, inv_a, inv_b, targets as for mmkd_contrastive_lse.
  * Writes lse and loss (n_a,) as mmkd_contrastive_lse does, and dA (n_a, d) float32, contiguous:
  * dA[a, :] = scale · Σ_b (softmax_b(z[a, :]) − [b = targets[a]]) · inv_b[b] · B_b, the target's

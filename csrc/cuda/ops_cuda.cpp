@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_grad_by_rows(const at::Tensor
 
 // Whether lse_grad_by_rows serves the rows of q (see mmkd_contrastive_lse_grad).
 bool one_pass(const at::Tensor& q, bool normalize, double scale) {
-  return normalize && std::abs(scale) <= MMKD_FIXED_SHIFT_MAX && q.scalar_type() != at::kHalf;
+  return normalize && std::abs(scale) <= MMKD_FIXED_SHIFT_MAX;
 }
 
 // Targets as contiguous int64, one per row of q.

@@ -25,7 +25,8 @@ Two kernels serve every direction, because z is the same matrix read by rows or 
 
 The L2 normalization is folded in: the kernels take the rows as they are and their inverse norms
 (N floats), and scale z in the epilogue; the normalization's backward is an N×D epilogue in
-PyTorch. Accumulation is float32; float32 inputs use exact ("ieee") dots, half inputs tensor cores.
+PyTorch. Accumulation is float32; float32 inputs use exact ("ieee") dots, half inputs tensor cores
+(float16's gradient products in TF32, which holds its small weights: tiles.accumulate_chunk).
 Kernels know nothing of autograd (``ops.py``); the launchers below know the grid.
 """
 
@@ -374,9 +375,9 @@ def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, 
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
     dq, dk = q.new_empty(0, dtype=torch.float32), k.new_empty(0, dtype=torch.float32)
     if need_q:
-        # A fixed shift where z is bounded (normalized rows) and e^{−2|scale|} survives the cast of
-        # p to the dot's dtype (float16's exponent range does not hold it).
-        fixed = normalize and abs(scale) <= _ONE_PASS_MAX_SCALE and q.dtype != torch.float16
+        # A fixed shift where z is bounded (normalized rows): p down to e^{−2|scale|} enters the
+        # dots in a dtype with float32's range (float16's in TF32: tiles.accumulate_chunk).
+        fixed = normalize and abs(scale) <= _ONE_PASS_MAX_SCALE
         row_lse, row_loss, dq_hat = _row_lse_grad(q, k, inv_q, inv_k, targets, scale, abs(scale) if fixed else None)
         dq = input_grad(dq_hat, q, normalize)
     else:
