@@ -7,11 +7,12 @@ gradient, the reference computed in float64 on the same rounded inputs (student 
 teacher frozen), the worst over three seeds. Two regimes: ``random`` (teacher = student + 2·noise,
 early training) and ``aligned`` (teacher = student + 0.03·noise, late in distillation: the
 contrastive loss is about 1e-5 and p_target rounds to 1 in float32). The ``reference`` rows are the
-eager PyTorch losses run in the inputs' dtype: what a user gets without this library. The
-``triton`` rows run its kernels under Triton's interpreter (float32 arithmetic in NumPy, with exact
-exponentials where a GPU uses fast ones), at a smaller N (``--interpreter-n``), in float32 and
-float16 (the interpreter is wrong for bfloat16, and the kernels refuse float64). Writes
-``<out>/accuracy-<device>-<date>.{json,md}``.
+eager PyTorch losses run in the inputs' dtype: what a user gets without this library. Every
+backend runs in every dtype it computes on ``--device``. On the CPU the ``triton`` rows run its
+kernels under Triton's interpreter (float32 arithmetic in NumPy, with exact exponentials where a
+GPU uses fast ones), at a smaller N (``--interpreter-n``), in float32 and float16 (the interpreter
+is wrong for bfloat16); ``--device cuda`` runs them compiled, bfloat16 too, beside the native CUDA
+kernels. Writes ``<out>/accuracy-<device>-<date>.{json,md}``.
 """
 
 import argparse
@@ -23,11 +24,13 @@ from pathlib import Path
 
 import torch
 
-# Before the kernels are defined (at import): on a CPU, the triton rows run under the interpreter.
+# Before the kernels are defined (at import): without CUDA, the triton rows run under the
+# interpreter (on a machine with CUDA, only where TRITON_INTERPRET=1 is set by the caller).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mmkd_kernels as mk  # noqa: E402
+from mmkd_kernels.backends import unavailable_reason  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 REGIMES = {"random": 2.0, "aligned": 0.03}  # the teacher's distance from the student, in noise units
@@ -44,13 +47,14 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (torch.linalg.vector_norm(out - ref) / torch.linalg.vector_norm(ref)).item()
 
 
-def measure(n: int, d: int, backend: str, dtype: torch.dtype, loss, noise: float, seeds=(0, 1, 2)) -> tuple[float, float]:
+def measure(n: int, d: int, backend: str, dtype: torch.dtype, loss, noise: float, device: torch.device,
+            seeds=(0, 1, 2)) -> tuple[float, float]:
     """Worst (loss error, gradient error) over the seeds."""
     worst = (0.0, 0.0)
     for seed in seeds:
         gen = torch.Generator().manual_seed(seed)
-        student = torch.randn(n, d, generator=gen)
-        teacher = student + noise * torch.randn(n, d, generator=gen)
+        student = torch.randn(n, d, generator=gen).to(device)
+        teacher = student + noise * torch.randn(n, d, generator=gen).to(device)
         s = student.to(dtype).requires_grad_()
         t = teacher.to(dtype)
         s64 = s.detach().double().requires_grad_()
@@ -64,41 +68,59 @@ def measure(n: int, d: int, backend: str, dtype: torch.dtype, loss, noise: float
     return worst
 
 
+def _backends(device: torch.device, n: int, triton_n: int, interpreted: bool) -> list[tuple[str, int, list[str]]]:
+    """(backend, N, the dtypes it computes on ``device``) of every backend that runs there. Under the
+    interpreter, triton at ``triton_n`` (0: none) and without bfloat16 (the interpreter is wrong for it)."""
+    backends = []
+    for backend in ("reference", "chunked", "native", "triton"):
+        dtypes = [name for name, dtype in DTYPES.items() if unavailable_reason(backend, device, dtype) is None]
+        if backend == "triton" and interpreted:
+            dtypes = [name for name in dtypes if name != "bfloat16"]
+        size = triton_n if backend == "triton" else n
+        if dtypes and size:
+            backends.append((backend, size, dtypes))
+    return backends
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--d", type=int, default=384)
     parser.add_argument("--interpreter-n", type=int, default=300,
                         help="N of the triton rows (under Triton's interpreter, about N² slower); 0: none")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    # (backend, N, dtypes it computes here)
-    backends = [(b, args.n, list(DTYPES)) for b in mk.available_backends() if b in ("reference", "chunked", "native")]
-    if args.interpreter_n and "triton" in mk.available_backends():
-        backends.append(("triton", args.interpreter_n, ["float32", "float16"]))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    interpreted = device.type == "cpu" and unavailable_reason("triton", device) is None
+    backends = _backends(device, args.n, args.interpreter_n if interpreted else args.n, interpreted)
     rows = []
     for regime, noise in REGIMES.items():
         for name, loss in LOSSES.items():
             for backend, n, dtypes in backends:
                 for dtype_name in dtypes:
-                    loss_err, grad_err = measure(n, args.d, backend, DTYPES[dtype_name], loss, noise)
+                    loss_err, grad_err = measure(n, args.d, backend, DTYPES[dtype_name], loss, noise, device)
                     rows.append(dict(regime=regime, loss=name, backend=backend, n=n, dtype=dtype_name,
                                      loss_error=loss_err, grad_error=grad_err))
     date = datetime.date.today().isoformat()
-    stem = args.out / f"accuracy-cpu-{date}"
+    stem = args.out / f"accuracy-{device.type}-{date}"
     args.out.mkdir(parents=True, exist_ok=True)
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else platform.processor() or platform.machine())
     meta = dict(date=date, n=args.n, d=args.d, interpreter_n=args.interpreter_n, torch=torch.__version__,
-                python=platform.python_version(), machine=platform.processor() or platform.machine(),
-                regimes=REGIMES,
-                command=(f"python -m benchmarks.accuracy --n {args.n} --d {args.d} "
+                cuda=torch.version.cuda, python=platform.python_version(), device=device_name, regimes=REGIMES,
+                command=(f"python -m benchmarks.accuracy --device {device.type} --n {args.n} --d {args.d} "
                          f"--interpreter-n {args.interpreter_n}"))
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    lines = [f"# Accuracy against the float64 reference, CPU ({date})", "",
+    lines = [f"# Accuracy against the float64 reference, {device.type.upper()} ({device_name}, {date})", "",
              f"`{meta['command']}`: N = {args.n}, D = {args.d}, worst of 3 seeds; relative error ‖out − ref‖/‖ref‖ "
              "of the loss / of the student's gradient, the float64 reference on the same rounded inputs. "
              "`reference` rows: the eager PyTorch losses in the inputs' dtype (float32 for half inputs). "
-             "DESIGN §4 tolerances: float32 1e-5, float16/bfloat16 inputs 1e-2."]
-    if any(backend == "triton" for backend, _, _ in backends):
+             "DESIGN §4 tolerances: float32 1e-5, float16/bfloat16 inputs 1e-2. "
+             f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}." if device.type == "cuda" else ".")]
+    if interpreted and any(backend == "triton" for backend, _, _ in backends):
         lines[-1] += (f" `triton` rows: its kernels under Triton's interpreter on the CPU, N = {args.interpreter_n}, "
                       "float32 and float16 only (exact exponentials where a GPU uses fast ones: "
                       "the algorithm's accuracy, not a GPU's measurement).")
