@@ -108,7 +108,7 @@ for name, kernel, arg in (("lse", contrastive._lse_kernel, "A"), ("grad", contra
         picks[str(dtype)] = [half.index(c) for c in chosen]
     # _do_bench: the timer given to triton.autotune (None: the driver's, which needs a GPU to exist).
     timed = None if kernel._do_bench is None else kernel._do_bench(lambda: None, quantiles=(0.5, 0.2, 0.8))
-    out[name] = dict(picks=picks, n=len(kernel.configs), timed=timed)
+    out[name] = dict(picks=picks, n=len(kernel.configs), timed=timed, keys=kernel.keys)
 print(json.dumps(out))
 """
 
@@ -117,13 +117,17 @@ print(json.dumps(out))
 def test_gpu_autotuning_plumbing(autotune):
     """What a GPU process builds (no interpreter): each dtype is offered its own list, all of it when
     tuning and its first config, untimed, with MMKD_TRITON_AUTOTUNE=0. Checked in a process of its
-    own, since this one interprets; nothing is launched, so no GPU is needed."""
+    own, since this one interprets; nothing is launched, so no GPU is needed. Each kernel is tuned
+    per variant (its constexpr switches) as well as per size."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MMKD_TRITON_AUTOTUNE"] = autotune
     run = subprocess.run([sys.executable, "-c", _PLUMBING], env=env, capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["lse"]["keys"] == ["d", "n_key", "COLUMNS"]
+    assert out["grad"]["keys"] == ["d", "n_key", "HAS_A_TERM", "HAS_B_TERM"]
+    assert out["rows"]["keys"] == ["ds", "dt", "n_key", "KIND", "CENTRED"]
     for name in ("lse", "grad", "rows"):
         picks = out[name]["picks"]
         if autotune == "1":

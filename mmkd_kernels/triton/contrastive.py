@@ -53,7 +53,10 @@ _GRAD_HALF = configs([(64, 64, 64, 128, 3, 8, 2), (64, 64, 64, 128, 3, 8, 3), (6
                       (32, 32, 64, 256, 3, 8, 2)], _GRAD)
 _GRAD_FLOAT32 = configs([(64, 64, 32, 64, 1, 8, 2), (64, 64, 32, 64, 1, 4, 2), (64, 64, 16, 64, 1, 4, 2)], _GRAD)
 _INTERPRETER = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64)
-_KEY = ["d", "n_key"]
+# Tuned per D, octave of the streamed length, dtype (Triton adds it) and kernel variant: a variant
+# does other work per tile (atomics, a second term), so its best config may differ. Each kernel is
+# keyed on the names it has (tiles.autotuned).
+_KEY = ["d", "n_key", "COLUMNS", "FIXED_SHIFT", "HAS_A_TERM", "HAS_B_TERM"]
 
 
 @triton.jit

@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 
 from .. import chunked
-from ..chunked import KL_CENTRED_MAX_SCALE
 from .tiles import (accumulate_chunks, autotuned, check_dtypes, configs, input_grad, inverse_norms, precision,
                     similarity_tile, size_key, span_grid, store_chunks)
 
@@ -53,7 +52,9 @@ _GRAD_HALF = configs([(64, 32, 64, 128, 3, 8, 2), (64, 32, 32, 128, 3, 8, 3), (6
                       (64, 64, 64, 128, 1, 8, 2), (64, 64, 64, 64, 1, 8, 2)], _GRAD)
 _GRAD_FLOAT32 = configs([(64, 64, 16, 128, 1, 8, 2), (64, 64, 32, 64, 1, 8, 2), (32, 32, 16, 64, 1, 4, 2)], _GRAD)
 _INTERPRETER = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64)
-_KEY = ["ds", "dt", "n_key"]
+# Tuned per widths, octave of N, dtype (Triton adds it) and variant (kind, form, side): each does
+# other work per tile. Each kernel is keyed on the names it has (tiles.autotuned).
+_KEY = ["ds", "dt", "n_key", "KIND", "CENTRED", "SIDE"]
 
 
 @triton.jit
@@ -166,7 +167,7 @@ def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, d
             w = tl.where(valid, tl.exp(gt * scale - shift), 0.0)
             tile_z = tl.sum(w, axis=1)
             # The mean about the tile's largest d: exact when the row has one column (N = 2, whose
-            # loss and gradient are exactly 0), where Σ w d / Σ w would round.
+            # loss is then exactly 0), where Σ w d / Σ w would round.
             pivot = tl.max(tl.where(valid, d, minus_inf), axis=1)
             pivot = tl.where(pivot == minus_inf, 0.0, pivot)
             tile_mu = pivot + tl.sum(w * (d - pivot[:, None]), axis=1) / tl.where(tile_z > 0, tile_z, 1.0)
@@ -197,19 +198,20 @@ def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, d
             max_b = new_b
     if KIND == 0:
         loss = r0 / (n - 1)
-        s0, s1, s2, s3, s4 = r1, r1, r1, r1, r1
+        zero = tl.zeros_like(r0)
+        s0, s1, s2, s3, s4 = zero, zero, zero, zero, zero
     elif KIND == 1:
         loss = 1.0 - r4 / tl.sqrt(tl.maximum(r2 * r3, 1e-16))
         s0, s1, s2, s3, s4 = r0, r1, r2, r3, r4
     elif CENTRED:
         loss = _log1p(r2 / r0)
-        s0, s1, s2, s3, s4 = tl.abs(scale) + tl.log(r0), r1, loss, r3, r3
+        s0, s1, s2, s3, s4 = tl.abs(scale) + tl.log(r0), r1, loss, tl.zeros_like(r0), tl.zeros_like(r0)
     else:
         lse_a = max_a + tl.log(r0)
         lse_b = max_b + tl.log(r1)
         # Differences first: with one column, (a − b) − ((max_a − max_b) + 0) is exactly 0.
         loss = r2 / r0 - ((max_a - max_b) + (tl.log(r0) - tl.log(r1)))
-        s0, s1, s2, s3, s4 = lse_a, lse_b, loss, r3, r3
+        s0, s1, s2, s3, s4 = lse_a, lse_b, loss, tl.zeros_like(r0), tl.zeros_like(r0)
     tl.store(LOSS + local, loss, mask=mask_a)
     base = STATS + local * 5
     tl.store(base + 0, s0, mask=mask_a)
@@ -335,7 +337,7 @@ def _common(s, t, scale, row_start, row_count):
 def _centred(kind, scale, normalize):
     """Whether kl takes its centred form: cosine similarities (|G| ≤ 1) at a bounded scale, as
     chunked's (chunked.KL_CENTRED_MAX_SCALE)."""
-    return kind == "kl" and normalize and abs(scale) <= KL_CENTRED_MAX_SCALE
+    return kind == "kl" and normalize and abs(scale) <= chunked.KL_CENTRED_MAX_SCALE
 
 
 def _rows(s, t, inv_s, inv_t, kind, centred, scale, row_start, row_count):

@@ -18,9 +18,10 @@ def configs(block_sizes: list[tuple], names: tuple[str, ...]) -> list[triton.Con
 
 
 def autotuned(half_configs: list, float32_configs: list, interpreter_config: triton.Config, key: list, input_arg: str):
-    """``triton.autotune`` keyed on ``key`` (and, as Triton adds, the pointer dtypes), timed once per
-    key and cached on disk, over ``half_configs`` when ``input_arg`` is float16/bfloat16 (tensor-core
-    dots) and ``float32_configs`` when float32 (exact FMA dots, which need more registers per
+    """``triton.autotune`` keyed on the names in ``key`` that the kernel has (and, as Triton adds,
+    the pointer dtypes), timed once per key and cached on disk, over ``half_configs`` when
+    ``input_arg`` is float16/bfloat16 (tensor-core dots) and ``float32_configs`` when float32
+    (exact FMA dots, which need more registers per
     output, so smaller D steps). Under ``TRITON_INTERPRET=1`` (CI on a CPU) the one
     ``interpreter_config`` instead, because autotuning times configs on a device the interpreter
     lacks, and because the interpreter runs fewer, larger blocks fastest (64 against 32: about 15x).
@@ -40,7 +41,8 @@ def autotuned(half_configs: list, float32_configs: list, interpreter_config: tri
             return triton.autotune([interpreter_config], key=[])(kernel)
         tune = os.environ.get("MMKD_TRITON_AUTOTUNE", "1") != "0"
         half, float32 = (half_configs, float32_configs) if tune else (half_configs[:1], float32_configs[:1])
-        tuner = triton.autotune(half + float32, key=key, cache_results=tune,
+        names = [name for name in key if name in kernel.arg_names]
+        tuner = triton.autotune(half + float32, key=names, cache_results=tune,
                                 prune_configs_by=dict(early_config_prune=for_dtype),
                                 do_bench=None if tune else _untimed)(kernel)
         tuner.configs_by_dtype = dict(half=half_configs, float32=float32_configs)
