@@ -29,9 +29,12 @@ def nvcc_flags() -> list[str]:
 def cuda_toolkit_missing(cuda_home: str | None) -> str | None:
     """Why the CUDA kernels cannot be compiled with the toolkit torch found (its CUDA_HOME), or
     None. nvcc alone is not enough: a machine may have nvcc on the PATH and the runtime headers
-    elsewhere, and the build would then stop at ``#include <cuda_runtime.h>``."""
+    elsewhere, and the build would then stop at ``#include <cuda_runtime.h>``. The headers are
+    looked for where torch's build puts its include paths: CUDA_HOME/include and CUDA_INC_PATH."""
     if cuda_home is None:
         return "no CUDA toolkit found (set CUDA_HOME, or put nvcc on the PATH)"
-    if not (Path(cuda_home) / "include" / "cuda_runtime.h").is_file():
-        return f"the CUDA toolkit at CUDA_HOME={cuda_home} has no include/cuda_runtime.h (set CUDA_HOME to the toolkit's root)"
+    include_dirs = [Path(cuda_home) / "include"] + [Path(p) for p in [os.environ.get("CUDA_INC_PATH")] if p]
+    if not any((folder / "cuda_runtime.h").is_file() for folder in include_dirs):
+        return (f"the CUDA toolkit at CUDA_HOME={cuda_home} has no include/cuda_runtime.h (set CUDA_HOME to the "
+                "toolkit's root, or CUDA_INC_PATH to the folder of its headers)")
     return None

@@ -35,6 +35,23 @@ def test_a_build_without_sources_says_where_it_looked(monkeypatch, tmp_path):
         native._jit_build()
 
 
+def test_a_cuda_toolkit_needs_its_runtime_headers(monkeypatch, tmp_path):
+    """MMKD_BUILD_CUDA=auto builds the CUDA kernels only where cuda_runtime.h is where torch's build
+    looks: CUDA_HOME/include, or CUDA_INC_PATH."""
+    monkeypatch.delenv("CUDA_INC_PATH", raising=False)
+    assert "no CUDA toolkit found" in native_build.cuda_toolkit_missing(None)
+    assert "has no include/cuda_runtime.h" in native_build.cuda_toolkit_missing(str(tmp_path))
+    headers = tmp_path / "targets" / "x86_64-linux" / "include"
+    headers.mkdir(parents=True)
+    (headers / "cuda_runtime.h").write_text("")
+    assert native_build.cuda_toolkit_missing(str(tmp_path)) is not None
+    monkeypatch.setenv("CUDA_INC_PATH", str(headers))
+    assert native_build.cuda_toolkit_missing(str(tmp_path)) is None
+    monkeypatch.delenv("CUDA_INC_PATH")
+    (tmp_path / "include").symlink_to(headers)
+    assert native_build.cuda_toolkit_missing(str(tmp_path)) is None
+
+
 def test_unknown_kind_is_refused_by_the_kernel():
     s = torch.randn(5, 3)
     with pytest.raises(RuntimeError, match="kind must be 'mse', 'pearson' or 'kl', got 'cosine'"):

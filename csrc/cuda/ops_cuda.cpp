@@ -155,8 +155,8 @@ at::Tensor grad_rows(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   return da;
 }
 
-// (lse (n_a,), loss (n_a,), dÂ (n_a, D)) of the row term with g = 1, in one pass: normalized rows
-// (|z| ≤ |scale|, the fixed shift) and a dtype whose exponent range holds e^{−2|scale|}.
+// (lse (n_a,), loss (n_a,), dÂ (n_a, D)) of the row term with g = 1, in one pass, for normalized
+// rows (|z| ≤ |scale|, the fixed shift; every dtype's products hold e^{−2|scale|}, float16's in TF32).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_grad_by_rows(const at::Tensor& a, const at::Tensor& b,
                                                                 const at::Tensor& inv_a, const at::Tensor& inv_b,
                                                                 const at::Tensor& targets, double scale) {

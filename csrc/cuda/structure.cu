@@ -179,7 +179,7 @@ __global__ void __launch_bounds__(kThreads)
         }
         const float tile_z = warp_sum(w[0] + w[1]);
         // The mean about the tile's largest d: exact when the row has one column (n = 2, whose loss
-        // and gradient are exactly 0), where Σ w d / Σ w would round.
+        // is then exactly 0), where Σ w d / Σ w would round.
         float pivot = warp_max(fmaxf(valid[0] ? d[0] : -INFINITY, valid[1] ? d[1] : -INFINITY));
         pivot = pivot == -INFINITY ? 0.0f : pivot;
         const float tile_mu =

@@ -6,9 +6,10 @@
 // Tiles: 256 threads (8 warps) per block; a tile is kBlock = 64 rows × 64 columns; D is read in
 // kChunk = 32 wide chunks, masked at its tail; an output D chunk is kBlock = 64 wide.
 // Arithmetic: float32 inputs use plain FMA (exact float32 products and sums, no TF32); float16 and
-// bfloat16 inputs use tensor cores through WMMA 16×16×16 fragments with float32 accumulators, and
-// their gradient operand (dz, dG) is rounded to the input dtype before its product, as the Triton
-// kernels do (tl.dot(dz.to(b.dtype), b)).
+// bfloat16 inputs use tensor cores through WMMA fragments with float32 accumulators: their
+// similarity tiles 16×16×16 in the input dtype; their gradient products (dz, dG)·X in bfloat16 for
+// bfloat16 (16×16×16) and in TF32 for float16 (16×16×8: float16's range would lose weights as small
+// as e^{−2|scale|}; Traits<T>::Operand), as the Triton kernels do (tiles.accumulate_chunk).
 //
 // Tests run these kernels on the CPU through emulation/cuda_emulation.h (MMKD_CPU_EMULATION: the
 // two hooks below, dynamic_smem and launch); nvcc builds never see it.
