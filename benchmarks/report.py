@@ -32,14 +32,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
+    """The CPU's model name and its widest vector ISA, e.g. "AMD EPYC (AVX2)": machines that share a
+    model name here differ in it (AVX-512 or not), and the native kernels' speed with it."""
+    name, flags = None, set()
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if line.startswith("model name") and name is None:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = name or platform.processor() or platform.machine()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return f"{name} ({isa})" if isa else name
 
 
 def device_name(device: torch.device) -> str:
