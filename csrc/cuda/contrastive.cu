@@ -387,8 +387,6 @@ __global__ void __launch_bounds__(kThreads)
 
 bool valid_sizes(int64_t n_a, int64_t n_b, int64_t d) { return n_a >= 0 && n_b >= 0 && d >= 0; }
 
-bool valid_dtype(int dtype) { return dtype == MMKD_FLOAT32 || dtype == MMKD_FLOAT16 || dtype == MMKD_BFLOAT16; }
-
 template <typename T>
 int lse(const void* A, const void* B, const float* inv_a, const float* inv_b, const int64_t* targets, float* lse_out,
         float* loss, float* col_other, float* col_target, int64_t n_a, int64_t n_b, int64_t d, int64_t stride_a,
@@ -446,19 +444,10 @@ extern "C" int mmkd_contrastive_lse(int dtype, const void* A, const void* B, con
       (columns && (n_a != n_b || !(shift >= 0.0f) || shift > MMKD_FIXED_SHIFT_MAX)))
     return cudaErrorInvalidValue;
   if (n_a == 0) return cudaSuccess;
-  switch (dtype) {
-    case MMKD_FLOAT32:
-      return lse<float>(A, B, inv_a, inv_b, targets, lse_out, loss, col_other, col_target, n_a, n_b, d, stride_a,
-                        stride_ad, stride_b, stride_bd, scale, shift, stream);
-    case MMKD_FLOAT16:
-      return lse<__half>(A, B, inv_a, inv_b, targets, lse_out, loss, col_other, col_target, n_a, n_b, d, stride_a,
-                         stride_ad, stride_b, stride_bd, scale, shift, stream);
-    case MMKD_BFLOAT16:
-      return lse<__nv_bfloat16>(A, B, inv_a, inv_b, targets, lse_out, loss, col_other, col_target, n_a, n_b, d,
-                                stride_a, stride_ad, stride_b, stride_bd, scale, shift, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, [&](auto type) {
+    return lse<typename decltype(type)::type>(A, B, inv_a, inv_b, targets, lse_out, loss, col_other, col_target, n_a,
+                                              n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale, shift, stream);
+  });
 }
 
 extern "C" int mmkd_contrastive_grad(int dtype, const void* A, const void* B, const float* inv_a, const float* inv_b,
@@ -471,19 +460,10 @@ extern "C" int mmkd_contrastive_grad(int dtype, const void* A, const void* B, co
       !consistent(lse_b, g_b, t_b, tg_b))
     return cudaErrorInvalidValue;
   if (n_a == 0 || d == 0) return cudaSuccess;
-  switch (dtype) {
-    case MMKD_FLOAT32:
-      return grad<float>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b,
-                                  d, stride_a, stride_ad, stride_b, stride_bd, scale, stream);
-    case MMKD_FLOAT16:
-      return grad<__half>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a, n_b,
-                                   d, stride_a, stride_ad, stride_b, stride_bd, scale, stream);
-    case MMKD_BFLOAT16:
-      return grad<__nv_bfloat16>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA, n_a,
-                                          n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, [&](auto type) {
+    return grad<typename decltype(type)::type>(A, B, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, dA,
+                                               n_a, n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale, stream);
+  });
 }
 
 extern "C" int mmkd_contrastive_lse_grad(int dtype, const void* A, const void* B, const float* inv_a,
@@ -498,15 +478,8 @@ extern "C" int mmkd_contrastive_lse_grad(int dtype, const void* A, const void* B
   if (d == 0)
     return mmkd_contrastive_lse(dtype, A, B, inv_a, inv_b, targets, lse_out, loss, nullptr, nullptr, n_a, n_b, d,
                                 stride_a, stride_ad, stride_b, stride_bd, scale, 0.0f, stream);
-  switch (dtype) {
-    case MMKD_FLOAT32:
-      return lse_grad<float>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a, stride_ad,
-                             stride_b, stride_bd, scale, shift, stream);
-    case MMKD_FLOAT16:
-      return lse_grad<__half>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a, stride_ad,
-                              stride_b, stride_bd, scale, shift, stream);
-    default:
-      return lse_grad<__nv_bfloat16>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d, stride_a,
-                                     stride_ad, stride_b, stride_bd, scale, shift, stream);
-  }
+  return with_dtype(dtype, [&](auto type) {
+    return lse_grad<typename decltype(type)::type>(A, B, inv_a, inv_b, targets, lse_out, loss, dA, n_a, n_b, d,
+                                                   stride_a, stride_ad, stride_b, stride_bd, scale, shift, stream);
+  });
 }

@@ -433,7 +433,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // A dtype and a kind the kernels have, at a scale the kind allows (NaN refused for the centred kl).
 bool valid_dtype_and_kind(int dtype, int kind, float scale) {
-  return (dtype == MMKD_FLOAT32 || dtype == MMKD_FLOAT16 || dtype == MMKD_BFLOAT16) &&
+  return valid_dtype(dtype) &&
          (kind == MMKD_MSE || kind == MMKD_PEARSON || kind == MMKD_KL ||
           (kind == MMKD_KL_CENTRED && fabsf(scale) <= MMKD_KL_CENTRED_MAX_SCALE));
 }
@@ -523,19 +523,10 @@ extern "C" int mmkd_structure_rows(int dtype, int kind, const void* S, const voi
   if (!valid_dtype_and_kind(dtype, kind, scale) || !valid_rows(n, row_start, row_count, ds, dt))
     return cudaErrorInvalidValue;
   if (row_count == 0) return cudaSuccess;
-  switch (dtype) {
-    case MMKD_FLOAT32:
-      return rows_of_kind<float>(kind, S, T, inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt, stride_s,
-                                 stride_sd, stride_t, stride_td, scale, stream);
-    case MMKD_FLOAT16:
-      return rows_of_kind<__half>(kind, S, T, inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt, stride_s,
-                                  stride_sd, stride_t, stride_td, scale, stream);
-    case MMKD_BFLOAT16:
-      return rows_of_kind<__nv_bfloat16>(kind, S, T, inv_s, inv_t, loss, stats, n, row_start, row_count, ds, dt,
-                                         stride_s, stride_sd, stride_t, stride_td, scale, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, [&](auto type) {
+    return rows_of_kind<typename decltype(type)::type>(kind, S, T, inv_s, inv_t, loss, stats, n, row_start, row_count,
+                                                       ds, dt, stride_s, stride_sd, stride_t, stride_td, scale, stream);
+  });
 }
 
 extern "C" int mmkd_structure_grad(int dtype, int kind, int side, const void* S, const void* T, const float* inv_s,
@@ -547,17 +538,9 @@ extern "C" int mmkd_structure_grad(int dtype, int kind, int side, const void* S,
       (side != MMKD_STUDENT && side != MMKD_TEACHER))
     return cudaErrorInvalidValue;
   if (n == 0 || (side == MMKD_STUDENT ? ds : dt) == 0) return cudaSuccess;
-  switch (dtype) {
-    case MMKD_FLOAT32:
-      return grad_of_kind<float>(kind, side, S, T, inv_s, inv_t, stats, grad, dx, n, row_start, row_count, ds, dt,
-                                 stride_s, stride_sd, stride_t, stride_td, scale, stream);
-    case MMKD_FLOAT16:
-      return grad_of_kind<__half>(kind, side, S, T, inv_s, inv_t, stats, grad, dx, n, row_start, row_count, ds, dt,
-                                  stride_s, stride_sd, stride_t, stride_td, scale, stream);
-    case MMKD_BFLOAT16:
-      return grad_of_kind<__nv_bfloat16>(kind, side, S, T, inv_s, inv_t, stats, grad, dx, n, row_start, row_count,
-                                         ds, dt, stride_s, stride_sd, stride_t, stride_td, scale, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  return with_dtype(dtype, [&](auto type) {
+    return grad_of_kind<typename decltype(type)::type>(kind, side, S, T, inv_s, inv_t, stats, grad, dx, n, row_start,
+                                                       row_count, ds, dt, stride_s, stride_sd, stride_t, stride_td,
+                                                       scale, stream);
+  });
 }

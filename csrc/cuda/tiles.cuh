@@ -31,6 +31,8 @@
 #include <cstddef>
 #include <type_traits>
 
+#include "launchers.h"
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #error "mmkd CUDA kernels need sm_80 or newer (bfloat16 WMMA); build with TORCH_CUDA_ARCH_LIST >= 8.0"
 #endif
@@ -345,6 +347,30 @@ __device__ void store_out(const OutAcc<T>& acc, float* __restrict__ out, int64_t
       const int64_t col = do0 + j;
       if (row < out_end && col < dx) out[row * dx + col] = epilogue(i, col, scratch[i * kTilePitch + j]);
     }
+  }
+}
+
+// The launchers' dtype codes (launchers.h mmkd_dtype): whether `dtype` is one, and
+// with_dtype(dtype, f), which calls f(Type<T>{}) with T the element type of that code (the caller
+// checked it) and returns what f returns: one switch for every launcher's template instances.
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+inline bool valid_dtype(int dtype) { return dtype == MMKD_FLOAT32 || dtype == MMKD_FLOAT16 || dtype == MMKD_BFLOAT16; }
+
+template <typename F>
+int with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case MMKD_FLOAT32:
+      return f(Type<float>{});
+    case MMKD_FLOAT16:
+      return f(Type<__half>{});
+    case MMKD_BFLOAT16:
+      return f(Type<__nv_bfloat16>{});
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 
