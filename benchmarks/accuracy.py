@@ -30,6 +30,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mmkd_kernels as mk  # noqa: E402
+from benchmarks import report  # noqa: E402
 from mmkd_kernels.backends import unavailable_reason  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -107,8 +108,7 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     stem = args.out / f"accuracy-{device.type}-{date}"
     args.out.mkdir(parents=True, exist_ok=True)
-    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else platform.processor() or platform.machine())
+    device_name = report.device_name(device)
     meta = dict(date=date, n=args.n, d=args.d, interpreter_n=args.interpreter_n, torch=torch.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(), device=device_name, regimes=REGIMES,
                 command=(f"python -m benchmarks.accuracy --device {device.type} --n {args.n} --d {args.d} "

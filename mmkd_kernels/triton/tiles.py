@@ -21,10 +21,10 @@ def autotuned(half_configs: list, float32_configs: list, interpreter_config: tri
     """``triton.autotune`` keyed on the names in ``key`` that the kernel has (and, as Triton adds,
     the pointer dtypes), timed once per key and cached on disk, over ``half_configs`` when
     ``input_arg`` is float16/bfloat16 (tensor-core dots) and ``float32_configs`` when float32
-    (exact FMA dots, which need more registers per
-    output, so smaller D steps). Under ``TRITON_INTERPRET=1`` (CI on a CPU) the one
-    ``interpreter_config`` instead, because autotuning times configs on a device the interpreter
-    lacks, and because the interpreter runs fewer, larger blocks fastest (64 against 32: about 15x).
+    (exact FMA dots, which need more registers per output, so smaller D steps). Under
+    ``TRITON_INTERPRET=1`` (CI on a CPU) the one ``interpreter_config`` instead, because autotuning
+    times configs on a device the interpreter lacks, and because the interpreter runs fewer, larger
+    blocks fastest (64 against 32: about 15x).
     ``MMKD_TRITON_AUTOTUNE=0`` keeps each list's first config and times nothing (the tests on a GPU,
     which see hundreds of shapes, each a new key). Decided when the kernel is defined, as
     ``triton.jit`` decides between compiling and interpreting.
