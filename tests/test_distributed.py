@@ -3,7 +3,6 @@ concatenated batch (DESIGN §2 ``process_group``). Rank r returns L_r with mean_
 gradient is W·∂L/∂(its rows), so that DDP's averaging gives ∇L. The ranks hold different row counts,
 as a word or token level does, and a rank may hold none (a batch without word links)."""
 
-import socket
 
 import pytest
 import torch
@@ -54,8 +53,9 @@ def _contrastive(q, k, targets, case, backend, rank, process_group):
     return mk.contrastive_loss(q, k, backend=backend, process_group=process_group, **kwargs)
 
 
-def _run_rank(rank, port, results, n_local, m_local):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+def _run_rank(rank, rendezvous, results, n_local, m_local):
+    # A file rendezvous: a free TCP port picked by the parent can be taken before the ranks bind it.
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     q, k, local_targets, s, t, weights = _global_inputs(0, n_local, m_local)
     n_start, m_start = _starts(n_local), _starts(m_local)
     rows = slice(n_start[rank], n_start[rank] + n_local[rank])
@@ -83,19 +83,14 @@ def _run_rank(rank, port, results, n_local, m_local):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def layout(request):
+def layout(request, tmp_path_factory):
     """(student rows per rank, teacher rows per rank, every rank's results)."""
     n_local, m_local = LAYOUTS[request.param]
+    rendezvous = tmp_path_factory.mktemp("rendezvous") / "file"
     manager = mp.get_context("spawn").Manager()
     results = manager.dict()
-    mp.start_processes(_run_rank, args=(_free_port(), results, n_local, m_local), nprocs=WORLD, start_method="spawn")
+    mp.start_processes(_run_rank, args=(str(rendezvous), results, n_local, m_local), nprocs=WORLD, start_method="spawn")
     return n_local, m_local, dict(results)
 
 

@@ -6,7 +6,6 @@ torchrun); the gradients are averaged over ranks as DDP does.
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -54,9 +53,9 @@ def loss_and_grads(teacher_path, student_path, indices, objective):
     return loss.detach(), {n: p.grad for n, p in student.named_parameters() if n in names}
 
 
-def worker(rank, world, port, teacher_path, student_path, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank, world, teacher_path, student_path, out_dir):
+    # A file rendezvous: a free TCP port picked by the parent can be taken before the ranks bind it.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     half = PAIRS // world
     from safetensors.torch import save_file
@@ -89,17 +88,11 @@ def worker(rank, world, port, teacher_path, student_path, out_dir):
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 def test_two_gloo_ranks_equal_one_process(tiny_teacher, tiny_student, tmp_path):
     from safetensors.torch import load_file
 
-    mp.spawn(worker, args=(2, free_port(), tiny_teacher, tiny_student, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, tiny_teacher, tiny_student, str(tmp_path)), nprocs=2, join=True)
     for k, objective in enumerate(OBJECTIVES):
         loss, grads = loss_and_grads(tiny_teacher, tiny_student, range(PAIRS), objective)
         ranks = load_file(str(tmp_path / f"{k}.safetensors"))
