@@ -56,3 +56,49 @@ def test_unknown_kind_is_refused_by_the_kernel():
     s = torch.randn(5, 3)
     with pytest.raises(RuntimeError, match="kind must be 'mse', 'pearson' or 'kl', got 'cosine'"):
         torch.ops.mmkd_native.structure_tile_forward(s, s, "cosine", 1.0, True, 0, 5)
+
+
+def _kl_rows(s, t, scale, rows, with_grad=False):
+    """Native kl per-row losses of rows [start, stop) (or the loss sum and gradients, with_grad)."""
+    start, stop = rows
+    if with_grad:
+        return torch.ops.mmkd_native.structure_tile_forward_with_grad(s, t, "kl", scale, True, start, stop - start,
+                                                                      True, True)
+    return torch.ops.mmkd_native.structure_tile_forward(s, t, "kl", scale, True, start, stop - start)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_kl_over_the_upper_triangle_matches_whole_rows(dtype, tol):
+    """All n rows of kl take the upper triangle (each pair once for both rows, its sums merged across
+    strips of up to 1024 rows); a range of rows takes whole rows. n = 2300 crosses three strips. The
+    two agree on every row's loss and on the gradients of their sum."""
+    n = 2300
+    gen = torch.Generator().manual_seed(11)
+    s = torch.randn(n, 40, generator=gen, dtype=dtype)
+    t = torch.randn(n, 24, generator=gen, dtype=dtype)
+    whole_rows = torch.cat([_kl_rows(s, t, 10.0, (0, 1500)), _kl_rows(s, t, 10.0, (1500, n))])
+    upper = _kl_rows(s, t, 10.0, (0, n))
+    assert (upper - whole_rows).abs().max().item() <= tol * whole_rows.abs().max().item()
+    loss_a, ds_a, dt_a = _kl_rows(s, t, 10.0, (0, 1500), with_grad=True)
+    loss_b, ds_b, dt_b = _kl_rows(s, t, 10.0, (1500, n), with_grad=True)
+    loss, ds, dt = _kl_rows(s, t, 10.0, (0, n), with_grad=True)
+    assert abs(loss.item() - (loss_a + loss_b).item()) <= tol * abs(loss.item())
+    for got, want in ((ds, ds_a + ds_b), (dt, dt_a + dt_b)):
+        assert (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want)).item() <= tol
+
+
+def test_kl_over_the_upper_triangle_of_a_student_close_to_its_teacher():
+    """The merged sums keep float32's tolerance where each row's KL is tiny (as
+    test_structure.py's test_kl_of_a_student_close_to_its_teacher, with rows in three strips)."""
+    n = 2300
+    gen = torch.Generator().manual_seed(12)
+    teacher = torch.randn(n, 96, generator=gen)
+    for noise in (0.03, 0.003):
+        s = (teacher + noise * torch.randn(n, 96, generator=gen)).requires_grad_()
+        s64 = s.detach().double().requires_grad_()
+        out = mk.structure_loss(s, teacher, kind="kl", temperature=0.1, backend="native")
+        ref = mk.structure_loss(s64, teacher.double(), kind="kl", temperature=0.1, backend="reference")
+        assert abs(out.item() - ref.item()) <= 1e-5 * abs(ref.item()), f"loss at noise {noise}"
+        if noise == 0.03:
+            (grad,), (grad_ref,) = torch.autograd.grad(out, s), torch.autograd.grad(ref, s64)
+            assert (torch.linalg.vector_norm(grad.double() - grad_ref) / torch.linalg.vector_norm(grad_ref)) <= 1e-5

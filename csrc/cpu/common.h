@@ -16,6 +16,11 @@ namespace cpu {
 
 constexpr double kEps = 1e-8;
 
+// The epilogue loops vectorize only if every function in them is inlined. GCC's inliner stops
+// inlining in a large translation unit (it declined fast_exp in structure.cpp's kl weights loop,
+// which then stayed scalar), so the small math below insists.
+#define MMKD_ALWAYS_INLINE inline __attribute__((always_inline))
+
 // float64 if any input is float64, else float32 (half inputs are computed in float32).
 inline at::ScalarType accumulation_dtype(const at::Tensor& a, const at::Tensor& b) {
   return (a.scalar_type() == at::kDouble || b.scalar_type() == at::kDouble) ? at::kDouble
@@ -55,7 +60,7 @@ inline at::Tensor normalize_backward(at::Tensor dx_hat, const Normalized& x) {
 
 // exp(x) for float, vectorizable: 2^n · p(r) with x = n·ln2 + r, |r| ≤ ln2/2, a degree-6
 // polynomial (Cephes' expf coefficients, ~1 ulp). NaN stays NaN, −inf and x < −87.3 give 0.
-inline float fast_exp(float x) {
+MMKD_ALWAYS_INLINE float fast_exp(float x) {
   const float clamped = x > 88.0f ? 88.0f : (x < -87.3f ? -87.3f : x);
   const float n = std::nearbyint(clamped * 1.44269504088896341f);
   const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
@@ -89,24 +94,36 @@ struct InverseFactorials {
   }
 };
 
-// e^x − 1 − x (≥ 0) to a few ulps, vectorizable: its Taylor series x² Σ_{k≥2} x^{k−2}/k! where
-// |x| < 1/2 (e^x − 1 − x would cancel most digits of a small x's x²/2), fast_exp(x) − 1 − x
-// elsewhere. The series stops where its next term is below the type's rounding at |x| = 1/2.
+// x² Σ_{k≥2} x^{k−2}/k!, the Taylor series of e^x − 1 − x, for |x| < 1/2 (the caller passes 0
+// elsewhere). It stops where its next term is below the type's rounding at |x| = 1/2.
 template <typename T>
-inline T expm1_minus_x(T x) {
+MMKD_ALWAYS_INLINE T expm1_minus_x_series(T x) {
   constexpr int kLast = sizeof(T) == 4 ? 10 : 18;
   static constexpr InverseFactorials<T, kLast> inv{};
-  const bool small = std::abs(x) < T(0.5);
-  const T t = small ? x : T(0);
   T sum = inv.c[kLast];
-  for (int k = kLast - 1; k >= 2; --k) sum = sum * t + inv.c[k];
-  return small ? t * t * sum : (fast_exp(x) - T(1)) - x;
+  for (int k = kLast - 1; k >= 2; --k) sum = sum * x + inv.c[k];
+  return x * x * sum;
 }
 
-// e^x − 1 to a few ulps, vectorizable: x + expm1_minus_x(x) where |x| < 1/2, fast_exp(x) − 1 elsewhere.
+// e^x − 1 − x (≥ 0) to a few ulps, vectorizable: the series where |x| < 1/2 (e^x − 1 − x would
+// cancel most digits of a small x's x²/2), fast_exp(x) − 1 − x elsewhere. Both arms are computed
+// and one selected: a select of two plain values is what GCC turns into a vector blend, where a
+// call in an arm of a conditional kept the loops around fast_expm1 scalar.
 template <typename T>
-inline T fast_expm1(T x) {
-  return std::abs(x) < T(0.5) ? x + expm1_minus_x(x) : fast_exp(x) - T(1);
+MMKD_ALWAYS_INLINE T expm1_minus_x(T x) {
+  const bool small = std::abs(x) < T(0.5);
+  const T series = expm1_minus_x_series(small ? x : T(0));
+  const T direct = (fast_exp(x) - T(1)) - x;
+  return small ? series : direct;
+}
+
+// e^x − 1 to a few ulps, vectorizable: x + the series where |x| < 1/2, fast_exp(x) − 1 elsewhere.
+template <typename T>
+MMKD_ALWAYS_INLINE T fast_expm1(T x) {
+  const bool small = std::abs(x) < T(0.5);
+  const T series = x + expm1_minus_x_series(small ? x : T(0));
+  const T direct = fast_exp(x) - T(1);
+  return small ? series : direct;
 }
 
 // Σ_{j ∈ [begin, end)} f(j) in two levels: partial sums over chunks of 256 terms in f's type, a
@@ -127,6 +144,27 @@ inline double blocked_sum(int64_t begin, int64_t end, F f) {
     total += partial;
   }
   return total;
+}
+
+// blocked_sum of two functions in one loop over [begin, end): {Σ f(j), Σ g(j)}, for sums that
+// read the same row (one pass over it instead of two).
+template <typename F, typename G>
+inline std::pair<double, double> blocked_sums(int64_t begin, int64_t end, F f, G g) {
+  using value_t = decltype(f(begin));
+  constexpr int64_t kChunk = 256;
+  double total_f = 0, total_g = 0;
+  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
+    const int64_t stop = std::min(chunk + kChunk, end);
+    value_t partial_f = 0, partial_g = 0;
+#pragma omp simd reduction(+ : partial_f, partial_g)
+    for (int64_t j = chunk; j < stop; ++j) {
+      partial_f += f(j);
+      partial_g += g(j);
+    }
+    total_f += partial_f;
+    total_g += partial_g;
+  }
+  return {total_f, total_g};
 }
 
 // blocked_sum over [0, n) without the term `skip` (a target or a diagonal): two vectorized ranges.
