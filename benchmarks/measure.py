@@ -12,10 +12,19 @@ Peak extra memory is what one call adds on top of its inputs:
   memory to leave the process: the worker processes (``isolate.py``) run with glibc's
   ``MALLOC_MMAP_THRESHOLD_`` fixed at 128 KiB, so every tensor buffer is its own mapping,
   returned on free, and never hidden in a reused heap.
+
+That setting is for the memory run only. Under it every large allocation is a fresh mapping whose
+pages fault in on first touch, a cost an ordinary process does not pay once glibc has raised its
+threshold: chunked kl at N = 8192 took 1.63 s under it and 0.94 s without (native, which allocates
+its buffers once per call, 0.61 s either way). The timed CPU runs therefore switch glibc to what a
+warm ordinary process has (``heap_reuse``), and back for the next memory run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import gc
 import statistics
 import time
@@ -99,22 +108,57 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# glibc's mallopt parameters (malloc.h), and the values of a process that has run for a while:
+# glibc raises its mmap threshold to the largest block freed, up to 32 MiB on 64-bit, and keeps the
+# trim threshold at twice it.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_WARM_MMAP_THRESHOLD = 32 << 20
+_WORKER_MMAP_THRESHOLD = 128 << 10  # isolate.WORKER_ENV; glibc leaves the trim threshold at 128 KiB then
+
+
+def _glibc():
+    """The C library, where it is glibc (it has mallopt and malloc_trim); else None."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+@contextlib.contextmanager
+def heap_reuse():
+    """Inside: glibc's malloc reuses freed blocks of up to 32 MiB from its heap, as in a warm
+    ordinary process. After: every block of 128 KiB or more its own mapping again (the worker's
+    setting, which the memory run needs), and the free heap returned to the system."""
+    libc = _glibc()
+    if libc is None:  # not glibc: nothing was changed for the memory run either
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _WARM_MMAP_THRESHOLD)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2 * _WARM_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _WORKER_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _WORKER_MMAP_THRESHOLD)
+        libc.malloc_trim(0)
+
+
 def time_cpu(step: Callable[[], object], device: torch.device, *, min_time: float, min_repeats: int,
              max_repeats: int) -> Timing:
-    """Median of timed runs of ``step`` (already warm). Runs until ``min_time`` seconds are spent,
-    within [min_repeats, max_repeats]; the first run also gives the peak extra memory."""
-    times = []
+    """Median of timed runs of ``step`` (already warm). One run gives the peak extra memory; then,
+    with glibc reusing its heap (``heap_reuse``) and one untimed run to fill it, the timed runs go
+    on until ``min_time`` seconds are spent, within [min_repeats, max_repeats]."""
     with PeakMemory(device) as memory:
-        _sync(device)
-        start = time.perf_counter()
         step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < min_time):
-        start = time.perf_counter()
+    times = []
+    with heap_reuse():
         step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
+        while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < min_time):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
     all_ms = [t * 1e3 for t in times]
     return Timing(statistics.median(all_ms), len(times), all_ms, memory.extra_mib)
 

@@ -96,6 +96,48 @@ def test_worker_resident_memory_sees_a_peak_in_reused_memory():
     assert 28 < peak < 40, peak  # 8 × 4 MB = 30.5 MiB
 
 
+_FAULTS_OF_A_REUSED_BUFFER = r"""
+import resource, torch
+from benchmarks import measure
+
+torch.set_num_threads(1)  # page faults of one thread's fills: glibc's heap settles at once
+
+def faults(rounds=6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(rounds):
+        torch.ones(2**21)  # 8 MiB, allocated, touched and freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+faults()
+worker = faults()
+with measure.heap_reuse():
+    faults(12)
+    reused = faults()
+after = faults(1)
+print(worker, reused, after)
+"""
+
+
+def test_timed_cpu_runs_reuse_the_heap_and_memory_runs_do_not():
+    """The worker's setting (every large buffer its own mapping) faults every page of every new
+    buffer in; heap_reuse, around the timed runs, lets glibc hand a freed buffer back unfaulted,
+    and returns the free heap when it ends, so that the next memory run sees its buffers fault in
+    again (a heap that kept them resident would hide that run's peak)."""
+    from benchmarks import isolate, measure
+
+    assert measure._WORKER_MMAP_THRESHOLD == int(isolate.WORKER_ENV["MALLOC_MMAP_THRESHOLD_"])
+    if measure._glibc() is None:
+        pytest.skip("not glibc: the benchmark leaves malloc as it is")
+    done = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REUSED_BUFFER], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, **isolate.WORKER_ENV))
+    assert done.returncode == 0, done.stderr[-2000:]
+    worker, reused, after = map(int, done.stdout.split())
+    pages = 6 * (8 << 20) // 4096
+    assert worker >= pages * 9 // 10, worker
+    assert reused < pages // 10, reused
+    assert after >= pages // 6 * 9 // 10, after  # one buffer's pages
+
+
 def test_autotune_recorder_reports_each_tuning_once_fastest_first(monkeypatch):
     """What a GPU benchmark records of Triton's autotuning (benchmarks/autotune_log.py), from an
     autotuner given the state Triton leaves after timing three configs at one key."""
