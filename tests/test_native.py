@@ -69,8 +69,8 @@ def _kl_rows(s, t, scale, rows, with_grad=False):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 def test_kl_over_the_upper_triangle_matches_whole_rows(dtype, tol):
-    """All n rows of kl take the upper triangle (each pair once for both rows, its sums merged across
-    strips of up to 1024 rows); a range of rows takes whole rows. n = 2300 crosses three strips. The
+    """All n ≥ 1024 rows of kl take the upper triangle (each pair once for both rows, its sums merged
+    across strips of n/8 rows); a range of rows takes whole rows. n = 2300 crosses nine strips. The
     two agree on every row's loss and on the gradients of their sum."""
     n = 2300
     gen = torch.Generator().manual_seed(11)
@@ -89,7 +89,7 @@ def test_kl_over_the_upper_triangle_matches_whole_rows(dtype, tol):
 
 def test_kl_over_the_upper_triangle_of_a_student_close_to_its_teacher():
     """The merged sums keep float32's tolerance where each row's KL is tiny (as
-    test_structure.py's test_kl_of_a_student_close_to_its_teacher, with rows in three strips)."""
+    test_structure.py's test_kl_of_a_student_close_to_its_teacher, with rows in nine strips)."""
     n = 2300
     gen = torch.Generator().manual_seed(12)
     teacher = torch.randn(n, 96, generator=gen)

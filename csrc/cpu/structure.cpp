@@ -4,7 +4,7 @@
 // forward with gradients, turns the blocks into dG^S, dG^T in place. G = x̂x̂ᵀ sends dG to the
 // block's rows (dG x̂) and to every column (dGᵀ x̂_b). Same math as mmkd_kernels/chunked.py _Tile.
 // kl of every row (its centred form) instead takes each pair once, over the upper triangle
-// (kl_upper_triangle): a quarter fewer FLOPs with gradients, half without.
+// (kl_upper_triangle) from N = 1024 on: nearly a quarter fewer FLOPs with gradients, half without.
 #include "../ops.h"
 #include "common.h"
 
@@ -184,7 +184,8 @@ struct RowMath {
 // centred sums from its strip's row and from earlier strips' columns; the loss needs nothing more.
 // Pass 2, for gradients, recomputes the strips and weighs each pair with both rows' statistics.
 // Forward 2·N²·(Ds+Dt) FLOPs where tile_rows takes 4·N²·(Ds+Dt); forward and gradients together
-// 6·N²·D where tile_rows takes 8·N²·D (D = Ds = Dt, teacher frozen).
+// 6·N²·D where tile_rows takes 8·N²·D (D = Ds = Dt, teacher frozen); strips of b rows add n·b/2
+// pairs to the n²/2 (upper_triangle_block).
 //
 // Each row's exponentials take the fixed shift |scale| (normalized rows: |a| ≤ |scale|, so
 // e = e^{a − |scale|} lies in [e^{−40}, 1] for kKlCentredMaxScale = 20): rows need no running max,
@@ -323,13 +324,23 @@ struct KlStrip {
   }
 };
 
+// Strips of b rows cover n²/2 + n·b/2 of the n² pairs: b = n/8 leaves 56% of the whole-rows
+// work, b = n (one strip) all of it plus a second pass. Never below row_block's 256 rows (the
+// inner dimension of the column-side gradient GEMM), so the upper triangle pays from n = 1024 on
+// (kUpperTriangleMinRows); below, whole rows serve.
+constexpr int64_t kUpperTriangleMinRows = 1024;
+
+inline int64_t upper_triangle_block(int64_t n, int64_t element_size) {
+  return std::min(row_block(2 * n, element_size), std::max<int64_t>(256, n / 8));
+}
+
 // kl in its centred form over every row, the upper-triangle way (above). Returns the per-row
 // losses (n,) and, with gradients, those of their sum with respect to x̂ and ŷ (where needed).
 template <typename scalar_t>
 void kl_upper_triangle(const at::Tensor& x, const at::Tensor& y, scalar_t scale, at::Tensor& losses,
                        at::Tensor& dx, at::Tensor& dy) {
   const int64_t n = x.size(0);
-  const int64_t block = row_block(2 * n, sizeof(scalar_t));
+  const int64_t block = upper_triangle_block(n, sizeof(scalar_t));
   const auto opts = x.options();
   at::Tensor gs_buf = at::empty({block * n}, opts), gt_buf = at::empty({block * n}, opts);
   const scalar_t shift = std::abs(scale);
@@ -447,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_pass(const at::Tensor& s, co
   at::Tensor dy = grad_t ? at::zeros_like(y.rows) : at::Tensor();
   const bool kl_centred = normalize && std::abs(scale) <= kKlCentredMaxScale;
   AT_DISPATCH_FLOATING_TYPES(acc, "structure_tile", [&] {
-    if (kind == Kind::kKl && kl_centred && row_start == 0 && row_count == n) {
+    if (kind == Kind::kKl && kl_centred && row_start == 0 && row_count == n && n >= kUpperTriangleMinRows) {
       kl_upper_triangle<scalar_t>(x.rows, y.rows, static_cast<scalar_t>(scale), losses, dx, dy);
     } else {
       tile_rows<scalar_t>(x.rows, y.rows, kind, kl_centred, static_cast<scalar_t>(scale), row_start, row_count,
