@@ -16,10 +16,11 @@ paper's regime: batch 256, length 128; here the trainer's default length, 64).
 
 Each (backend, B) runs in a fresh process (``isolate.WORKER_ENV``: every buffer its own mapping,
 so freed memory leaves the process) that builds the models and the batch, runs one warm-up step
-(AdamW's state, thread pools, the native backend's first call), then ``--steps`` measured steps:
-``measure.PeakMemory`` around the first gives the peak extra resident memory over the memory held
-before the step (models, optimizer state, batch), the median wall time of all of them the step
-time. The loss of the warm-up step is recorded: both backends see the same weights and batch, so
+(AdamW's state, thread pools, the native backend's first call), then one step inside
+``measure.PeakMemory`` for the peak extra resident memory over the memory held before the step
+(models, optimizer state, batch), then, with glibc reusing its heap as an ordinary process does
+(``measure.heap_reuse``: the memory's setting would charge every step its page faults), one untimed
+step and ``--steps`` timed ones, whose median wall time is the step time. The loss of the warm-up step is recorded: both backends see the same weights and batch, so
 it must agree. A size whose memory, predicted from the sizes measured before it, would pass 70% of
 MemAvailable is skipped and said so (``predicted_skip``); a worker
 that dies or times out is recorded as such. Writes ``<out>/trainer-memory-<date>.{json,md}``;
@@ -110,16 +111,16 @@ def worker(spec: dict) -> dict:
     begin = time.perf_counter()
     first_loss = step()
     log(f"  {spec['backend']} B={spec['batch']}: warm-up step {time.perf_counter() - begin:.1f} s, loss {first_loss:.6f}")
-    times = []
     baseline_mib = measure._status_kib("VmRSS") / 1024
     with measure.PeakMemory(torch.device("cpu")) as memory:
-        begin = time.perf_counter()
         step()
-        times.append(time.perf_counter() - begin)
-    for _ in range(spec["steps"] - 1):
-        begin = time.perf_counter()
+    times = []
+    with measure.heap_reuse():  # timed as an ordinary process runs (measure.py): one step fills the heap
         step()
-        times.append(time.perf_counter() - begin)
+        for _ in range(spec["steps"]):
+            begin = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - begin)
     log(f"  {spec['backend']} B={spec['batch']}: +{memory.extra_mib:.0f} MiB, "
         f"steps {', '.join(f'{t:.1f}' for t in times)} s")
     resolved = spec["backend"]
@@ -198,7 +199,8 @@ def markdown(result: dict) -> str:
         f"- peak extra memory: {meta['memory_method']}; over the memory held before the step "
         "(models, optimizer state, batch). It includes the encoders' activations, the same for both backends: "
         "the difference is the losses'",
-        f"- step time: median of {meta['steps']} measured step(s) after one warm-up step, wall time",
+        f"- step time: median of {meta['steps']} timed step(s) after a warm-up step, the memory step and one more "
+        "(glibc reusing its heap: benchmarks/measure.py heap_reuse), wall time",
         f"- fused = `--backend auto`, which is `{fused}` on this machine; reference = `--backend reference` "
         "(materializes the N×N matrices)",
         "",
