@@ -14,10 +14,14 @@ Peak extra memory is what one call adds on top of its inputs:
   returned on free, and never hidden in a reused heap.
 
 That setting is for the memory run only. Under it every large allocation is a fresh mapping whose
-pages fault in on first touch, a cost an ordinary process does not pay once glibc has raised its
-threshold: chunked kl at N = 8192 took 1.63 s under it and 0.94 s without (native, which allocates
-its buffers once per call, 0.61 s either way). The timed CPU runs therefore switch glibc to what a
-warm ordinary process has (``heap_reuse``), and back for the next memory run.
+pages fault in on first touch, a cost an ordinary process stops paying once glibc has raised its
+threshold: chunked kl at N = 8192 took 1.63 s under it and 0.94 s in a plain process (native,
+which allocates its buffers once per call, 0.61 s either way). The timed CPU runs therefore switch
+glibc to the state it reaches once a process has freed a block of 32 MiB or more, as every
+training step does (``heap_reuse``), and back for the next memory run. That state favours the
+backends that allocate most: it trims its heap only past 64 MiB, where a process whose largest
+freed block was smaller trims sooner (ad hoc, the symmetric loss at N = 2048 took 50 ms in chunked
+in a plain process and 35 ms in the benchmark; native 39 ms and 38 ms).
 """
 
 from __future__ import annotations
@@ -128,9 +132,10 @@ def _glibc():
 
 @contextlib.contextmanager
 def heap_reuse():
-    """Inside: glibc's malloc reuses freed blocks of up to 32 MiB from its heap, as in a warm
-    ordinary process. After: every block of 128 KiB or more its own mapping again (the worker's
-    setting, which the memory run needs), and the free heap returned to the system."""
+    """Inside: glibc's malloc reuses freed blocks of up to 32 MiB from its heap, as it does once a
+    process has freed a block that large. After: every block of 128 KiB or more its own mapping
+    again (the worker's setting, which the memory run needs), and the free heap returned to the
+    system."""
     libc = _glibc()
     if libc is None:  # not glibc: nothing was changed for the memory run either
         yield

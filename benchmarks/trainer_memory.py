@@ -18,7 +18,7 @@ Each (backend, B) runs in a fresh process (``isolate.WORKER_ENV``: every buffer 
 so freed memory leaves the process) that builds the models and the batch, runs one warm-up step
 (AdamW's state, thread pools, the native backend's first call), then one step inside
 ``measure.PeakMemory`` for the peak extra resident memory over the memory held before the step
-(models, optimizer state, batch), then, with glibc reusing its heap as an ordinary process does
+(models, optimizer state, batch), then, with glibc reusing its heap as a training process's does
 (``measure.heap_reuse``: the memory's setting would charge every step its page faults), one untimed
 step and ``--steps`` timed ones, whose median wall time is the step time. The loss of the warm-up step is recorded: both backends see the same weights and batch, so
 it must agree. A size whose memory, predicted from the sizes measured before it, would pass 70% of
@@ -115,7 +115,7 @@ def worker(spec: dict) -> dict:
     with measure.PeakMemory(torch.device("cpu")) as memory:
         step()
     times = []
-    with measure.heap_reuse():  # timed as an ordinary process runs (measure.py): one step fills the heap
+    with measure.heap_reuse():  # timed as a training process runs (measure.py): one step fills the heap
         step()
         for _ in range(spec["steps"]):
             begin = time.perf_counter()
