@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import cases
+from benchmarks import cases, measure
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,16 +118,15 @@ print(worker, reused, after)
 """
 
 
+@pytest.mark.skipif(measure._glibc() is None, reason="not glibc: the benchmark leaves malloc as it is")
 def test_timed_cpu_runs_reuse_the_heap_and_memory_runs_do_not():
     """The worker's setting (every large buffer its own mapping) faults every page of every new
     buffer in; heap_reuse, around the timed runs, lets glibc hand a freed buffer back unfaulted,
     and returns the free heap when it ends, so that the next memory run sees its buffers fault in
     again (a heap that kept them resident would hide that run's peak)."""
-    from benchmarks import isolate, measure
+    from benchmarks import isolate
 
     assert measure._WORKER_MMAP_THRESHOLD == int(isolate.WORKER_ENV["MALLOC_MMAP_THRESHOLD_"])
-    if measure._glibc() is None:
-        pytest.skip("not glibc: the benchmark leaves malloc as it is")
     done = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REUSED_BUFFER], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, **isolate.WORKER_ENV))
     assert done.returncode == 0, done.stderr[-2000:]
