@@ -23,6 +23,12 @@ training step does (``heap_reuse``), and back for the next memory run. That stat
 backends that allocate most: it trims its heap only past 64 MiB, where a process whose largest
 freed block was smaller trims sooner (ad hoc, the symmetric loss at N = 2048 took 50 ms in chunked
 in a plain process and 35 ms in the benchmark; native 39 ms and 38 ms).
+
+After a timed phase glibc's heap holds free blocks that can serve the next memory run. PeakMemory
+returns their pages first (malloc_trim), so a peak that reuses them still counts them; but a block
+freed in that run stays resident while the run maps new ones, so such a peak can read high:
+native kl at N = 16384 read 105 MiB in a fresh worker and 129 MiB after a timed phase. Without the
+trim it read 63 MiB, too low, as the runs before this fix did (the files of 2d05353).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import statistics
 import time
@@ -75,6 +82,11 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            # Blocks freed into glibc's heap by a warm-up or timed run stay resident, and a peak that
+            # reused them would not show: returned first, they fault in again and are counted.
+            libc = _glibc()
+            if libc is not None:
+                libc.malloc_trim(0)
             with open("/proc/self/clear_refs", "w") as refs:
                 refs.write("5")
             self._base = _status_kib("VmRSS") * 1024
@@ -121,6 +133,7 @@ _WARM_MMAP_THRESHOLD = 32 << 20
 _WORKER_MMAP_THRESHOLD = 128 << 10  # isolate.WORKER_ENV; glibc leaves the trim threshold at 128 KiB then
 
 
+@functools.cache
 def _glibc():
     """The C library, where it is glibc (it has mallopt and malloc_trim); else None."""
     name = ctypes.util.find_library("c")
@@ -134,9 +147,10 @@ def _glibc():
 @contextlib.contextmanager
 def heap_reuse():
     """Inside: glibc's malloc reuses freed blocks of up to 32 MiB from its heap, as it does once a
-    process has freed a block that large. After: every block of 128 KiB or more its own mapping
-    again (the worker's setting, which the memory run needs), and the free heap returned to the
-    system."""
+    process has freed a block that large. After: new blocks of 128 KiB or more get their own
+    mapping again (the worker's setting, which the memory run needs), and the free heap is
+    returned to the system. Free blocks left in the heap can still serve later requests;
+    PeakMemory returns them again before it reads the resident set."""
     libc = _glibc()
     if libc is None:  # not glibc: nothing was changed for the memory run either
         yield

@@ -183,7 +183,7 @@ struct RowMath {
 // [r0, n) (its strip), and a strip holds the pairs i < j of its rows. Pass 1 gathers each row's
 // centred sums from its strip's row and from earlier strips' columns; the loss needs nothing more.
 // Pass 2, for gradients, recomputes the strips and weighs each pair with both rows' statistics.
-// Forward 2·N²·(Ds+Dt) FLOPs where tile_rows takes 4·N²·(Ds+Dt); forward and gradients together
+// Forward N²·(Ds+Dt) FLOPs where tile_rows takes 2·N²·(Ds+Dt); forward and gradients together
 // 6·N²·D where tile_rows takes 8·N²·D (D = Ds = Dt, teacher frozen); strips of b rows add n·b/2
 // pairs to the n²/2 (upper_triangle_block).
 //
