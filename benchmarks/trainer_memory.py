@@ -14,17 +14,17 @@ Inputs: the English and German strings of Django's ``de`` catalog, joined a few 
 that every English side fills ``--max-length`` tokens: B pairs give N = B × max_length tokens (the
 paper's regime: batch 256, length 128; here the trainer's default length, 64).
 
-Each (backend, B) runs in a fresh process (``isolate.WORKER_ENV``: every buffer its own mapping,
-so freed memory leaves the process) that builds the models and the batch, runs one warm-up step
+Each (backend, B) runs in a fresh process (``isolate.WORKER_ENV``: every buffer its own mapping, so
+freed memory leaves the process) that builds the models and the batch, runs one warm-up step
 (AdamW's state, thread pools, the native backend's first call), then one step inside
 ``measure.PeakMemory`` for the peak extra resident memory over the memory held before the step
 (models, optimizer state, batch), then, with glibc reusing its heap as a training process's does
 (``measure.heap_reuse``: the memory's setting would charge every step its page faults), one untimed
-step and ``--steps`` timed ones, whose median wall time is the step time. The loss of the warm-up step is recorded: both backends see the same weights and batch, so
-it must agree. A size whose memory, predicted from the sizes measured before it, would pass 70% of
-MemAvailable is skipped and said so (``predicted_skip``); a worker
-that dies or times out is recorded as such. Writes ``<out>/trainer-memory-<date>.{json,md}``;
-progress goes to stderr.
+step and ``--steps`` timed ones, whose median wall time is the step time. The loss of the warm-up
+step is recorded: both backends see the same weights and batch, so it must agree. A size whose
+memory, predicted from the sizes measured before it, would pass 70% of MemAvailable is skipped and
+said so (``predicted_skip``); a worker that dies or times out is recorded as such. Writes
+``<out>/trainer-memory-<date>.{json,md}``; progress goes to stderr.
 """
 
 from __future__ import annotations

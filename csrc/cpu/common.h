@@ -126,36 +126,22 @@ MMKD_ALWAYS_INLINE T fast_expm1(T x) {
   return small ? series : direct;
 }
 
-// Σ_{j ∈ [begin, end)} f(j) in two levels: partial sums over chunks of 256 terms in f's type, a
-// vectorized reduction (one float per lane), then the chunks in double. The error stays about
-// that of 256/lanes terms summed in order (a whole float32 row of 16K terms loses sqrt(16K)·eps),
-// at the speed of a float reduction: a double accumulator inside the vectorized loop made the
-// epilogues 7x slower here (AVX-512, GCC).
-template <typename F>
-inline double blocked_sum(int64_t begin, int64_t end, F f) {
-  using value_t = decltype(f(begin));
-  constexpr int64_t kChunk = 256;
-  double total = 0;
-  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
-    const int64_t stop = std::min(chunk + kChunk, end);
-    value_t partial = 0;
-#pragma omp simd reduction(+ : partial)
-    for (int64_t j = chunk; j < stop; ++j) partial += f(j);
-    total += partial;
-  }
-  return total;
-}
-
-// blocked_sum of two functions in one loop over [begin, end): {Σ f(j), Σ g(j)}, for sums that
-// read the same row (one pass over it instead of two).
+// {Σ f(j), Σ g(j)} over [begin, end) in one loop, each in two levels: partial sums over chunks of
+// 256 terms in the function's own type, a vectorized reduction (one float per lane), then the
+// chunks in double. The error stays about that of 256/lanes terms summed in order (a whole float32
+// row of 16K terms loses sqrt(16K)·eps), at the speed of a float reduction: a double accumulator
+// inside the vectorized loop made the epilogues 7x slower here (AVX-512, GCC). Two sums that read
+// the same row take one pass over it.
 template <typename F, typename G>
 inline std::pair<double, double> blocked_sums(int64_t begin, int64_t end, F f, G g) {
-  using value_t = decltype(f(begin));
+  using f_t = decltype(f(begin));
+  using g_t = decltype(g(begin));
   constexpr int64_t kChunk = 256;
   double total_f = 0, total_g = 0;
   for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
     const int64_t stop = std::min(chunk + kChunk, end);
-    value_t partial_f = 0, partial_g = 0;
+    f_t partial_f = 0;
+    g_t partial_g = 0;
 #pragma omp simd reduction(+ : partial_f, partial_g)
     for (int64_t j = chunk; j < stop; ++j) {
       partial_f += f(j);
@@ -165,6 +151,13 @@ inline std::pair<double, double> blocked_sums(int64_t begin, int64_t end, F f, G
     total_g += partial_g;
   }
   return {total_f, total_g};
+}
+
+// Σ_{j ∈ [begin, end)} f(j), as blocked_sums (the compiler drops the empty second sum).
+template <typename F>
+inline double blocked_sum(int64_t begin, int64_t end, F f) {
+  using value_t = decltype(f(begin));
+  return blocked_sums(begin, end, f, [](int64_t) { return value_t(0); }).first;
 }
 
 // blocked_sum over [0, n) without the term `skip` (a target or a diagonal): two vectorized ranges.
