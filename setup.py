@@ -46,9 +46,11 @@ def _extensions():
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MMKD_CUDA_ARCH", "9.0"))
         ext = CUDAExtension("mmkd_kernels._C", build.sources(with_cuda=True, relative=True),
-                            extra_compile_args={"cxx": build.cxx_flags(), "nvcc": build.nvcc_flags()})
+                            extra_compile_args={"cxx": build.cxx_flags(), "nvcc": build.nvcc_flags()},
+                            extra_link_args=build.link_flags())
     else:
-        ext = CppExtension("mmkd_kernels._C", build.sources(with_cuda=False, relative=True), extra_compile_args={"cxx": build.cxx_flags()})
+        ext = CppExtension("mmkd_kernels._C", build.sources(with_cuda=False, relative=True),
+                           extra_compile_args={"cxx": build.cxx_flags()}, extra_link_args=build.link_flags())
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

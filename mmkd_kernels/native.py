@@ -21,7 +21,7 @@ def _jit_build() -> None:
     """torch.utils.cpp_extension.load of csrc/ (CPU kernels; CUDA too where torch and nvcc have it)."""
     from torch.utils.cpp_extension import CUDA_HOME, load
 
-    from .native_build import CSRC, cuda_toolkit_missing, cxx_flags, nvcc_flags, sources
+    from .native_build import CSRC, cuda_toolkit_missing, cxx_flags, link_flags, nvcc_flags, sources
 
     if not CSRC.is_dir():
         raise RuntimeError(f"mmkd_kernels._C is not built and its sources are not at {CSRC} "
@@ -30,7 +30,7 @@ def _jit_build() -> None:
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MMKD_CUDA_ARCH", "9.0"))
     load(name=f"mmkd_native_{torch.__version__.replace('.', '_').replace('+', '_')}",
-         sources=sources(with_cuda), extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(),
+         sources=sources(with_cuda), extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(), extra_ldflags=link_flags(),
          is_python_module=False, verbose=False)
 
 

@@ -18,13 +18,21 @@ def sources(with_cuda: bool, relative: bool = False) -> list[str]:
 
 
 def cxx_flags() -> list[str]:
-    # -fopenmp-simd: the epilogues' `#pragma omp simd` loops vectorize without the OpenMP runtime.
+    # -fopenmp: at::parallel_for is a header template whose threads exist only where _OPENMP is
+    # defined; without it every epilogue ran on one core (csrc/cpu/common.h refuses such a build).
+    # It also makes the `#pragma omp simd` loops vectorize.
     # -fno-trapping-math: their selects (fast_exp's clamps, the series' |x| < 1/2) become vector
     # blends. Under GCC's default a compare or multiply in one arm of a select "may trap", so
     # without AVX-512's masked operations every loop holding an exponential stayed scalar. Values
     # are unchanged: it only gives up floating-point exception flags, which nothing here reads.
-    return ["-O3", "-fopenmp-simd", "-fno-trapping-math", f"-march={os.environ.get('MMKD_CPU_ARCH', 'native')}",
+    return ["-O3", "-fopenmp", "-fno-trapping-math", f"-march={os.environ.get('MMKD_CPU_ARCH', 'native')}",
             "-DMMKD_NATIVE"]
+
+
+def link_flags() -> list[str]:
+    # libgomp, by its soname libgomp.so.1: torch's wheel loads its own copy under that name first,
+    # so the extension's threads and torch's share one OpenMP runtime and one thread count.
+    return ["-fopenmp"]
 
 
 def nvcc_flags() -> list[str]:

@@ -1,11 +1,12 @@
 """The native extension: its C++ schemas are the shared ones, and a missing build says why."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import mmkd_kernels as mk
 from mmkd_kernels import native, native_build, ops
-
 
 
 def test_the_extension_is_built_here():
@@ -27,6 +28,17 @@ def test_cpu_kernels_are_registered_for_cpu():
     for name in ("contrastive_forward", "contrastive_backward", "contrastive_forward_with_grad",
                  "structure_tile_forward", "structure_tile_forward_with_grad"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mmkd_native::{name}", "CPU"), name
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the loaded libraries from /proc/self/maps (Linux)")
+def test_the_extension_shares_torchs_openmp_runtime():
+    """csrc/cpu/common.h refuses a build without OpenMP, where at::parallel_for runs on one thread.
+    The extension links libgomp.so.1 by soname, which must resolve to the runtime torch loaded:
+    a second one would keep a second pool of threads spinning beside torch's."""
+    assert "native" in mk.available_backends()
+    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if any(name in line for name in ("libgomp", "libiomp", "libomp"))}
+    assert len(runtimes) == 1, runtimes
 
 
 def test_a_build_without_sources_says_where_it_looked(monkeypatch, tmp_path):

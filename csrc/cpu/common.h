@@ -11,6 +11,12 @@
 #include <limits>
 #include <utility>
 
+// at::parallel_for (ATen/ParallelOpenMP.h) runs its body once, on the calling thread, unless this
+// file is compiled with OpenMP: every epilogue would then use one core while MKL's GEMMs use all.
+#ifndef _OPENMP
+#error "csrc/cpu needs OpenMP for at::parallel_for: compile with -fopenmp (mmkd_kernels/native_build.py)"
+#endif
+
 namespace mmkd {
 namespace cpu {
 
