@@ -79,24 +79,31 @@ def _kl_rows(s, t, scale, rows, with_grad=False):
     return torch.ops.mmkd_native.structure_tile_forward(s, t, "kl", scale, True, start, stop - start)
 
 
+@pytest.mark.parametrize("n", [1024, 2300])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
-def test_kl_over_the_upper_triangle_matches_whole_rows(dtype, tol):
+def test_kl_over_the_upper_triangle_matches_whole_rows(dtype, tol, n):
     """All n ≥ 1024 rows of kl take the upper triangle (each pair once for both rows, its sums merged
-    across strips of n/8 rows); a range of rows takes whole rows. n = 2300 crosses nine strips. The
-    two agree on every row's loss and on the gradients of their sum."""
-    n = 2300
+    across strips of max(256, n/8) rows); a range of rows takes whole rows. n = 1024 is the first
+    size to take it (four strips), n = 2300 crosses nine. The two agree on every row's loss and on
+    the gradients of their sum, with both inputs trained and with the teacher frozen."""
     gen = torch.Generator().manual_seed(11)
     s = torch.randn(n, 40, generator=gen, dtype=dtype)
     t = torch.randn(n, 24, generator=gen, dtype=dtype)
-    whole_rows = torch.cat([_kl_rows(s, t, 10.0, (0, 1500)), _kl_rows(s, t, 10.0, (1500, n))])
+    split = 2 * n // 3
+    whole_rows = torch.cat([_kl_rows(s, t, 10.0, (0, split)), _kl_rows(s, t, 10.0, (split, n))])
     upper = _kl_rows(s, t, 10.0, (0, n))
     assert (upper - whole_rows).abs().max().item() <= tol * whole_rows.abs().max().item()
-    loss_a, ds_a, dt_a = _kl_rows(s, t, 10.0, (0, 1500), with_grad=True)
-    loss_b, ds_b, dt_b = _kl_rows(s, t, 10.0, (1500, n), with_grad=True)
+    loss_a, ds_a, dt_a = _kl_rows(s, t, 10.0, (0, split), with_grad=True)
+    loss_b, ds_b, dt_b = _kl_rows(s, t, 10.0, (split, n), with_grad=True)
     loss, ds, dt = _kl_rows(s, t, 10.0, (0, n), with_grad=True)
     assert abs(loss.item() - (loss_a + loss_b).item()) <= tol * abs(loss.item())
     for got, want in ((ds, ds_a + ds_b), (dt, dt_a + dt_b)):
         assert (torch.linalg.vector_norm(got - want) / torch.linalg.vector_norm(want)).item() <= tol
+    frozen_loss, frozen_ds, frozen_dt = torch.ops.mmkd_native.structure_tile_forward_with_grad(
+        s, t, "kl", 10.0, True, 0, n, True, False)
+    assert frozen_dt.numel() == 0
+    assert abs(frozen_loss.item() - loss.item()) <= tol * abs(loss.item())
+    assert (torch.linalg.vector_norm(frozen_ds - ds) / torch.linalg.vector_norm(ds)).item() <= tol
 
 
 def test_kl_over_the_upper_triangle_of_a_student_close_to_its_teacher():
@@ -114,3 +121,17 @@ def test_kl_over_the_upper_triangle_of_a_student_close_to_its_teacher():
         if noise == 0.03:
             (grad,), (grad_ref,) = torch.autograd.grad(out, s), torch.autograd.grad(ref, s64)
             assert (torch.linalg.vector_norm(grad.double() - grad_ref) / torch.linalg.vector_norm(grad_ref)) <= 1e-5
+
+
+@pytest.mark.parametrize("n", [300, 1100])
+def test_kl_of_a_student_equal_to_its_teacher_is_exactly_zero(n):
+    """Each pair's d = scale·(b − a) is taken from the similarities' difference, which is 0 where
+    they are equal: the loss and both gradients are exactly 0, over whole rows (n < 1024) and over
+    the upper triangle. As b·scale − a·scale (an FMA for one of them), float32 gave gradients up to
+    2e-5 at temperature 0.05."""
+    x = torch.randn(n, 48, generator=torch.Generator().manual_seed(13))
+    loss, ds, dt = torch.ops.mmkd_native.structure_tile_forward_with_grad(x, x.clone(), "kl", 20.0, True, 0, n,
+                                                                          True, True)
+    assert loss.item() == 0
+    assert ds.abs().max().item() == 0 and dt.abs().max().item() == 0
+    assert torch.ops.mmkd_native.structure_tile_forward(x, x.clone(), "kl", 20.0, True, 0, n).abs().max().item() == 0

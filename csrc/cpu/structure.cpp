@@ -102,8 +102,10 @@ struct RowMath {
     scalar_t* x = gs;  // b, then d, then x
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
+      // d = scale·(b − a) from the similarities, not b·scale − a·scale: that rounds (or contracts
+      // to an FMA) differently for a and b, so a student equal to its teacher got d ≠ 0.
       const scalar_t a = gt[j] * scale;
-      gs[j] = gs[j] * scale - a;
+      gs[j] = (gs[j] - gt[j]) * scale;
       gt[j] = a;
     }
     gt[diag] = -std::numeric_limits<scalar_t>::infinity();
@@ -242,8 +244,8 @@ struct KlStrip {
 #pragma omp simd
     for (int64_t c = first; c < width; ++c) {
       const scalar_t a = t[c] * scale_;
+      s[c] = (s[c] - t[c]) * scale_;  // d = scale·(b − a), as RowMath::kl_centred
       t[c] = fast_exp(a - shift_);
-      s[c] = s[c] * scale_ - a;
     }
   }
 
@@ -315,7 +317,7 @@ struct KlStrip {
 #pragma omp simd
     for (int64_t c = first; c < width; ++c) {
       const scalar_t a = t[c] * scale_;
-      const scalar_t e = fast_exp(a - shift_), d = s[c] * scale_ - a;
+      const scalar_t e = fast_exp(a - shift_), d = (s[c] - t[c]) * scale_;
       const scalar_t x_i = d - mu_i, x_j = d - mu_j[c];
       const scalar_t p_i = e * p_scale_i, p_j = e * p_scale_j[c];
       s[c] = p_i * fast_expm1(x_i - kl_i) + p_j * fast_expm1(x_j - kl_j[c]);
