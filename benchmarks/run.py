@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes and one repeat: checks that the harness works, measures nothing")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    parser.add_argument("--suffix", default="",
+                        help="appended to the files' name (<device>-<date><suffix>.json/.md/.png), e.g. --suffix=-n16384-kl "
+                             "for a partial run beside the day's full one")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds per measurement (one loss × backend × N, warm-up and repeats): a "
                              "backend whose next size is predicted to exceed it, or that exceeded it, skips "
@@ -359,7 +362,7 @@ def main(argv=None) -> int:
     )
     result = {"schema": 1, "meta": meta, "ceilings": ceilings, "rows": runner.rows, "errors": runner.errors,
               "autotune": runner.autotune}
-    paths = report.write_all(result, args.out, report.file_stem(device, date), cases.ALL_BACKENDS)
+    paths = report.write_all(result, args.out, report.file_stem(device, date) + args.suffix, cases.ALL_BACKENDS)
     log(f"done in {meta['elapsed_s']:.0f} s: " + ", ".join(str(p) for p in paths.values()))
     return 130 if interrupted else 0
 

@@ -24,7 +24,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--sizes", "64", "--threads", "1", "--device", "cpu",
-         "--out", str(out)],
+         "--out", str(out), "--suffix=-quick"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -36,7 +36,7 @@ def test_quick_run_writes_json_markdown_and_png(quick_run):
     stems = {path.stem for path in out.iterdir()}
     assert len(stems) == 1, sorted(out.iterdir())
     stem = stems.pop()
-    assert stem.startswith("cpu-")
+    assert stem.startswith("cpu-") and stem.endswith("-quick")
     for ext in ("json", "md", "png"):
         assert (out / f"{stem}.{ext}").stat().st_size > 0
     assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
