@@ -80,7 +80,8 @@ def _git(*args: str) -> str | None:
 
 
 def environment(device: torch.device) -> dict:
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    # Results written by earlier runs are not code: a run beside them is still of a clean commit.
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "benchmarks.run", *sys.argv[1:]]),
