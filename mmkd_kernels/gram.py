@@ -51,23 +51,15 @@ def _quadratic(x: torch.Tensor, mat: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return (x @ mat).mul_(y).sum(dim=1)
 
 
-def _reduce_matrices(mats, reduce):
-    """The D×D matrices all-reduced in one call."""
-    flat = reduce(torch.cat([m.flatten() for m in mats]))
-    return [part.view_as(m) for part, m in zip(flat.split([m.numel() for m in mats]), mats)]
-
-
-def _products(pairs, blocks):
-    """Σ over the row blocks of aᵀb for each (a, b) of ``pairs(block)``; None without blocks."""
-    sums = None
+def _summed_products(pairs, blocks, shapes, like, reduce):
+    """Σ over the row blocks of aᵀb for each (a, b) of ``pairs(block)``: float64 matrices of
+    ``shapes`` (zero where this rank has no rows), all-reduced in one call."""
+    sums = [like.new_zeros(shape, dtype=WIDE) for shape in shapes]
     for block in blocks:
-        products = [a.T @ b for a, b in pairs(block)]
-        sums = products if sums is None else [s.add_(p) for s, p in zip(sums, products)]
-    return sums
-
-
-def _zeros_like_products(shapes, like):
-    return [like.new_zeros(shape, dtype=WIDE) for shape in shapes]
+        for total, (a, b) in zip(sums, pairs(block)):
+            total.addmm_(a.T, b)
+    flat = reduce(torch.cat([m.flatten() for m in sums]))
+    return [part.view(shape) for part, shape in zip(flat.split([m.numel() for m in sums]), shapes)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -78,12 +70,12 @@ def _zeros_like_products(shapes, like):
 def _mse_statistics(x, y, blocks, reduce):
     """A = xᵀx, B = yᵀy, C = xᵀy in float64."""
     ds, dt = x.shape[1], y.shape[1]
+
     def pairs(block):
         xb, yb = x[block].to(WIDE), y[block].to(WIDE)
         return (xb, xb), (yb, yb), (xb, yb)
 
-    mats = _products(pairs, blocks) or _zeros_like_products([(ds, ds), (dt, dt), (ds, dt)], x)
-    return _reduce_matrices(mats, reduce)
+    return _summed_products(pairs, blocks, [(ds, ds), (dt, dt), (ds, dt)], x, reduce)
 
 
 def _mse_rows(xb, yb, a, b, c):
@@ -110,7 +102,7 @@ def _mse_backward(h, x, y, n_total, need_x, need_y, blocks, reduce):
         xb, yb, hb = x[block].to(WIDE), y[block].to(WIDE), h[block].to(WIDE)[:, None]
         return ([(xb, xb * hb)] if need_x else []) + ([(yb, yb * hb)] if need_y else []) + [(xb, yb * hb)]
 
-    mats = _reduce_matrices(_products(weighted, blocks) or _zeros_like_products(shapes, x), reduce)
+    mats = _summed_products(weighted, blocks, shapes, x, reduce)
     da = mats.pop(0) if need_x else None
     db = mats.pop(0) if need_y else None
     dc = mats.pop(0).mul_(-2)
@@ -139,7 +131,7 @@ class _Pearson:
     block's per-row terms from them."""
 
     def __init__(self, x, y, n_total, blocks, reduce):
-        self.x, self.y, self.n_total = x, y, n_total
+        self.x, self.y = x, y
         self.kappa = 1 + 1 / (n_total - 1)
         self.mean_x = reduce(x.sum(dim=0, dtype=WIDE)) / n_total
         self.mean_y = reduce(y.sum(dim=0, dtype=WIDE)) / n_total
@@ -149,8 +141,7 @@ class _Pearson:
             _, _, xc, yc = self.block(block)
             return (xc, xc), (yc, yc), (xc, yc)
 
-        mats = _products(pairs, blocks) or _zeros_like_products([(ds, ds), (dt, dt), (ds, dt)], x)
-        self.ac, self.bc, self.cc = _reduce_matrices(mats, reduce)
+        self.ac, self.bc, self.cc = _summed_products(pairs, blocks, [(ds, ds), (dt, dt), (ds, dt)], x, reduce)
 
     def block(self, block):
         """(x, y, xc, yc) of the rows in ``block``, float64."""
@@ -198,7 +189,6 @@ def _pearson_backward(g_r, x, y, n_total, need_x, need_y, blocks, reduce):
         terms[:, block] = torch.stack([r, g_cov, g_var_s, g_var_t, g_u, g_v])
     r, g_cov, g_var_s, g_var_t, g_u, g_v = terms
     ds, dt = x.shape[1], y.shape[1]
-
     # The statistics' gradients: d_ac reaches dx only, d_bc dy only, d_cc both.
     shapes = [(ds, ds)] * need_x + [(dt, dt)] * need_y + [(ds, dt)]
 
@@ -207,7 +197,7 @@ def _pearson_backward(g_r, x, y, n_total, need_x, need_y, blocks, reduce):
         return ([(xb, xb * g_var_s[block, None])] if need_x else []) + (
             [(yb, yb * g_var_t[block, None])] if need_y else []) + [(xb, yb * g_cov[block, None])]
 
-    mats = _reduce_matrices(_products(weighted, blocks) or _zeros_like_products(shapes, x), reduce)
+    mats = _summed_products(weighted, blocks, shapes, x, reduce)
     d_ac = mats.pop(0) if need_x else None
     d_bc = mats.pop(0) if need_y else None
     d_cc = mats.pop(0)
