@@ -173,12 +173,14 @@ def contrastive_loss(
 
 
 def choose_algorithm(kind: str, algorithm: str, n: int, ds: int, dt: int) -> str:
-    """``auto``: gram when it needs fewer FLOPs (4·N·(Ds+Dt)² against 2·N²·(Ds+Dt)), and kl is tile only."""
+    """``auto``: gram when it needs less work, and kl is tile only. Gram takes 4·N·(Ds+Dt)² FLOPs in
+    float64 (gram.py says why), counted as two float32 ones each (the rate of float64 GEMMs on CPUs),
+    against the tile's 2·N²·(Ds+Dt): gram from N > 4·(Ds+Dt) on."""
     if algorithm != "auto":
         return algorithm
     if kind == "kl":
         return "tile"
-    return "gram" if 4 * n * (ds + dt) ** 2 < 2 * n * n * (ds + dt) else "tile"
+    return "gram" if 2 * 4 * n * (ds + dt) ** 2 < 2 * n * n * (ds + dt) else "tile"
 
 
 def structure_rows(s, t, kind: str, temperature: float, normalize: bool, algorithm: str, backend: str,

@@ -153,6 +153,8 @@ def test_gradcheck_float64(backend, kind, algorithm):
 def test_auto_algorithm_counts_flops():
     choose = mk.functional.choose_algorithm
     assert choose("pearson", "auto", 32768, 384, 384) == "gram"
+    assert choose("pearson", "auto", 4096, 384, 384) == "gram"
+    assert choose("pearson", "auto", 2048, 384, 384) == "tile"  # gram's float64 work counts twice
     assert choose("mse", "auto", 100, 384, 384) == "tile"
     assert choose("kl", "auto", 32768, 384, 384) == "tile"
     assert choose("pearson", "tile", 32768, 384, 384) == "tile"
