@@ -72,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tiny sizes and one repeat: checks that the harness works, measures nothing")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
     parser.add_argument("--suffix", default="",
-                        help="appended to the files' name (<device>-<date><suffix>.json/.md/.png), e.g. --suffix=-n16384-kl "
-                             "for a partial run beside the day's full one")
+                        help="appended to the files' name (<device>-<date><suffix>.json/.md/.png), e.g. "
+                             "--suffix=-n16384-kl for a partial run beside the day's full one")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds per measurement (one loss × backend × N, warm-up and repeats): a "
                              "backend whose next size is predicted to exceed it, or that exceeded it, skips "

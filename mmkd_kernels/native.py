@@ -30,8 +30,8 @@ def _jit_build() -> None:
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MMKD_CUDA_ARCH", "9.0"))
     load(name=f"mmkd_native_{torch.__version__.replace('.', '_').replace('+', '_')}",
-         sources=sources(with_cuda), extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(), extra_ldflags=link_flags(),
-         is_python_module=False, verbose=False)
+         sources=sources(with_cuda), extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(),
+         extra_ldflags=link_flags(), is_python_module=False, verbose=False)
 
 
 def load(build: bool) -> str | None:

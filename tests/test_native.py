@@ -30,7 +30,8 @@ def test_cpu_kernels_are_registered_for_cpu():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mmkd_native::{name}", "CPU"), name
 
 
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the loaded libraries from /proc/self/maps (Linux)")
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(),
+                    reason="reads the loaded libraries from /proc/self/maps (Linux)")
 def test_the_extension_shares_torchs_openmp_runtime():
     """csrc/cpu/common.h refuses a build without OpenMP, where at::parallel_for runs on one thread.
     The extension links libgomp.so.1 by soname, which must resolve to the runtime torch loaded:
