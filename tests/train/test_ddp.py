@@ -85,6 +85,10 @@ def worker(rank, world, teacher_path, student_path, out_dir):
         outcome["no links"] = str(error)
     with open(os.path.join(out_dir, f"zero-links-{rank}.json"), "w") as handle:
         json.dump(outcome, handle)
+    # Both ranks past their last collective before either closes its connections: a rank that
+    # tore down first left the other's gloo thread on a closed socket, which aborted it (SIGABRT,
+    # "terminate called without an active exception") in about one run in ten.
+    dist.barrier()
     dist.destroy_process_group()
 
 
