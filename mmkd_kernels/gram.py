@@ -14,8 +14,8 @@ rows x = ŝ (N, Ds), y = t̂ (N, Dt), in float32 or float64.
 
 The algebra runs in float64 whatever the inputs' dtype, over blocks of rows. When the student is
 close to its teacher (late in distillation), the terms of each row's sums are of order 1 and the
-result small: pearson's 1 − cov/√(var·var) keeps about 1e-3 of them, mse its difference of three
-quadratic forms less. Float32 quadratic forms left the pearson loss 2e-5 off there
+result small: pearson's 1 − cov/√(var·var) keeps about 1e-3 of them, and mse is a small difference
+of three quadratic forms. Float32 quadratic forms left the pearson loss 2e-5 off there
 (benchmarks/results/accuracy-cpu-2026-11-25.md at 97bee92), past float32's 1e-5 tolerance. The
 float64 copies live one block at a time, so the extra memory stays that of a few blocks and the
 D×D matrices; the per-row outputs come back in the inputs' dtype.
