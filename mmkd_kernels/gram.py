@@ -62,6 +62,22 @@ def _summed_products(pairs, blocks, shapes, like, reduce):
     return [part.view(shape) for part, shape in zip(flat.split([m.numel() for m in sums]), shapes)]
 
 
+def _statistic_gradients(x, y, w_a, w_b, w_c, need_x, need_y, blocks, reduce):
+    """The gradients of the D×D statistics A (x with x), B (y with y) and C (x with y) from per-row
+    weights (N,): xᵀdiag(w_a)x, yᵀdiag(w_b)y, xᵀdiag(w_c)y in float64, all-reduced. A's reaches dx
+    only and B's dy only, so each is None (and not computed) where its input needs no gradient."""
+    ds, dt = x.shape[1], y.shape[1]
+    shapes = [(ds, ds)] * need_x + [(dt, dt)] * need_y + [(ds, dt)]
+
+    def pairs(block):
+        xb, yb = x[block].to(WIDE), y[block].to(WIDE)
+        wa, wb, wc = (w[block].to(WIDE)[:, None] for w in (w_a, w_b, w_c))
+        return [(xb, xb * wa)] * need_x + [(yb, yb * wb)] * need_y + [(xb, yb * wc)]
+
+    mats = _summed_products(pairs, blocks, shapes, x, reduce)
+    return mats.pop(0) if need_x else None, mats.pop(0) if need_y else None, mats.pop(0)
+
+
 # --------------------------------------------------------------------------------------------------
 # mse
 # --------------------------------------------------------------------------------------------------
@@ -94,18 +110,8 @@ def _mse_forward(x, y, n_total, blocks, reduce):
 def _mse_backward(h, x, y, n_total, need_x, need_y, blocks, reduce):
     """h = grad / (N − 1) (N,). Gradients of Σ_i h_i·rows_i, rows_i the sum before the division."""
     a, b, c = _mse_statistics(x, y, blocks, reduce)
-    ds, dt = x.shape[1], y.shape[1]
-    # The statistics' gradients: da reaches dx only, db dy only, dc both.
-    shapes = [(ds, ds)] * need_x + [(dt, dt)] * need_y + [(ds, dt)]
-
-    def weighted(block):
-        xb, yb, hb = x[block].to(WIDE), y[block].to(WIDE), h[block].to(WIDE)[:, None]
-        return ([(xb, xb * hb)] if need_x else []) + ([(yb, yb * hb)] if need_y else []) + [(xb, yb * hb)]
-
-    mats = _summed_products(weighted, blocks, shapes, x, reduce)
-    da = mats.pop(0) if need_x else None
-    db = mats.pop(0) if need_y else None
-    dc = mats.pop(0).mul_(-2)
+    da, db, dc = _statistic_gradients(x, y, h, h, h, need_x, need_y, blocks, reduce)
+    dc = dc.mul_(-2)
     rows = x.new_empty(x.shape[0])
     dx = torch.empty_like(x) if need_x else None
     dy = torch.empty_like(y) if need_y else None
@@ -189,18 +195,7 @@ def _pearson_backward(g_r, x, y, n_total, need_x, need_y, blocks, reduce):
         terms[:, block] = torch.stack([r, g_cov, g_var_s, g_var_t, g_u, g_v])
     r, g_cov, g_var_s, g_var_t, g_u, g_v = terms
     ds, dt = x.shape[1], y.shape[1]
-    # The statistics' gradients: d_ac reaches dx only, d_bc dy only, d_cc both.
-    shapes = [(ds, ds)] * need_x + [(dt, dt)] * need_y + [(ds, dt)]
-
-    def weighted(block):
-        xb, yb = x[block].to(WIDE), y[block].to(WIDE)
-        return ([(xb, xb * g_var_s[block, None])] if need_x else []) + (
-            [(yb, yb * g_var_t[block, None])] if need_y else []) + [(xb, yb * g_cov[block, None])]
-
-    mats = _summed_products(weighted, blocks, shapes, x, reduce)
-    d_ac = mats.pop(0) if need_x else None
-    d_bc = mats.pop(0) if need_y else None
-    d_cc = mats.pop(0)
+    d_ac, d_bc, d_cc = _statistic_gradients(x, y, g_var_s, g_var_t, g_cov, need_x, need_y, blocks, reduce)
     dx = torch.empty_like(x) if need_x else None
     dy = torch.empty_like(y) if need_y else None
     # dG/dx_i has a direct part and one through every centred row xc_j = x_j − mean(x): the latter,
