@@ -33,12 +33,12 @@ def test_a_size_predicted_to_exhaust_memory_is_skipped(monkeypatch):
     from benchmarks import trainer_memory
 
     monkeypatch.setattr(trainer_memory, "_available_mib", lambda: 10_000.0)
-    last = {"n_tokens": 4096, "peak_extra_mib": 2_000.0, "status": "ok"}
-    assert trainer_memory.predicted_skip("auto", 8192, last) is None  # linear: 4 GB of 10
-    assert "predicted out of memory (7.8 GiB of 9.8 GiB free)" in trainer_memory.predicted_skip("reference", 8192, last)
+    last = {"n_tokens": 4096, "peak_extra_mib": 2_100.0, "status": "ok"}
+    assert trainer_memory.predicted_skip("auto", 8192, last) is None  # linear: 4.2 GB of 10
+    assert "predicted out of memory (8.2 GiB of 9.8 GiB free)" in trainer_memory.predicted_skip("reference", 8192, last)
     assert trainer_memory.predicted_skip("reference", 8192, None) is None
     # with the fused rows: the fused step at 8192 plus the reference's excess at 4096, times 4
     fused_last, fused_now = {"peak_extra_mib": 1_500.0}, {"peak_extra_mib": 3_000.0}
-    assert trainer_memory.predicted_skip("reference", 8192, last, fused_now, fused_last) is None  # 5 GB of 10
-    fused_now = {"peak_extra_mib": 5_500.0}
-    assert "(7.3 GiB of 9.8 GiB free)" in trainer_memory.predicted_skip("reference", 8192, last, fused_now, fused_last)
+    assert trainer_memory.predicted_skip("reference", 8192, last, fused_now, fused_last) is None  # 5.4 GB of 10
+    fused_now = {"peak_extra_mib": 6_500.0}
+    assert "(8.7 GiB of 9.8 GiB free)" in trainer_memory.predicted_skip("reference", 8192, last, fused_now, fused_last)
