@@ -139,9 +139,9 @@ class _Pearson:
     def __init__(self, x, y, n_total, blocks, reduce):
         self.x, self.y = x, y
         self.kappa = 1 + 1 / (n_total - 1)
-        self.mean_x = reduce(x.sum(dim=0, dtype=WIDE)) / n_total
-        self.mean_y = reduce(y.sum(dim=0, dtype=WIDE)) / n_total
         ds, dt = x.shape[1], y.shape[1]
+        sums = reduce(torch.cat([x.sum(dim=0, dtype=WIDE), y.sum(dim=0, dtype=WIDE)]))
+        self.mean_x, self.mean_y = (sums / n_total).split([ds, dt])
 
         def pairs(block):
             _, _, xc, yc = self.block(block)
@@ -214,10 +214,11 @@ def _pearson_backward(g_r, x, y, n_total, need_x, need_y, blocks, reduce):
             dyc = g_v[block, None] * yb + 2 * (yc @ d_bc) + xc @ d_cc
             dyc_sum += dyc.sum(dim=0)
             dy[block] = direct + g_v[block, None] * yc + dyc
+    shifts = (reduce(torch.cat([dxc_sum, dyc_sum])) / n_total).split([ds, dt])
     if need_x:
-        dx -= (reduce(dxc_sum) / n_total).to(dx.dtype)
+        dx -= shifts[0].to(dx.dtype)
     if need_y:
-        dy -= (reduce(dyc_sum) / n_total).to(dy.dtype)
+        dy -= shifts[1].to(dy.dtype)
     return (1 - r).to(x.dtype), dx, dy
 
 
