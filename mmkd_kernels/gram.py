@@ -71,8 +71,9 @@ def _statistic_gradients(x, y, w_a, w_b, w_c, need_x, need_y, blocks, reduce):
 
     def pairs(block):
         xb, yb = x[block].to(WIDE), y[block].to(WIDE)
-        wa, wb, wc = (w[block].to(WIDE)[:, None] for w in (w_a, w_b, w_c))
-        return [(xb, xb * wa)] * need_x + [(yb, yb * wb)] * need_y + [(xb, yb * wc)]
+        weighted = [(xb, xb * w_a[block, None].to(WIDE))] if need_x else []
+        weighted += [(yb, yb * w_b[block, None].to(WIDE))] if need_y else []
+        return weighted + [(xb, yb * w_c[block, None].to(WIDE))]
 
     mats = _summed_products(pairs, blocks, shapes, x, reduce)
     return mats.pop(0) if need_x else None, mats.pop(0) if need_y else None, mats.pop(0)
@@ -133,34 +134,46 @@ def _mse_backward(h, x, y, n_total, need_x, need_y, blocks, reduce):
 
 
 class _Pearson:
-    """The column means and centred D×D statistics (float64, over every rank's rows), and each
-    block's per-row terms from them."""
+    """The column means and centred D×D statistics (float64, over every rank's rows), the per-row
+    terms from them, and their gradients.
+
+    The block loops hold only the work on (block × D) matrices; the per-row arithmetic runs once on
+    (N,) vectors after them. Each operation is a kernel launch on a GPU, so this keeps the launches
+    per block few (``_row_terms``)."""
 
     def __init__(self, x, y, n_total, blocks, reduce):
-        self.x, self.y = x, y
+        self.x, self.y, self.blocks = x, y, blocks
         self.kappa = 1 + 1 / (n_total - 1)
         ds, dt = x.shape[1], y.shape[1]
         sums = reduce(torch.cat([x.sum(dim=0, dtype=WIDE), y.sum(dim=0, dtype=WIDE)]))
         self.mean_x, self.mean_y = (sums / n_total).split([ds, dt])
 
         def pairs(block):
-            _, _, xc, yc = self.block(block)
+            xc, yc = self.centred(block)
             return (xc, xc), (yc, yc), (xc, yc)
 
         self.ac, self.bc, self.cc = _summed_products(pairs, blocks, [(ds, ds), (dt, dt), (ds, dt)], x, reduce)
 
-    def block(self, block):
-        """(x, y, xc, yc) of the rows in ``block``, float64."""
-        xb, yb = self.x[block].to(WIDE), self.y[block].to(WIDE)
-        return xb, yb, xb - self.mean_x, yb - self.mean_y
+    def centred(self, block, xb=None, yb=None):
+        """xc, yc of the rows in ``block`` in float64: the column means taken off their float64
+        copies xb, yb where the caller has them, else off the rows themselves (type promotion
+        widens them in the subtraction)."""
+        xb = self.x[block] if xb is None else xb
+        yb = self.y[block] if yb is None else yb
+        return xb - self.mean_x, yb - self.mean_y
 
-    def rows(self, xb, yb, xc, yc):
-        """u, v, cov, var^S, var^T of the block's rows."""
-        u, v = (xb * xc).sum(dim=1), (yb * yc).sum(dim=1)
-        cov = _quadratic(xb, self.cc, yb) - self.kappa * u * v
-        var_s = _quadratic(xb, self.ac, xb) - self.kappa * u * u
-        var_t = _quadratic(yb, self.bc, yb) - self.kappa * v * v
-        return u, v, cov, var_s, var_t
+    def rows(self):
+        """cov, var^S, var^T (N,) and u, v, the terms they are built from."""
+        forms = self.x.new_empty((5, self.x.shape[0]), dtype=WIDE)  # u, v, x·Cc·y, x·Ac·x, y·Bc·y
+        for block in self.blocks:
+            xb, yb = self.x[block].to(WIDE), self.y[block].to(WIDE)
+            xc, yc = self.centred(block, xb, yb)
+            for row, (a, b) in enumerate([(xb, xc), (yb, yc), (xb @ self.cc, yb), (xb @ self.ac, xb),
+                                          (yb @ self.bc, yb)]):
+                forms[row, block] = torch.einsum("ij,ij->i", a, b)
+        u, v, qc, qa, qb = forms
+        k = self.kappa
+        return qc.sub_(k * u * v), qa.sub_(k * u * u), qb.sub_(k * v * v), u, v
 
 
 def _pearson_r(cov, var_s, var_t):
@@ -169,51 +182,48 @@ def _pearson_r(cov, var_s, var_t):
 
 
 def _pearson_forward(x, y, n_total, blocks, reduce):
-    stats = _Pearson(x, y, n_total, blocks, reduce)
-    losses = x.new_empty(x.shape[0])
-    for block in blocks:
-        _, _, cov, var_s, var_t = stats.rows(*stats.block(block))
-        losses[block] = 1 - _pearson_r(cov, var_s, var_t)[0]
-    return losses
+    cov, var_s, var_t, _, _ = _Pearson(x, y, n_total, blocks, reduce).rows()
+    return (1 - _pearson_r(cov, var_s, var_t)[0]).to(x.dtype)
 
 
 def _pearson_backward(g_r, x, y, n_total, need_x, need_y, blocks, reduce):
     """g_r: gradient with respect to r_i (the loss is 1 − r_i)."""
     stats = _Pearson(x, y, n_total, blocks, reduce)
-    n = x.shape[0]
-    terms = x.new_empty((6, n), dtype=WIDE)  # r, g_cov, g_var_s, g_var_t, g_u, g_v per row
-    for block in blocks:
-        u, v, cov, var_s, var_t = stats.rows(*stats.block(block))
-        r, product = _pearson_r(cov, var_s, var_t)
-        g = g_r[block].to(WIDE)
-        unclamped = product > EPS**2
-        g_cov = g / product.clamp_min(EPS**2).sqrt()
-        g_var_s = torch.where(unclamped, -0.5 * g * r / var_s, 0.0)
-        g_var_t = torch.where(unclamped, -0.5 * g * r / var_t, 0.0)
-        g_u = -stats.kappa * (g_cov * v + 2 * g_var_s * u)
-        g_v = -stats.kappa * (g_cov * u + 2 * g_var_t * v)
-        terms[:, block] = torch.stack([r, g_cov, g_var_s, g_var_t, g_u, g_v])
-    r, g_cov, g_var_s, g_var_t, g_u, g_v = terms
+    cov, var_s, var_t, u, v = stats.rows()
+    r, product = _pearson_r(cov, var_s, var_t)
+    g = g_r.to(WIDE)
+    unclamped = product > EPS**2
+    g_cov = g / product.clamp_min(EPS**2).sqrt()
+    g_var_s = torch.where(unclamped, -0.5 * g * r / var_s, 0.0)
+    g_var_t = torch.where(unclamped, -0.5 * g * r / var_t, 0.0)
+    g_u = -stats.kappa * (g_cov * v + 2 * g_var_s * u)
+    g_v = -stats.kappa * (g_cov * u + 2 * g_var_t * v)
     ds, dt = x.shape[1], y.shape[1]
     d_ac, d_bc, d_cc = _statistic_gradients(x, y, g_var_s, g_var_t, g_cov, need_x, need_y, blocks, reduce)
     dx = torch.empty_like(x) if need_x else None
     dy = torch.empty_like(y) if need_y else None
+    # Per-row weights as (N, 1) columns, and the D×D factors, once.
+    g_cov, g_u, g_v = g_cov[:, None], g_u[:, None], g_v[:, None]
+    g_var_s2, g_var_t2 = 2 * g_var_s[:, None], 2 * g_var_t[:, None]
+    d_ac2 = 2 * d_ac if need_x else None
+    d_bc2 = 2 * d_bc if need_y else None
     # dG/dx_i has a direct part and one through every centred row xc_j = x_j − mean(x): the latter,
     # dxc, reaches each x_j and, through the mean, every row by −Σ_j dxc_j / N.
     dxc_sum = x.new_zeros(ds, dtype=WIDE)
     dyc_sum = y.new_zeros(dt, dtype=WIDE)
     for block in blocks:
-        xb, yb, xc, yc = stats.block(block)
+        xb, yb = x[block].to(WIDE), y[block].to(WIDE)
+        xc, yc = stats.centred(block, xb, yb)
         if need_x:
-            direct = g_cov[block, None] * (yb @ stats.cc.T) + 2 * g_var_s[block, None] * (xb @ stats.ac)
-            dxc = g_u[block, None] * xb + 2 * (xc @ d_ac) + yc @ d_cc.T
+            dxc = torch.addmm(g_u[block] * xb, xc, d_ac2).addmm_(yc, d_cc.T)
             dxc_sum += dxc.sum(dim=0)
-            dx[block] = direct + g_u[block, None] * xc + dxc
+            direct = (yb @ stats.cc.T).mul_(g_cov[block]).addcmul_(xb @ stats.ac, g_var_s2[block])
+            dx[block] = direct.addcmul_(xc, g_u[block]).add_(dxc)
         if need_y:
-            direct = g_cov[block, None] * (xb @ stats.cc) + 2 * g_var_t[block, None] * (yb @ stats.bc)
-            dyc = g_v[block, None] * yb + 2 * (yc @ d_bc) + xc @ d_cc
+            dyc = torch.addmm(g_v[block] * yb, yc, d_bc2).addmm_(xc, d_cc)
             dyc_sum += dyc.sum(dim=0)
-            dy[block] = direct + g_v[block, None] * yc + dyc
+            direct = (xb @ stats.cc).mul_(g_cov[block]).addcmul_(yb @ stats.bc, g_var_t2[block])
+            dy[block] = direct.addcmul_(yc, g_v[block]).add_(dyc)
     shifts = (reduce(torch.cat([dxc_sum, dyc_sum])) / n_total).split([ds, dt])
     if need_x:
         dx -= shifts[0].to(dx.dtype)
