@@ -15,18 +15,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 # What the real commands leave behind, written where run.sh looks for it.
 FAKE_PYTHON = r"""#!/usr/bin/env bash
+built() { ls mmkd_kernels/_C*.so >/dev/null 2>&1 && echo yes || echo no; }
 case "$1 ${2:-}" in
   "-c "*) case "$2" in
-      *"import xdist"*) exit 0 ;;
+      *"import xdist"*|*"import pytest_timeout"*) exit 0 ;;
       *"has_cuda_kernels"*) exit 1 ;;
       *"import torch, triton"*) echo "torch fake"; exit 0 ;;
     esac ;;
-  "setup.py "*) mkdir -p mmkd_kernels; cp "$(type -P true)" mmkd_kernels/_C.cpython-312-x86_64-linux-gnu.so; exit 0 ;;
-  "-m pytest") echo "3 passed"; exit 0 ;;
+  "setup.py "*) sleep "${FAKE_BUILD_SECONDS:-0}"; mkdir -p mmkd_kernels
+                cp "$(type -P true)" mmkd_kernels/_C.cpython-312-x86_64-linux-gnu.so; exit 0 ;;
+  "-m pytest") echo "args: $*"; echo "extension built: $(built)"; echo "3 passed"; exit 0 ;;
   "-m benchmarks.accuracy") mkdir -p "${@: -1}"; echo "# accuracy" > "${@: -1}/accuracy-cuda-x.md"; exit 0 ;;
   "-m benchmarks.run")
     for arg in "$@"; do [ "${prev:-}" = "--out" ] && out=$arg; prev=$arg; done
-    echo "# bench autotune=$TRITON_PRINT_AUTOTUNING" > "$out/cuda-x.md"; sleep "${FAKE_BENCH_SECONDS:-0}"; exit 0 ;;
+    echo "# bench autotune=$TRITON_PRINT_AUTOTUNING extension=$(built) args: $*" > "$out/cuda-x.md"
+    sleep "${FAKE_BENCH_SECONDS:-0}"; exit 0 ;;
 esac
 echo "fake python3: unexpected $*" >&2
 exit 3
@@ -57,16 +60,35 @@ def dry(tmp_path):
 
 
 def test_every_step_brings_its_files_back(dry):
-    done, out = dry("build", "test", "accuracy", "bench")
+    done, out = dry()  # no steps: the whole plan, as a GPU session runs it
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["env.txt", "build.log", "pytest.log", "accuracy.md", "contrastive.md", "symmetric.md", "structure.md",
+        ["build.log", "pytest.log", "accuracy.md", "goals.md", "contrastive.md", "symmetric.md", "structure.md",
          "gpu-run.tgz"])  # 8: all that the device tool returns
     assert "autotune=1" in (out / "structure.md").read_text()
     with tarfile.open(out / "gpu-run.tgz") as archive:
         names = archive.getnames()
-    assert "./ext/_C.cpython-312-x86_64-linux-gnu.so" in names  # for the next call's carry
-    assert {"./contrastive/cuda-x.md", "./symmetric/cuda-x.md", "./structure/cuda-x.md"} <= set(names)
+    assert "./ext/_C.cpython-312-x86_64-linux-gnu.so" in names
+    assert {"./env.txt", "./contrastive/cuda-x.md", "./symmetric/cuda-x.md", "./structure/cuda-x.md"} <= set(names)
+
+
+def test_goals_run_first_both_tables_in_one_file(dry):
+    done, out = dry("goals")
+    assert done.returncode == 0, done.stdout + done.stderr
+    tables = (out / "goals.md").read_text().splitlines()
+    assert len(tables) == 2
+    assert "--sizes 65536 --dims 768" in tables[0] and "inf-cl" in tables[0]
+    assert "structure-pearson --sizes 32768" in tables[1] and "reference" in tables[1]
+
+
+def test_the_build_runs_beside_the_goals_and_the_tests_wait_for_it(dry):
+    # The fake build takes 3 s: the goals' benchmark starts before it ends, the tests after.
+    done, out = dry("build", "goals", "test", FAKE_BUILD_SECONDS="3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "extension=no" in (out / "goals.md").read_text()
+    log = (out / "pytest.log").read_text()
+    assert "extension built: yes" in log and "--timeout=120" in log and "not chunked-cuda" in log
+    assert done.stdout.index("build exit 0") < done.stdout.index("test: up to")  # the log's lines, echoed
 
 
 def test_a_spent_budget_skips_the_remaining_parts(dry):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run HERE (the CPU machine) before a GPU session: downloads into .whl/ (ignored by git) the wheels
 # that the lent GPU machine lacks, for the peers of the benchmark. The device call then carries
-# .whl (carry: [".whl"]) and runs benchmarks/gpu/run.sh, in two calls (its header says which). The
+# .whl (carry: [".whl"]) and runs benchmarks/gpu/run.sh in one call (its header says why one). The
 # GPU machine is Python 3.12, x86-64.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
