@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import cases, isolate, measure, report
-from mmkd_kernels import chunked
+from mmkd_kernels import chunked, gram
 
 CPU_SIZES = (1024, 2048, 4096, 8192, 16384)
 GPU_SIZES = (4096, 16384, 65536, 262144)
@@ -354,6 +354,7 @@ def main(argv=None) -> int:
                   "dtype": args.dtype, "quick": args.quick, "time_budget_s": args.time_budget,
                   "min_time_s": args.min_time, "min_repeats": args.min_repeats, "max_repeats": args.max_repeats,
                   "error_n": args.error_n, "rotating_sets": isolate.ROTATING_SETS,
+                  "gram_block_elements": gram.block_elements(),
                   "contrastive_temperature": cases.CONTRASTIVE_TEMPERATURE,
                   "structure_temperature": cases.STRUCTURE_TEMPERATURE},
         not_run=notes,

@@ -27,6 +27,8 @@ the same number of times, whatever its row count (zero included). ``n_total`` is
 The backward is written out (no autograd), so that ``ops.py`` can register it.
 """
 
+import os
+
 import torch
 
 from .reference import EPS
@@ -34,6 +36,24 @@ from .reference import EPS
 WIDE = torch.float64
 # Elements of one (block × D) float64 temporary: 2**20, 8 MiB; a few are alive at once.
 BLOCK_ELEMENTS = 2**20
+BLOCK_ELEMENTS_VARIABLE = "MMKD_GRAM_BLOCK_ELEMENTS"
+
+
+def block_elements() -> int:
+    """Elements of one (block × D) float64 temporary: BLOCK_ELEMENTS, or the environment's
+    MMKD_GRAM_BLOCK_ELEMENTS. Each block costs a few dozen operations, each a kernel launch on a
+    GPU, so larger blocks launch fewer kernels for more memory; the GPU benchmark measures both."""
+    text = os.environ.get(BLOCK_ELEMENTS_VARIABLE)
+    if text is None:
+        return BLOCK_ELEMENTS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{BLOCK_ELEMENTS_VARIABLE} must be a positive integer (elements of one float64 block "
+                         f"of the gram algorithm, default {BLOCK_ELEMENTS}), got {text!r}")
+    return value
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -41,8 +61,8 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks(x: torch.Tensor, y: torch.Tensor):
-    """Row slices covering x and y, about BLOCK_ELEMENTS elements of the wider one each."""
-    rows = max(256, BLOCK_ELEMENTS // max(x.shape[1], y.shape[1], 1))
+    """Row slices covering x and y, about ``block_elements()`` elements of the wider one each."""
+    rows = max(1, block_elements() // max(x.shape[1], y.shape[1], 1))
     return [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
 
 

@@ -28,7 +28,8 @@ case "$1 ${2:-}" in
   "-m benchmarks.accuracy") mkdir -p "${@: -1}"; echo "# accuracy" > "${@: -1}/accuracy-cuda-x.md"; exit 0 ;;
   "-m benchmarks.run")
     for arg in "$@"; do [ "${prev:-}" = "--out" ] && out=$arg; prev=$arg; done
-    echo "# bench autotune=$TRITON_PRINT_AUTOTUNING extension=$(built) args: $*" > "$out/cuda-x.md"
+    echo "# bench autotune=$TRITON_PRINT_AUTOTUNING extension=$(built) blocks=${MMKD_GRAM_BLOCK_ELEMENTS:-} args: $*" \
+      > "$out/cuda-x.md"
     sleep "${FAKE_BENCH_SECONDS:-0}"; exit 0 ;;
 esac
 echo "fake python3: unexpected $*" >&2
@@ -72,13 +73,14 @@ def test_every_step_brings_its_files_back(dry):
     assert {"./env.txt", "./contrastive/cuda-x.md", "./symmetric/cuda-x.md", "./structure/cuda-x.md"} <= set(names)
 
 
-def test_goals_run_first_both_tables_in_one_file(dry):
+def test_the_goals_tables_come_back_in_one_file(dry):
     done, out = dry("goals")
     assert done.returncode == 0, done.stdout + done.stderr
     tables = (out / "goals.md").read_text().splitlines()
-    assert len(tables) == 2
-    assert "--sizes 65536 --dims 768" in tables[0] and "inf-cl" in tables[0]
+    assert len(tables) == 3
+    assert "--sizes 65536 --dims 768" in tables[0] and "inf-cl" in tables[0] and "blocks= " in tables[0]
     assert "structure-pearson --sizes 32768" in tables[1] and "reference" in tables[1]
+    assert "blocks=4194304" in tables[2] and "--backends triton-gram " in tables[2]
 
 
 def test_the_build_runs_beside_the_goals_and_the_tests_wait_for_it(dry):

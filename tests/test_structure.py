@@ -1,5 +1,7 @@
 """structure_loss on every fast backend and algorithm against the float64 reference (DESIGN §4)."""
 
+import re
+
 import pytest
 import torch
 
@@ -159,6 +161,47 @@ def test_auto_algorithm_counts_flops():
     assert choose("mse", "auto", 100, 384, 384) == "tile"
     assert choose("kl", "auto", 32768, 384, 384) == "tile"
     assert choose("pearson", "tile", 32768, 384, 384) == "tile"
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+@pytest.mark.parametrize("kind", ["mse", "pearson"])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_gram_across_row_blocks(target, kind, teacher_grad, monkeypatch):
+    """The gram algorithm sums its statistics, and their gradients, over blocks of rows: 97-row
+    blocks (the last one short) give the one-block result, float64 to 1e-12, and the reference's
+    to float32's tolerance. The tables' sizes fit in one block of the default size."""
+    n, ds, dt = 1000, 64, 48
+    s32 = randn(n, ds, seed=21, device=target.device)
+    t32 = randn(n, dt, seed=22, device=target.device)
+    results = {}
+    for elements in (None, str(97 * ds)):
+        if elements is None:
+            monkeypatch.delenv("MMKD_GRAM_BLOCK_ELEMENTS", raising=False)
+        else:
+            monkeypatch.setenv("MMKD_GRAM_BLOCK_ELEMENTS", elements)
+        if runs(target, torch.float64, 0):
+            s, t = leaf(s32.double()), t32.double()
+            t = leaf(t) if teacher_grad else t
+            out = mk.structure_loss(s, t, kind=kind, algorithm="gram", backend=target.backend)
+            results[elements] = [out, *grads_of(out, [x for x in (s, t) if x.requires_grad])]
+        _check(target, leaf(s32), leaf(t32) if teacher_grad else t32, kind=kind, algorithm="gram")
+    if results:
+        for one_block, blocks in zip(results[None], results[str(97 * ds)]):
+            assert rel_err(blocks, one_block) <= 1e-12
+
+
+def test_gram_block_size_from_the_environment(monkeypatch):
+    from mmkd_kernels import gram
+
+    x, y = torch.empty(1000, 64), torch.empty(1000, 48)
+    monkeypatch.setenv("MMKD_GRAM_BLOCK_ELEMENTS", str(97 * 64))
+    blocks = gram._blocks(x, y)
+    assert [b.stop - b.start for b in blocks[:-1]] == [97] * 10 and blocks[-1] == slice(970, 1067)
+    for bad in ("0", "-5", "lots", "2**20"):
+        monkeypatch.setenv("MMKD_GRAM_BLOCK_ELEMENTS", bad)
+        with pytest.raises(ValueError, match="MMKD_GRAM_BLOCK_ELEMENTS must be a positive integer.*" + re.escape(repr(bad))):
+            mk.structure_loss(torch.randn(50, 8), torch.randn(50, 8), kind="pearson", algorithm="gram",
+                              backend="chunked")
 
 
 @pytest.mark.slow
