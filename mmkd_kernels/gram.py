@@ -154,12 +154,12 @@ def _mse_backward(h, x, y, n_total, need_x, need_y, blocks, reduce):
 
 
 class _Pearson:
-    """The column means and centred D×D statistics (float64, over every rank's rows), the per-row
-    terms from them, and their gradients.
+    """The column means and centred D×D statistics (float64, over every rank's rows), and the
+    per-row terms from them.
 
-    The block loops hold only the work on (block × D) matrices; the per-row arithmetic runs once on
-    (N,) vectors after them. Each operation is a kernel launch on a GPU, so this keeps the launches
-    per block few (``_row_terms``)."""
+    The block loop of ``rows`` holds only the work on (block × D) matrices; the per-row arithmetic
+    runs once on (N,) vectors after it. Each operation is a kernel launch on a GPU, so this keeps
+    the launches per block few."""
 
     def __init__(self, x, y, n_total, blocks, reduce):
         self.x, self.y, self.blocks = x, y, blocks
