@@ -62,8 +62,6 @@ def unquoted_numbers(readme: str) -> list[str]:
         cited: list[Path] = []
         for paragraph in section.split("\n\n"):
             cited += [p for p in map(_resolve, CITATION.findall(paragraph)) if p is not None and p not in cited]
-            if not cited:
-                continue
             markdown = "\n".join(p.read_text() for p in cited if p.suffix == ".md")
             numbers = [x for p in cited if p.suffix == ".json" for x in _json_numbers(p)]
             missing += [f"{title} | {value} {unit}" for value, unit in QUANTITY.findall(paragraph)
@@ -83,6 +81,9 @@ def test_a_number_no_cited_file_holds_is_caught():
     cited = f"## Benchmarks\n\nFrom `benchmarks/results/{table.name}`: {quantity}.\n\nAlso"
     assert unquoted_numbers(f"{cited} {quantity}.\n") == []
     assert unquoted_numbers(f"{cited} 987654.3 ms.\n") == ["## Benchmarks | 987654.3 ms"]
+    # a number before any citation of its section
+    later = f"## Speed\n\nIt takes {quantity}.\n\nFrom `benchmarks/results/{table.name}`: {quantity}.\n"
+    assert unquoted_numbers(later) == [f"## Speed | {quantity}"]
     # an abbreviated name, and a JSON value as the README rounds it
     run = RESULTS / "trainer-default-run-2026-11-24.json"
     seconds = json.loads(run.read_text())["wall_seconds"]
