@@ -22,8 +22,9 @@ freed memory leaves the process) that builds the models and the batch, runs one 
 (``measure.heap_reuse``: the memory's setting would charge every step its page faults), one untimed
 step and ``--steps`` timed ones, whose median wall time is the step time. The loss of the warm-up
 step is recorded: both backends see the same weights and batch, so it must agree. A size whose
-memory, predicted from the sizes measured before it, would pass ``MEMORY_FRACTION`` of MemAvailable is skipped and
-said so (``predicted_skip``); a worker that dies or times out is recorded as such. Writes
+memory, predicted from the sizes measured before it, would pass ``MEMORY_FRACTION`` of
+MemAvailable is skipped and said so (``predicted_skip``); a worker that dies or times out is
+recorded as such. Writes
 ``<out>/trainer-memory-<date>.{json,md}``; progress goes to stderr.
 """
 
