@@ -233,33 +233,20 @@ def structure_tile_forward_with_grad(s, t, kind: str, scale: float, normalize: b
 
 
 # --------------------------------------------------------------------------------------------------
-# Structure loss, gram algorithm: normalization here, the D×D algebra in gram.py.
+# Structure loss, gram algorithm: gram.py, which also normalizes the rows, block by block.
 # --------------------------------------------------------------------------------------------------
 
 
 def structure_gram_forward(s, t, kind: str, normalize: bool):
     """s: (N, Ds), t: (N, Dt). Per-row losses (N,) of "mse" or "pearson" by the gram algorithm."""
-    acc = accumulation_dtype(s, t)
-    x, _ = normalize_forward(s.to(acc), normalize)
-    y, _ = normalize_forward(t.to(acc), normalize)
-    return gram.gram_forward(x, y, kind, x.shape[0])
+    return gram.gram_forward(s, t, kind, s.shape[0], normalize)
 
 
 def structure_gram_forward_with_grad(s, t, kind: str, normalize: bool, need_s: bool, need_t: bool):
     """The summed loss and its gradients, sharing the D×D statistics. (loss_sum (), ds, dt), acc dtype."""
     ones = s.new_ones(s.shape[0], dtype=accumulation_dtype(s, t))
-    losses, dx, dy = _gram_with_grad(s, t, kind, normalize, ones, need_s, need_t)
-    return losses.sum(), dx if need_s else losses.new_empty(0), dy if need_t else losses.new_empty(0)
-
-
-def _gram_with_grad(s, t, kind, normalize, grad, need_s, need_t):
-    acc = accumulation_dtype(s, t)
-    x, s_norms = normalize_forward(s.to(acc), normalize)
-    y, t_norms = normalize_forward(t.to(acc), normalize)
-    losses, dx, dy = gram.gram_backward(grad.to(acc), x, y, kind, x.shape[0], need_s, need_t)
-    dx = normalize_backward(dx, x, s_norms) if need_s else None
-    dy = normalize_backward(dy, y, t_norms) if need_t else None
-    return losses, dx, dy
+    losses, ds, dt = gram.gram_backward(ones, s, t, kind, s.shape[0], normalize, need_s, need_t)
+    return losses.sum(), ds if need_s else losses.new_empty(0), dt if need_t else losses.new_empty(0)
 
 
 # The centred form of the KL needs e^x finite for every x = d − μ; with cosine similarities

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from . import gram
-from .reference import accumulation_dtype, l2_normalize
+from .reference import accumulation_dtype
 
 
 def _collective_device(group) -> str:
@@ -124,19 +124,18 @@ class _GramAcrossRanks(torch.autograd.Function):
     """Per-row gram losses of the local rows over the global batch; statistics all-reduced."""
 
     @staticmethod
-    def forward(ctx, x, y, kind, n_total, group):
-        ctx.kind, ctx.n_total, ctx.group = kind, n_total, group
-        ctx.save_for_backward(x, y)
-        return gram.gram_forward(x, y, kind, n_total, lambda v: all_reduce_sum(v, group))
+    def forward(ctx, s, t, kind, n_total, normalize, group):
+        ctx.kind, ctx.n_total, ctx.normalize, ctx.group = kind, n_total, normalize, group
+        ctx.save_for_backward(s, t)
+        return gram.gram_forward(s, t, kind, n_total, normalize, lambda v: all_reduce_sum(v, group))
 
     @staticmethod
     def backward(ctx, grad):
-        x, y = ctx.saved_tensors
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        _, dx, dy = gram.gram_backward(
-            grad, x, y, ctx.kind, ctx.n_total, need_x, need_y, lambda v: all_reduce_sum(v, ctx.group)
-        )
-        return dx, dy, None, None, None
+        s, t = ctx.saved_tensors
+        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        _, ds, dt = gram.gram_backward(grad, s, t, ctx.kind, ctx.n_total, ctx.normalize, need_s, need_t,
+                                       lambda v: all_reduce_sum(v, ctx.group))
+        return (ds.to(s.dtype) if need_s else None), (dt.to(t.dtype) if need_t else None), None, None, None, None
 
 
 def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group, counts, sum_fn):
@@ -145,11 +144,7 @@ def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group
     world, rank = len(counts), dist.get_rank(group)
     n_total = sum(counts)
     if algorithm == "gram" and backend != "reference":
-        acc = accumulation_dtype(s, t)
-        x, y = s.to(acc), t.to(acc)
-        if normalize:
-            x, y = l2_normalize(x), l2_normalize(y)
-        total = _GramAcrossRanks.apply(x, y, kind, n_total, group).sum()
+        total = _GramAcrossRanks.apply(s, t, kind, n_total, normalize, group).sum()
     else:
         s_all, t_all = all_gather_with_grad(s, group, counts), all_gather_with_grad(t, group, counts)
         if counts[rank] == 0:

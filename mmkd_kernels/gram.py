@@ -1,8 +1,9 @@
 """The `gram` algorithm of the structure loss (DESIGN §1.2): exact, from D×D cross-products.
 
 For ``mse`` and ``pearson`` every per-row sum over j ≠ i is a quadratic form in D×D statistics, so
-O(N·D²) work and O(N·D + D²) memory replace the O(N²·D) tiles. Inputs are the already normalized
-rows x = ŝ (N, Ds), y = t̂ (N, Dt), in float32 or float64.
+O(N·D²) work and O(N·D + D²) memory replace the O(N²·D) tiles. Inputs are the rows s (N, Ds) and
+t (N, Dt) in any float dtype; x = ŝ and y = t̂ are their L2-normalized rows where ``normalize``
+(else s and t themselves), formed block by block (``_Rows``), never as whole copies.
 
 - mse: Σ_{j≠i}(G^S_ij − G^T_ij)² = x_iᵀA x_i + y_iᵀB y_i − 2 x_iᵀC y_i − (a_i − b_i)²,
   A = xᵀx, B = yᵀy, C = xᵀy, a_i = ‖x_i‖², b_i = ‖y_i‖².
@@ -17,8 +18,9 @@ close to its teacher (late in distillation), the terms of each row's sums are of
 result small: pearson's 1 − cov/√(var·var) keeps about 1e-3 of them, and mse is a small difference
 of three quadratic forms. Float32 quadratic forms left the pearson loss 2e-5 off there
 (benchmarks/results/accuracy-cpu-2026-11-25.md at 97bee92), past float32's 1e-5 tolerance. The
-float64 copies live one block at a time, so the extra memory stays that of a few blocks and the
-D×D matrices; the per-row outputs come back in the inputs' dtype.
+float64 rows live one block at a time, so the extra memory is that of a few blocks, the D×D
+matrices and the gradients; losses and gradients come back in the accumulation dtype (float32, or
+float64 for float64 inputs).
 
 ``reduce`` sums a statistic over the rows of every rank (identity in one process, a
 ``torch.distributed`` all-reduce across ranks), so the same code gives the global-batch loss from
@@ -31,7 +33,7 @@ import os
 
 import torch
 
-from .reference import EPS
+from .reference import EPS, accumulation_dtype
 
 WIDE = torch.float64
 # Elements of one (block × D) float64 temporary: 2**20, 8 MiB; a few are alive at once.
@@ -66,6 +68,39 @@ def _blocks(x: torch.Tensor, y: torch.Tensor):
     return [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
 
 
+class _Rows:
+    """One input's rows x (N, D), served a block at a time in float64 and normalized there,
+    x̂ = x / max(‖x‖, eps), where ``normalize``; ``grad`` takes a block's gradient with respect to
+    x̂ back through the normalization, dx = (dx̂ − x̂ (x̂·dx̂)) / ‖x‖ (dx̂ / eps where ‖x‖ ≤ eps).
+    Only the norms (N,) are kept: no whole normalized or widened copy of x."""
+
+    def __init__(self, x: torch.Tensor, normalize: bool):
+        self.raw = x
+        self.norms = torch.linalg.vector_norm(x, dim=1, dtype=WIDE).clamp_min_(EPS) if normalize else None
+
+    def __getitem__(self, block: slice) -> torch.Tensor:
+        """x̂ of the rows in ``block``, float64 (a view of x itself where x is float64 and not
+        normalized: callers never write to it)."""
+        if self.norms is None:
+            return self.raw[block].to(WIDE)
+        return torch.div(self.raw[block], self.norms[block, None])  # widened by type promotion
+
+    def grad(self, block: slice, d_hat: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """The gradient with respect to the rows of ``block`` from d_hat (in place), x_hat = self[block]."""
+        if self.norms is None:
+            return d_hat
+        norms = self.norms[block, None]
+        radial = (x_hat * d_hat).sum(dim=1, keepdim=True).mul_(norms > EPS)
+        return d_hat.sub_(x_hat * radial).div_(norms)
+
+    def column_sum(self, blocks) -> torch.Tensor:
+        """Σ_i x̂_i (D,) in float64."""
+        total = self.raw.new_zeros(self.raw.shape[1], dtype=WIDE)
+        for block in blocks:
+            total += self[block].sum(dim=0)
+        return total
+
+
 def _quadratic(x: torch.Tensor, mat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """(x_i @ mat) · y_i for every row i."""
     return (x @ mat).mul_(y).sum(dim=1)
@@ -82,21 +117,40 @@ def _summed_products(pairs, blocks, shapes, like, reduce):
     return [part.view(shape) for part, shape in zip(flat.split([m.numel() for m in sums]), shapes)]
 
 
-def _statistic_gradients(x, y, w_a, w_b, w_c, need_x, need_y, blocks, reduce):
+def _statistic_gradients(x, y, w_a, w_b, w_c, need_x, need_y, blocks, reduce, first_x=None, first_y=None):
     """The gradients of the D×D statistics A (x with x), B (y with y) and C (x with y) from per-row
     weights (N,): xᵀdiag(w_a)x, yᵀdiag(w_b)y, xᵀdiag(w_c)y in float64, all-reduced. A's reaches dx
-    only and B's dy only, so each is None (and not computed) where its input needs no gradient."""
-    ds, dt = x.shape[1], y.shape[1]
-    shapes = [(ds, ds)] * need_x + [(dt, dt)] * need_y + [(ds, dt)]
+    only and B's dy only, so each is None (and not computed) where its input needs no gradient.
+    With ``first_x`` (N,) weights, also the first moment Σ_i first_x_i x_i (Ds,) where dx is
+    needed, and likewise for y (else None): they ride the same pass and all-reduce."""
+    ds, dt = x.raw.shape[1], y.raw.shape[1]
+    first_x = first_x if need_x else None
+    first_y = first_y if need_y else None
+    shapes = ([(ds, ds)] * need_x + [(dt, dt)] * need_y + [(ds, dt)]
+              + [(ds, 1)] * (first_x is not None) + [(dt, 1)] * (first_y is not None))
 
     def pairs(block):
-        xb, yb = x[block].to(WIDE), y[block].to(WIDE)
+        xb, yb = x[block], y[block]
         weighted = [(xb, xb * w_a[block, None].to(WIDE))] if need_x else []
         weighted += [(yb, yb * w_b[block, None].to(WIDE))] if need_y else []
-        return weighted + [(xb, yb * w_c[block, None].to(WIDE))]
+        weighted += [(xb, yb * w_c[block, None].to(WIDE))]
+        weighted += [(xb, first_x[block, None].to(WIDE))] if first_x is not None else []
+        return weighted + ([(yb, first_y[block, None].to(WIDE))] if first_y is not None else [])
 
-    mats = _summed_products(pairs, blocks, shapes, x, reduce)
-    return mats.pop(0) if need_x else None, mats.pop(0) if need_y else None, mats.pop(0)
+    mats = _summed_products(pairs, blocks, shapes, x.raw, reduce)
+    d_a = mats.pop(0) if need_x else None
+    d_b = mats.pop(0) if need_y else None
+    d_c = mats.pop(0)
+    moment_x = mats.pop(0).view(-1) if first_x is not None else None
+    moment_y = mats.pop(0).view(-1) if first_y is not None else None
+    return d_a, d_b, d_c, moment_x, moment_y
+
+
+def _gradient_buffers(x, y, need_x, need_y):
+    """(dx, dy) for the rows of x and y in the accumulation dtype, None where not needed."""
+    acc = accumulation_dtype(x.raw, y.raw)
+    return (x.raw.new_empty(x.raw.shape, dtype=acc) if need_x else None,
+            y.raw.new_empty(y.raw.shape, dtype=acc) if need_y else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,13 +160,13 @@ def _statistic_gradients(x, y, w_a, w_b, w_c, need_x, need_y, blocks, reduce):
 
 def _mse_statistics(x, y, blocks, reduce):
     """A = xᵀx, B = yᵀy, C = xᵀy in float64."""
-    ds, dt = x.shape[1], y.shape[1]
+    ds, dt = x.raw.shape[1], y.raw.shape[1]
 
     def pairs(block):
-        xb, yb = x[block].to(WIDE), y[block].to(WIDE)
+        xb, yb = x[block], y[block]
         return (xb, xb), (yb, yb), (xb, yb)
 
-    return _summed_products(pairs, blocks, [(ds, ds), (dt, dt), (ds, dt)], x, reduce)
+    return _summed_products(pairs, blocks, [(ds, ds), (dt, dt), (ds, dt)], x.raw, reduce)
 
 
 def _mse_rows(xb, yb, a, b, c):
@@ -122,29 +176,28 @@ def _mse_rows(xb, yb, a, b, c):
 
 def _mse_forward(x, y, n_total, blocks, reduce):
     a, b, c = _mse_statistics(x, y, blocks, reduce)
-    rows = x.new_empty(x.shape[0])
+    rows = x.raw.new_empty(x.raw.shape[0], dtype=accumulation_dtype(x.raw, y.raw))
     for block in blocks:
-        rows[block] = _mse_rows(x[block].to(WIDE), y[block].to(WIDE), a, b, c)[0] / (n_total - 1)
+        rows[block] = _mse_rows(x[block], y[block], a, b, c)[0] / (n_total - 1)
     return rows
 
 
 def _mse_backward(h, x, y, n_total, need_x, need_y, blocks, reduce):
     """h = grad / (N − 1) (N,). Gradients of Σ_i h_i·rows_i, rows_i the sum before the division."""
     a, b, c = _mse_statistics(x, y, blocks, reduce)
-    da, db, dc = _statistic_gradients(x, y, h, h, h, need_x, need_y, blocks, reduce)
+    da, db, dc, _, _ = _statistic_gradients(x, y, h, h, h, need_x, need_y, blocks, reduce)
     dc = dc.mul_(-2)
-    rows = x.new_empty(x.shape[0])
-    dx = torch.empty_like(x) if need_x else None
-    dy = torch.empty_like(y) if need_y else None
+    rows = x.raw.new_empty(x.raw.shape[0], dtype=accumulation_dtype(x.raw, y.raw))
+    dx, dy = _gradient_buffers(x, y, need_x, need_y)
     for block in blocks:
-        xb, yb, hb = x[block].to(WIDE), y[block].to(WIDE), h[block].to(WIDE)
+        xb, yb, hb = x[block], y[block], h[block].to(WIDE)
         block_rows, diag = _mse_rows(xb, yb, a, b, c)
         rows[block] = block_rows / (n_total - 1)
         hx, hy, h_diag = xb * hb[:, None], yb * hb[:, None], (4 * hb * diag)[:, None]
         if need_x:
-            dx[block] = 2 * (hx @ a - hy @ c.T) - h_diag * xb + 2 * (xb @ da) + yb @ dc.T
+            dx[block] = x.grad(block, 2 * (hx @ a - hy @ c.T) - h_diag * xb + 2 * (xb @ da) + yb @ dc.T, xb)
         if need_y:
-            dy[block] = 2 * (hy @ b - hx @ c) + h_diag * yb + 2 * (yb @ db) + xb @ dc
+            dy[block] = y.grad(block, 2 * (hy @ b - hx @ c) + h_diag * yb + 2 * (yb @ db) + xb @ dc, yb)
     return rows, dx, dy
 
 
@@ -164,30 +217,26 @@ class _Pearson:
     def __init__(self, x, y, n_total, blocks, reduce):
         self.x, self.y, self.blocks = x, y, blocks
         self.kappa = 1 + 1 / (n_total - 1)
-        ds, dt = x.shape[1], y.shape[1]
-        sums = reduce(torch.cat([x.sum(dim=0, dtype=WIDE), y.sum(dim=0, dtype=WIDE)]))
+        ds, dt = x.raw.shape[1], y.raw.shape[1]
+        sums = reduce(torch.cat([x.column_sum(blocks), y.column_sum(blocks)]))
         self.mean_x, self.mean_y = (sums / n_total).split([ds, dt])
 
         def pairs(block):
-            xc, yc = self.centred(block)
+            xc, yc = self.centred(x[block], y[block])
             return (xc, xc), (yc, yc), (xc, yc)
 
-        self.ac, self.bc, self.cc = _summed_products(pairs, blocks, [(ds, ds), (dt, dt), (ds, dt)], x, reduce)
+        self.ac, self.bc, self.cc = _summed_products(pairs, blocks, [(ds, ds), (dt, dt), (ds, dt)], x.raw, reduce)
 
-    def centred(self, block, xb=None, yb=None):
-        """xc, yc of the rows in ``block`` in float64: the column means taken off their float64
-        copies xb, yb where the caller has them, else off the rows themselves (type promotion
-        widens them in the subtraction)."""
-        xb = self.x[block] if xb is None else xb
-        yb = self.y[block] if yb is None else yb
+    def centred(self, xb, yb):
+        """xc, yc of a block's float64 rows xb, yb: the column means taken off."""
         return xb - self.mean_x, yb - self.mean_y
 
     def rows(self):
         """cov, var^S, var^T (N,) and u, v, the terms they are built from."""
-        forms = self.x.new_empty((5, self.x.shape[0]), dtype=WIDE)  # u, v, x·Cc·y, x·Ac·x, y·Bc·y
+        forms = self.x.raw.new_empty((5, self.x.raw.shape[0]), dtype=WIDE)  # u, v, x·Cc·y, x·Ac·x, y·Bc·y
         for block in self.blocks:
-            xb, yb = self.x[block].to(WIDE), self.y[block].to(WIDE)
-            xc, yc = self.centred(block, xb, yb)
+            xb, yb = self.x[block], self.y[block]
+            xc, yc = self.centred(xb, yb)
             for row, (a, b) in enumerate([(xb, xc), (yb, yc), (xb @ self.cc, yb), (xb @ self.ac, xb),
                                           (yb @ self.bc, yb)]):
                 forms[row, block] = torch.einsum("ij,ij->i", a, b)
@@ -203,7 +252,7 @@ def _pearson_r(cov, var_s, var_t):
 
 def _pearson_forward(x, y, n_total, blocks, reduce):
     cov, var_s, var_t, _, _ = _Pearson(x, y, n_total, blocks, reduce).rows()
-    return (1 - _pearson_r(cov, var_s, var_t)[0]).to(x.dtype)
+    return (1 - _pearson_r(cov, var_s, var_t)[0]).to(accumulation_dtype(x.raw, y.raw))
 
 
 def _pearson_backward(g_r, x, y, n_total, need_x, need_y, blocks, reduce):
@@ -218,38 +267,32 @@ def _pearson_backward(g_r, x, y, n_total, need_x, need_y, blocks, reduce):
     g_var_t = torch.where(unclamped, -0.5 * g * r / var_t, 0.0)
     g_u = -stats.kappa * (g_cov * v + 2 * g_var_s * u)
     g_v = -stats.kappa * (g_cov * u + 2 * g_var_t * v)
-    ds, dt = x.shape[1], y.shape[1]
-    d_ac, d_bc, d_cc = _statistic_gradients(x, y, g_var_s, g_var_t, g_cov, need_x, need_y, blocks, reduce)
-    dx = torch.empty_like(x) if need_x else None
-    dy = torch.empty_like(y) if need_y else None
+    # dG/dx_i has a direct part and one through every centred row xc_j = x_j − mean(x): the latter,
+    # dxc_j = g_u_j x_j + 2 d_Ac xc_j + d_Cc yc_j, reaches each x_j and, through the mean, every row
+    # by −Σ_j dxc_j / N. Σ_j xc_j = Σ_j yc_j = 0 over all rows (of every rank), so that sum is the
+    # first moment Σ_j g_u_j x_j, known before the rows' pass: each block's gradient is final there.
+    d_ac, d_bc, d_cc, moment_x, moment_y = _statistic_gradients(
+        x, y, g_var_s, g_var_t, g_cov, need_x, need_y, blocks, reduce, first_x=g_u, first_y=g_v)
+    dx, dy = _gradient_buffers(x, y, need_x, need_y)
     # Per-row weights as (N, 1) columns, and the D×D factors, once.
     g_cov, g_u, g_v = g_cov[:, None], g_u[:, None], g_v[:, None]
     g_var_s2, g_var_t2 = 2 * g_var_s[:, None], 2 * g_var_t[:, None]
-    d_ac2 = 2 * d_ac if need_x else None
-    d_bc2 = 2 * d_bc if need_y else None
-    # dG/dx_i has a direct part and one through every centred row xc_j = x_j − mean(x): the latter,
-    # dxc, reaches each x_j and, through the mean, every row by −Σ_j dxc_j / N.
-    dxc_sum = x.new_zeros(ds, dtype=WIDE)
-    dyc_sum = y.new_zeros(dt, dtype=WIDE)
-    for block in blocks:
-        xb, yb = x[block].to(WIDE), y[block].to(WIDE)
-        xc, yc = stats.centred(block, xb, yb)
-        if need_x:
-            dxc = torch.addmm(g_u[block] * xb, xc, d_ac2).addmm_(yc, d_cc.T)
-            dxc_sum += dxc.sum(dim=0)
-            direct = (yb @ stats.cc.T).mul_(g_cov[block]).addcmul_(xb @ stats.ac, g_var_s2[block])
-            dx[block] = direct.addcmul_(xc, g_u[block]).add_(dxc)
-        if need_y:
-            dyc = torch.addmm(g_v[block] * yb, yc, d_bc2).addmm_(xc, d_cc)
-            dyc_sum += dyc.sum(dim=0)
-            direct = (xb @ stats.cc).mul_(g_cov[block]).addcmul_(yb @ stats.bc, g_var_t2[block])
-            dy[block] = direct.addcmul_(yc, g_v[block]).add_(dyc)
-    shifts = (reduce(torch.cat([dxc_sum, dyc_sum])) / n_total).split([ds, dt])
     if need_x:
-        dx -= shifts[0].to(dx.dtype)
+        d_ac2, shift_x = 2 * d_ac, moment_x / n_total
     if need_y:
-        dy -= shifts[1].to(dy.dtype)
-    return (1 - r).to(x.dtype), dx, dy
+        d_bc2, shift_y = 2 * d_bc, moment_y / n_total
+    for block in blocks:
+        xb, yb = x[block], y[block]
+        xc, yc = stats.centred(xb, yb)
+        if need_x:
+            d_hat = torch.addmm(g_u[block] * xb, xc, d_ac2).addmm_(yc, d_cc.T).sub_(shift_x)
+            direct = (yb @ stats.cc.T).mul_(g_cov[block]).addcmul_(xb @ stats.ac, g_var_s2[block])
+            dx[block] = x.grad(block, direct.addcmul_(xc, g_u[block]).add_(d_hat), xb)
+        if need_y:
+            d_hat = torch.addmm(g_v[block] * yb, yc, d_bc2).addmm_(xc, d_cc).sub_(shift_y)
+            direct = (xb @ stats.cc).mul_(g_cov[block]).addcmul_(yb @ stats.bc, g_var_t2[block])
+            dy[block] = y.grad(block, direct.addcmul_(yc, g_v[block]).add_(d_hat), yb)
+    return (1 - r).to(accumulation_dtype(x.raw, y.raw)), dx, dy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,17 +300,20 @@ def _pearson_backward(g_r, x, y, n_total, need_x, need_y, blocks, reduce):
 # --------------------------------------------------------------------------------------------------
 
 
-def gram_forward(x, y, kind: str, n_total: int, reduce=_identity) -> torch.Tensor:
-    """Per-row losses (N,) of ``kind`` ("mse" or "pearson") in x's dtype, as ``reference.structure_rows``."""
-    blocks = _blocks(x, y)
+def gram_forward(s, t, kind: str, n_total: int, normalize: bool, reduce=_identity) -> torch.Tensor:
+    """Per-row losses (N,) of ``kind`` ("mse" or "pearson") of the rows s (N, Ds), t (N, Dt), in
+    the accumulation dtype, as ``reference.structure_rows``."""
+    x, y = _Rows(s, normalize), _Rows(t, normalize)
+    blocks = _blocks(s, t)
     if kind == "mse":
         return _mse_forward(x, y, n_total, blocks, reduce)
     return _pearson_forward(x, y, n_total, blocks, reduce)
 
 
-def gram_backward(grad, x, y, kind: str, n_total: int, need_x: bool, need_y: bool, reduce=_identity):
-    """(per-row losses, dx, dy) in x's and y's dtypes: the gradients of Σ_i grad_i·row_loss_i, None
-    where not needed.
+def gram_backward(grad, s, t, kind: str, n_total: int, normalize: bool, need_s: bool, need_t: bool,
+                  reduce=_identity):
+    """(per-row losses, ds, dt) in the accumulation dtype: the gradients of Σ_i grad_i·row_loss_i
+    with respect to s and t, None where not needed.
 
     The per-row losses come for free from the statistics the gradients need, so a caller that
     wants both (a forward with gradients) makes one call.
@@ -275,7 +321,8 @@ def gram_backward(grad, x, y, kind: str, n_total: int, need_x: bool, need_y: boo
     With ``reduce`` an all-reduce, each rank gets the gradient of the sum of every rank's losses
     with respect to its own rows: the D×D statistics' gradients are summed over ranks.
     """
-    blocks = _blocks(x, y)
+    x, y = _Rows(s, normalize), _Rows(t, normalize)
+    blocks = _blocks(s, t)
     if kind == "mse":
-        return _mse_backward(grad / (n_total - 1), x, y, n_total, need_x, need_y, blocks, reduce)
-    return _pearson_backward(-grad, x, y, n_total, need_x, need_y, blocks, reduce)
+        return _mse_backward(grad / (n_total - 1), x, y, n_total, need_s, need_t, blocks, reduce)
+    return _pearson_backward(-grad, x, y, n_total, need_s, need_t, blocks, reduce)
