@@ -132,7 +132,7 @@ for step in $STEPS; do
       TABLE=goals bench_run goals-contrastive 200 --losses contrastive,contrastive-symmetric --sizes 65536 --dims 768 \
         --backends triton,memeff,inf-cl --error-n 4096
       status=$?
-      TABLE=goals bench_run goals-structure 120 --losses structure-pearson --sizes 32768 --dims 384 \
+      TABLE=goals bench_run goals-structure 90 --losses structure-pearson --sizes 32768 --dims 384 \
         --backends triton-gram,reference --error-n 4096 || status=1
       # The gram algorithm again in 2x and 4x larger float64 blocks: a few dozen launches per block,
       # so fewer launches for more memory (mmkd_kernels/gram.py); these numbers choose the default.
