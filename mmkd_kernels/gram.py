@@ -271,6 +271,7 @@ def _pearson_backward(g_r, x, y, n_total, need_x, need_y, blocks, reduce):
     # dxc_j = g_u_j x_j + 2 d_Ac xc_j + d_Cc yc_j, reaches each x_j and, through the mean, every row
     # by −Σ_j dxc_j / N. Σ_j xc_j = Σ_j yc_j = 0 over all rows (of every rank), so that sum is the
     # first moment Σ_j g_u_j x_j, known before the rows' pass: each block's gradient is final there.
+    # Per block, via_centred = dxc − that shift, and direct the part that holds xc fixed.
     d_ac, d_bc, d_cc, moment_x, moment_y = _statistic_gradients(
         x, y, g_var_s, g_var_t, g_cov, need_x, need_y, blocks, reduce, first_x=g_u, first_y=g_v)
     dx, dy = _gradient_buffers(x, y, need_x, need_y)
@@ -285,13 +286,13 @@ def _pearson_backward(g_r, x, y, n_total, need_x, need_y, blocks, reduce):
         xb, yb = x[block], y[block]
         xc, yc = stats.centred(xb, yb)
         if need_x:
-            d_hat = torch.addmm(g_u[block] * xb, xc, d_ac2).addmm_(yc, d_cc.T).sub_(shift_x)
+            via_centred = torch.addmm(g_u[block] * xb, xc, d_ac2).addmm_(yc, d_cc.T).sub_(shift_x)
             direct = (yb @ stats.cc.T).mul_(g_cov[block]).addcmul_(xb @ stats.ac, g_var_s2[block])
-            dx[block] = x.grad(block, direct.addcmul_(xc, g_u[block]).add_(d_hat), xb)
+            dx[block] = x.grad(block, direct.addcmul_(xc, g_u[block]).add_(via_centred), xb)
         if need_y:
-            d_hat = torch.addmm(g_v[block] * yb, yc, d_bc2).addmm_(xc, d_cc).sub_(shift_y)
+            via_centred = torch.addmm(g_v[block] * yb, yc, d_bc2).addmm_(xc, d_cc).sub_(shift_y)
             direct = (xb @ stats.cc).mul_(g_cov[block]).addcmul_(yb @ stats.bc, g_var_t2[block])
-            dy[block] = y.grad(block, direct.addcmul_(yc, g_v[block]).add_(d_hat), yb)
+            dy[block] = y.grad(block, direct.addcmul_(yc, g_v[block]).add_(via_centred), yb)
     return (1 - r).to(accumulation_dtype(x.raw, y.raw)), dx, dy
 
 
