@@ -121,21 +121,30 @@ def contrastive_loss(q, k, targets, symmetric, reduction, group, local):
 
 
 class _GramAcrossRanks(torch.autograd.Function):
-    """Per-row gram losses of the local rows over the global batch; statistics all-reduced."""
+    """The summed gram loss of the local rows over the global batch; statistics all-reduced.
+
+    Where gradients will be needed (``need_s``, ``need_t``: the same on every rank, whose
+    collectives must match), the forward computes them with the loss, in one pass over the
+    statistics as the one-process ``*_forward_with_grad`` ops do, and the backward scales them."""
 
     @staticmethod
-    def forward(ctx, s, t, kind, n_total, normalize, group):
-        ctx.kind, ctx.n_total, ctx.normalize, ctx.group = kind, n_total, normalize, group
-        ctx.save_for_backward(s, t)
-        return gram.gram_forward(s, t, kind, n_total, normalize, lambda v: all_reduce_sum(v, group))
+    def forward(ctx, s, t, kind, n_total, normalize, group, need_s, need_t):
+        def reduce(v):
+            return all_reduce_sum(v, group)
+
+        ctx.dtypes = s.dtype, t.dtype
+        if not (need_s or need_t):
+            ctx.save_for_backward(None, None)
+            return gram.gram_forward(s, t, kind, n_total, normalize, reduce).sum()
+        ones = s.new_ones(s.shape[0], dtype=accumulation_dtype(s, t))
+        losses, ds, dt = gram.gram_backward(ones, s, t, kind, n_total, normalize, need_s, need_t, reduce)
+        ctx.save_for_backward(ds, dt)
+        return losses.sum()
 
     @staticmethod
     def backward(ctx, grad):
-        s, t = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        _, ds, dt = gram.gram_backward(grad, s, t, ctx.kind, ctx.n_total, ctx.normalize, need_s, need_t,
-                                       lambda v: all_reduce_sum(v, ctx.group))
-        return (ds.to(s.dtype) if need_s else None), (dt.to(t.dtype) if need_t else None), None, None, None, None
+        grads = [None if g is None else (g * grad).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return *grads, None, None, None, None, None, None
 
 
 def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group, counts, sum_fn):
@@ -144,7 +153,9 @@ def structure_loss(s, t, kind, temperature, normalize, algorithm, backend, group
     world, rank = len(counts), dist.get_rank(group)
     n_total = sum(counts)
     if algorithm == "gram" and backend != "reference":
-        total = _GramAcrossRanks.apply(s, t, kind, n_total, normalize, group).sum()
+        grad = torch.is_grad_enabled()
+        total = _GramAcrossRanks.apply(s, t, kind, n_total, normalize, group, grad and s.requires_grad,
+                                       grad and t.requires_grad)
     else:
         s_all, t_all = all_gather_with_grad(s, group, counts), all_gather_with_grad(t, group, counts)
         if counts[rank] == 0:

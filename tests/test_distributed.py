@@ -74,6 +74,14 @@ def _run_rank(rank, rendezvous, results, n_local, m_local):
                                       process_group=dist.group.WORLD)
             ds, dt = torch.autograd.grad(value, (sl, tl))
             out[("structure", backend, kind, algorithm)] = (value.detach(), ds, dt)
+            if algorithm == "gram":  # the gram path's forward computes only the gradients it will need
+                frozen = mk.structure_loss(sl, t[rows], kind=kind, algorithm=algorithm, backend=backend,
+                                           process_group=dist.group.WORLD)
+                with torch.no_grad():
+                    plain = mk.structure_loss(sl, tl, kind=kind, algorithm=algorithm, backend=backend,
+                                              process_group=dist.group.WORLD)
+                out[("structure frozen teacher", backend, kind)] = (frozen.detach(), *torch.autograd.grad(frozen, sl),
+                                                                    plain.requires_grad, plain)
     try:  # no rows on any rank: the same error everywhere, never a hang
         mk.contrastive_loss(q[:0], k[:0], process_group=dist.group.WORLD)
         out["no rows"] = None
@@ -138,6 +146,21 @@ def test_structure_across_ranks_equals_one_process(layout, backend, kind, algori
     assert rel_err(torch.stack([v for v, _, _ in per_rank]).mean(), value) <= 1e-6
     assert rel_err(torch.cat([g for _, g, _ in per_rank]) / WORLD, ds) <= 1e-6
     assert rel_err(torch.cat([g for _, _, g in per_rank]) / WORLD, dt) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["mse", "pearson"])
+def test_gram_across_ranks_with_a_frozen_teacher_and_without_gradients(layout, backend, kind):
+    n_local, m_local, rank_results = layout
+    _, _, _, s, t, _ = _global_inputs(0, n_local, m_local)
+    s = s.clone().requires_grad_()
+    value = mk.structure_loss(s, t, kind=kind, algorithm="gram", backend=backend)
+    (ds,) = torch.autograd.grad(value, s)
+    per_rank = [rank_results[r][("structure frozen teacher", backend, kind)] for r in range(WORLD)]
+    assert rel_err(torch.stack([v for v, *_ in per_rank]).mean(), value) <= 1e-6
+    assert rel_err(torch.cat([g for _, g, *_ in per_rank]) / WORLD, ds) <= 1e-6
+    assert not any(needs_grad for *_, needs_grad, _ in per_rank)  # under no_grad: the value alone
+    assert rel_err(torch.stack([v for *_, v in per_rank]).mean(), value) <= 1e-6
 
 
 def test_no_rows_on_any_rank_is_an_error_on_every_rank(layout):
