@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import autotune_log
+from mmkd_kernels import gram
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -213,7 +214,7 @@ def markdown(result: dict, backend_order=()) -> str:
         "Cells: time (median) · speed-up over reference eager · % of the matmul ceiling (FLOP counts of "
         "DESIGN §5) · peak extra memory; forward + backward computes the student's gradient, forward "
         "only is the loss under no_grad. `-gram` columns run the gram algorithm of the structure loss "
-        f"(float64 blocks of {settings.get('gram_block_elements', 2**20)} elements), "
+        f"(float64 blocks of {settings.get('gram_block_elements', gram.BLOCK_ELEMENTS)} elements), "
         "the others the tile algorithm (materialized N×N for reference and compile). A backend that "
         "computes the gradient inside the forward skips the backward's recompute (4·N·M·D instead of "
         "the counted 6·N·M·D for the contrastive loss) and can show more than 100%.",
