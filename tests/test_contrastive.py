@@ -49,7 +49,7 @@ def test_matches_reference(target, dtype, n, m, d, seed):
 
 
 @pytest.mark.parametrize("target,dtype", [
-    (t, dtype) for t in TARGETS for dtype in (torch.float32, torch.float64, torch.float16) if runs(t, dtype, 0)
+    (t, dtype) for t in TARGETS for dtype in DTYPES if runs(t, dtype, 0)
 ], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("seed", [2, 3])

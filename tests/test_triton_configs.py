@@ -44,7 +44,7 @@ def _inputs(seed, dtype, n=N, m=M):
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("need_k", [False, True])
 def test_forward_with_grad_for_each_chunk_count(monkeypatch, chunks, dtype, need_k):
     for kernel in (contrastive._lse_grad_kernel, contrastive._grad_kernel):
