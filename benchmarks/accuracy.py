@@ -10,9 +10,9 @@ contrastive loss is about 1e-5 and p_target rounds to 1 in float32). The ``refer
 eager PyTorch losses run in the inputs' dtype: what a user gets without this library. Every
 backend runs in every dtype it computes on ``--device``. On the CPU the ``triton`` rows run its
 kernels under Triton's interpreter (float32 arithmetic in NumPy, with exact exponentials where a
-GPU uses fast ones), at a smaller N (``--interpreter-n``), in float32 and float16 (the interpreter
-is wrong for bfloat16); ``--device cuda`` runs them compiled, bfloat16 too, beside the native CUDA
-kernels. Writes ``<out>/accuracy-<device>-<date>.{json,md}``.
+GPU uses fast ones), at a smaller N (``--interpreter-n``), bfloat16 through the interpreter's
+repaired dot (``benchmarks/triton_interpreter_bfloat16.py``); ``--device cuda`` runs them
+compiled, beside the native CUDA kernels. Writes ``<out>/accuracy-<device>-<date>.{json,md}``.
 """
 
 import argparse
@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mmkd_kernels as mk  # noqa: E402
-from benchmarks import report  # noqa: E402
+from benchmarks import report, triton_interpreter_bfloat16  # noqa: E402
 from mmkd_kernels.backends import unavailable_reason  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -71,12 +71,10 @@ def measure(n: int, d: int, backend: str, dtype: torch.dtype, loss, noise: float
 
 def _backends(device: torch.device, n: int, triton_n: int, interpreted: bool) -> list[tuple[str, int, list[str]]]:
     """(backend, N, the dtypes it computes on ``device``) of every backend that runs there. Under the
-    interpreter, triton at ``triton_n`` (0: none) and without bfloat16 (the interpreter is wrong for it)."""
+    interpreter, triton at ``triton_n`` (0: none)."""
     backends = []
     for backend in ("reference", "chunked", "native", "triton"):
         dtypes = [name for name, dtype in DTYPES.items() if unavailable_reason(backend, device, dtype) is None]
-        if backend == "triton" and interpreted:
-            dtypes = [name for name in dtypes if name != "bfloat16"]
         size = triton_n if backend == "triton" else n
         if dtypes and size:
             backends.append((backend, size, dtypes))
@@ -96,6 +94,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device here")
     interpreted = device.type == "cpu" and unavailable_reason("triton", device) is None
+    if interpreted:
+        triton_interpreter_bfloat16.install()  # its bfloat16 dot multiplies bit patterns otherwise
     backends = _backends(device, args.n, args.interpreter_n if interpreted else args.n, interpreted)
     rows = []
     for regime, noise in REGIMES.items():
@@ -122,8 +122,9 @@ def main(argv=None) -> int:
              f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}." if device.type == "cuda" else ".")]
     if interpreted and any(backend == "triton" for backend, _, _ in backends):
         lines[-1] += (f" `triton` rows: its kernels under Triton's interpreter on the CPU, N = {args.interpreter_n}, "
-                      "float32 and float16 only (exact exponentials where a GPU uses fast ones: "
-                      "the algorithm's accuracy, not a GPU's measurement).")
+                      "bfloat16 through the interpreter's repaired dot (benchmarks/triton_interpreter_bfloat16.py); "
+                      "exact exponentials where a GPU uses fast ones: the algorithm's accuracy, not a GPU's "
+                      "measurement).")
     for regime, noise in REGIMES.items():
         lines += ["", f"## {regime}: teacher = student + {noise}·noise", "",
                   "| loss | backend | " + " | ".join(DTYPES) + " |", "|---|---|" + "---|" * len(DTYPES)]

@@ -1,4 +1,4 @@
-"""The test harness's repair of bfloat16 under Triton's interpreter (triton_interpreter_bfloat16.py),
+"""The repair of bfloat16 under Triton's interpreter (benchmarks/triton_interpreter_bfloat16.py),
 checked against torch on the CPU. Only where the interpreter runs (no GPU): on a GPU the kernels
 are compiled and the interpreter is not used."""
 
@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-import triton_interpreter_bfloat16 as repair
+from benchmarks import triton_interpreter_bfloat16 as repair
 from mmkd_test_support import INTERPRETED
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="a GPU is present: Triton compiles, the interpreter is unused")
@@ -49,7 +49,7 @@ def test_bfloat16_dot_is_the_float32_product_of_its_values(seed):
 
 def test_the_interpreter_needs_the_repair(monkeypatch):
     """Without the repair the dot multiplies bit patterns (triton-lang/triton#11584). If this fails,
-    the interpreter has been fixed and triton_interpreter_bfloat16.py can go."""
+    the interpreter has been fixed and benchmarks/triton_interpreter_bfloat16.py can go."""
     assert repair.applies()
     builder = triton.runtime.interpreter.InterpreterBuilder
     monkeypatch.setattr(builder, "create_dot", builder.create_dot.__wrapped__)

@@ -1,4 +1,6 @@
-"""bfloat16 under Triton's interpreter, mended for the tests: two conversions, nothing else.
+"""bfloat16 under Triton's interpreter, mended for the tests and the accuracy table: two
+conversions, nothing else. The library never imports this; only code that runs the kernels under
+``TRITON_INTERPRET=1`` on purpose calls ``install()``.
 
 Triton's interpreter (3.6 at least) keeps a bfloat16 tensor as its uint16 bit patterns, since numpy
 has no bfloat16. Two of its operations treat those bits wrongly:
@@ -11,9 +13,9 @@ has no bfloat16. Two of its operations treat those bits wrongly:
 bfloat16 is a float32, and their products are exact in float32, as on the tensor cores, which then
 accumulate in float32), and the cast rounds to nearest even through torch. Everything else the
 kernels do with bfloat16 is a load, a store or a cast to float32, which the interpreter gets right.
-With it, the tests run the Triton kernels' bfloat16 paths on the CPU; before, bfloat16 was left to
-a GPU run (DESIGN §4). ``tests/test_triton_interpreter.py`` checks both repairs and that the bug is
-what this module assumes.
+With it, the tests and ``benchmarks/accuracy.py`` run the Triton kernels' bfloat16 paths on the
+CPU; before, bfloat16 was left to a GPU run (DESIGN §4). ``tests/test_triton_interpreter.py``
+checks both repairs and that the bug is what this module assumes.
 """
 
 import functools
