@@ -58,3 +58,23 @@ def test_compiles_with_a_given_count():
     f = torch.compile(lambda h, i: mk.segment_mean(h, i, num_segments=5), fullgraph=True, backend="aot_eager")
     hidden, ids = randn(12, 3, seed=5), torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 4, -1, -1, 1])
     torch.testing.assert_close(f(hidden, ids), _loop_mean(hidden, ids, 5))
+
+
+@pytest.mark.parametrize("num_segments", [None, 0, 2])
+def test_a_batch_without_words(num_segments):
+    """Every row ignored (a batch with no aligned word): empty or all-zero words, zero gradient."""
+    hidden = leaf(randn(5, 3, seed=6))
+    out = mk.segment_mean(hidden, torch.full((5,), -1), num_segments=num_segments)
+    assert out.shape == (num_segments or 0, 3) and not out.any()
+    (out.sum() + 0 * hidden.sum()).backward()
+    assert not hidden.grad.any()
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.bfloat16, 300), (torch.float16, 3000)], ids=str)
+def test_long_segments_in_half_precision(dtype, rows):
+    """Sums and counts in float32: a bfloat16 count stops at 256 and a float16 one at 2048."""
+    hidden = torch.full((rows, 4), 2.0, dtype=dtype)
+    hidden[0] = 1.0
+    out = mk.segment_mean(hidden, torch.zeros(rows, dtype=torch.long))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out[0].float(), torch.full((4,), (2.0 * rows - 1) / rows).to(dtype).float())
