@@ -56,6 +56,8 @@ def _check_temperature(temperature) -> float:
         raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
     if not (temperature > 0 and math.isfinite(temperature)):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not math.isfinite(1.0 / temperature):
+        raise ValueError(f"temperature must be a number whose reciprocal (the logits' scale) is finite, got {temperature}")
     return float(temperature)
 
 
@@ -75,7 +77,7 @@ def _check_targets(targets, n: int, m: int, device: torch.device) -> torch.Tenso
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor of int64 or None, got {type(targets).__name__}")
     if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"targets must be an integer tensor (int64), got dtype {targets.dtype}")
+        raise TypeError(f"targets must be an int64 or int32 tensor, got dtype {targets.dtype}")
     if targets.shape != (n,):
         raise ValueError(f"targets must have shape ({n},) (one per student row), got {tuple(targets.shape)}")
     if targets.device != device:

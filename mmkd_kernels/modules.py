@@ -2,7 +2,17 @@
 
 import torch
 
-from .functional import contrastive_loss, structure_loss
+from . import backends
+from .functional import ALGORITHMS, KINDS, REDUCTIONS, _check_choice, _check_temperature, contrastive_loss, structure_loss
+
+
+def _check_settings(temperature, backend, **choices) -> None:
+    """The arguments that need no tensor, checked at construction as the functional losses check
+    them, so that a wrong one fails where it was written rather than at the first forward."""
+    _check_temperature(temperature)
+    _check_choice("backend", backend, ("auto", *backends.BACKENDS))
+    for name, (value, allowed) in choices.items():
+        _check_choice(name, value, allowed)
 
 
 class ContrastiveLoss(torch.nn.Module):
@@ -14,6 +24,7 @@ class ContrastiveLoss(torch.nn.Module):
     def __init__(self, *, temperature=0.05, symmetric=False, normalize=True, reduction="mean",
                  backend="auto", process_group=None):
         super().__init__()
+        _check_settings(temperature, backend, reduction=(reduction, REDUCTIONS))
         self.temperature, self.symmetric, self.normalize = temperature, symmetric, normalize
         self.reduction, self.backend, self.process_group = reduction, backend, process_group
 
@@ -25,7 +36,8 @@ class ContrastiveLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, symmetric={self.symmetric}, backend={self.backend!r}"
+        return (f"temperature={self.temperature}, symmetric={self.symmetric}, normalize={self.normalize}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
 class StructureLoss(torch.nn.Module):
@@ -37,6 +49,7 @@ class StructureLoss(torch.nn.Module):
     def __init__(self, *, kind="pearson", temperature=1.0, normalize=True, algorithm="auto",
                  backend="auto", process_group=None):
         super().__init__()
+        _check_settings(temperature, backend, kind=(kind, KINDS), algorithm=(algorithm, ALGORITHMS))
         self.kind, self.temperature, self.normalize = kind, temperature, normalize
         self.algorithm, self.backend, self.process_group = algorithm, backend, process_group
 
@@ -47,4 +60,5 @@ class StructureLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, algorithm={self.algorithm!r}, backend={self.backend!r}"
+        return (f"kind={self.kind!r}, temperature={self.temperature}, normalize={self.normalize}, "
+                f"algorithm={self.algorithm!r}, backend={self.backend!r}")

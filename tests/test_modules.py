@@ -15,4 +15,6 @@ def test_modules_equal_functional():
     assert torch.equal(sym(q, k), mk.contrastive_loss(q, k, symmetric=True, reduction="none"))
     struct = mk.StructureLoss(kind="kl", temperature=0.5, backend="chunked")
     assert torch.equal(struct(q, k), mk.structure_loss(q, k, kind="kl", temperature=0.5, backend="chunked"))
-    assert "kind='kl'" in repr(struct) and "temperature=0.1" in repr(crit)
+    assert repr(crit) == ("ContrastiveLoss(temperature=0.1, symmetric=False, normalize=True, reduction='mean', "
+                          "backend='chunked')")
+    assert repr(struct) == "StructureLoss(kind='kl', temperature=0.5, normalize=True, algorithm='auto', backend='chunked')"
