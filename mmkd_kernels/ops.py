@@ -138,7 +138,17 @@ def _register_autograd(namespace: str) -> None:
         ctx.save_for_backward(output[1], output[2])
 
     def with_grad_backward(ctx, grad, _grad_da, _grad_db):
-        """The gradients were computed in the forward: scale them by the scalar's grad_output."""
+        """The gradients were computed in the forward: scale them by the scalar's grad_output.
+
+        They are numbers, not a graph, so a backward that builds a graph (create_graph=True, grad
+        mode on) is refused: its gradient would carry a second derivative of zero. (Only refusing a
+        second backward through the result would miss a loss summed with other terms, whose
+        gradient has a graph through them.)"""
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                f"{namespace}: these losses compute their gradients inside the forward and have no second "
+                "derivative (backward with create_graph=True); use backend='reference' to differentiate twice"
+            )
         grads = [
             (g * grad).to(dtype) if computed else None
             for g, dtype, computed in zip(ctx.saved_tensors, ctx.dtypes, ctx.computed)

@@ -84,3 +84,20 @@ def test_torch_compile_inductor_cpu():
     out.backward()
     ref = mk.contrastive_loss(q.detach().double(), k.double(), backend="reference")
     assert rel_err(out, ref) <= 1e-5 and q.grad is not None
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_a_second_derivative_is_refused_not_zero(target):
+    """The fused ops carry gradients computed in the forward: create_graph=True raises, where a
+    scaled constant would have given a second derivative of zero (also beside a term that has one)."""
+    q, k = leaf(randn(9, 6, seed=11, device=target.device)), randn(9, 6, seed=12, device=target.device)
+    losses = {
+        "contrastive": lambda: mk.contrastive_loss(q, k, backend=target.backend),
+        "structure kl": lambda: mk.structure_loss(q, k, kind="kl", backend=target.backend),
+        "structure pearson (gram)": lambda: mk.structure_loss(q, k, algorithm="gram", backend=target.backend),
+    }
+    for name, loss in losses.items():
+        with pytest.raises(RuntimeError, match="no second derivative"):
+            torch.autograd.grad(loss() + q.pow(3).sum(), q, create_graph=True)
+        (plain,) = torch.autograd.grad(loss(), q)  # without create_graph, as before
+        assert torch.isfinite(plain).all() and plain.abs().sum() > 0, name
