@@ -18,7 +18,7 @@ no gradient gets an empty (0,) tensor.
 import torch
 
 from . import chunked
-from .reference import accumulation_dtype
+from .reference import accumulation_dtype, without_autocast
 
 SCHEMAS = {
     "contrastive_forward": (
@@ -165,14 +165,15 @@ def _register_autograd(namespace: str) -> None:
 def register_backend(namespace: str, impls: dict | None = None) -> None:
     """Give the seven ops of ``namespace`` their fake functions and autograd.
 
-    ``impls`` (op name -> Python function) defines those ops as Python custom ops; the others must
-    already exist (defined in C++ by ``TORCH_LIBRARY``, as the native extension does).
+    ``impls`` (op name -> Python function) defines those ops as Python custom ops, run with autocast
+    off; the others must already exist (defined in C++ by ``TORCH_LIBRARY``, as the native extension
+    does: its kernels call no autocast-listed op).
     """
     impls = impls or {}
     for name, schema in SCHEMAS.items():
         qualname = f"{namespace}::{name}"
         if name in impls:
-            torch.library.custom_op(qualname, impls[name], mutates_args=(), schema=schema)
+            torch.library.custom_op(qualname, without_autocast(impls[name]), mutates_args=(), schema=schema)
         torch.library.register_fake(qualname, FAKES[name])
     _register_autograd(namespace)
 

@@ -5,7 +5,7 @@ import torch
 
 import mmkd_kernels as mk
 from mmkd_kernels import backends, ops
-from mmkd_test_support import TARGETS, leaf, randn, rel_err
+from mmkd_test_support import TARGETS, TOLERANCE, Target, leaf, randn, rel_err
 
 
 def _sample_args(backend, device):
@@ -101,3 +101,29 @@ def test_a_second_derivative_is_refused_not_zero(target):
             torch.autograd.grad(loss() + q.pow(3).sum(), q, create_graph=True)
         (plain,) = torch.autograd.grad(loss(), q)  # without create_graph, as before
         assert torch.isfinite(plain).all() and plain.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("target", TARGETS + [Target("reference", "cpu")], ids=str)
+def test_autocast_leaves_the_losses_in_their_own_precision(target):
+    """Under a model's bfloat16 autocast, float32 rows still give float32 losses and gradients at
+    float32's tolerance (the ops run with autocast off; before, chunked's matmuls ran in bfloat16).
+    The backward runs outside the autocast region, as PyTorch's AMP recipe has it."""
+    device = target.device
+    q, k = leaf(randn(40, 24, seed=13, device=device)), randn(40, 24, seed=14, device=device)
+    calls = {
+        "contrastive": lambda a, b, backend: mk.contrastive_loss(a, b, backend=backend),
+        "symmetric": lambda a, b, backend: mk.contrastive_loss(a, b, symmetric=True, reduction="none", backend=backend).mean(),
+        "mse (tile)": lambda a, b, backend: mk.structure_loss(a, b, kind="mse", algorithm="tile", backend=backend),
+        "pearson (gram)": lambda a, b, backend: mk.structure_loss(a, b, algorithm="gram", backend=backend),
+        "kl": lambda a, b, backend: mk.structure_loss(a, b, kind="kl", temperature=0.2, backend=backend),
+    }
+    for name, call in calls.items():
+        q64 = leaf(q.detach().double().cpu())
+        want = call(q64, k.double().cpu(), "reference")
+        (want_grad,) = torch.autograd.grad(want, q64)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            got = call(q, k, target.backend)
+        (grad,) = torch.autograd.grad(got, q)
+        assert got.dtype == torch.float32 and grad.dtype == torch.float32, name
+        assert rel_err(got, want) <= TOLERANCE[torch.float32], (name, rel_err(got, want))
+        assert rel_err(grad, want_grad) <= TOLERANCE[torch.float32], (name, rel_err(grad, want_grad))
