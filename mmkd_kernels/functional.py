@@ -82,7 +82,11 @@ def _check_targets(targets, n: int, m: int, device: torch.device) -> torch.Tenso
         raise ValueError(f"targets must have shape ({n},) (one per student row), got {tuple(targets.shape)}")
     if targets.device != device:
         raise ValueError(f"targets must be on the inputs' device {device}, got {targets.device}")
-    if not torch.compiler.is_compiling() and n > 0:
+    if torch.compiler.is_compiling():
+        # Reading the values would break the graph; an assert in it fails the call (on a GPU, as an
+        # out-of-range index does in PyTorch's own losses) where a kernel would read past its rows.
+        torch._assert_async(((targets >= 0) & (targets < m)).all(), f"targets must lie in [0, {m}) (teacher rows)")
+    elif n > 0:
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= m:
             raise ValueError(f"targets must lie in [0, {m}) (teacher rows), got values in [{low}, {high}]")

@@ -97,3 +97,24 @@ def test_auto_never_picks_the_reference():
     from mmkd_kernels import backends
 
     assert backends.resolve("auto", torch.device("cpu")) != "reference"
+
+
+@pytest.mark.parametrize("backend", [b for b in ("chunked", "native") if b in mk.available_backends()])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_targets_out_of_range_fail_under_torch_compile(backend, compiler):
+    """The eager check reads the targets' values, which a compiled graph cannot; an assert in the
+    graph fails instead (before it, native read past its rows and chunked wrapped -1 to the last)."""
+    f = torch.compile(lambda a, b, t: mk.contrastive_loss(a, b, targets=t, backend=backend), fullgraph=True,
+                      backend=compiler)
+    good = f(Q, K, torch.arange(8))
+    assert torch.isfinite(good)
+    for bad in ([0, 1, 2, 3, 4, 5, 6, 8], [0, 1, 2, 3, 4, 5, 6, -1]):
+        with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 8\)"):
+            f(Q, K, torch.tensor(bad))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("native",) if b in mk.available_backends()])
+def test_native_op_checks_targets_itself(backend):
+    """Called directly, past the public checks, the native op refuses an out-of-range target."""
+    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 8\) .* got 1000000 at row 7"):
+        torch.ops.mmkd_native.contrastive_forward(Q, K, torch.tensor([0, 1, 2, 3, 4, 5, 6, 1000000]), 20.0, True, False)

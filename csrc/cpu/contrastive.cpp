@@ -140,6 +140,19 @@ struct Inputs {
   int64_t n, m, block;
 };
 
+// The kernels index rows of z by target: one out of [0, m) would read or write past the block.
+// mmkd_kernels.contrastive_loss checks eagerly and asserts under torch.compile; this guards a
+// direct call of the op (an O(N) pass, against the O(N·M·D) of the loss).
+at::Tensor checked_targets(const at::Tensor& targets, int64_t m) {
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
+  at::Tensor tgt = targets.contiguous();
+  const int64_t* t = tgt.data_ptr<int64_t>();
+  for (int64_t i = 0; i < tgt.numel(); ++i) {
+    TORCH_CHECK(t[i] >= 0 && t[i] < m, "targets must lie in [0, ", m, ") (teacher rows), got ", t[i], " at row ", i);
+  }
+  return tgt;
+}
+
 Inputs prepare(const at::Tensor& q, const at::Tensor& k, double scale, bool normalize) {
   const auto acc = accumulation_dtype(q, k);
   Inputs in{normalize_rows(q, acc, normalize), normalize_rows(k, acc, normalize), {}, q.size(0), k.size(0), 0};
@@ -163,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_forward(
   at::Tensor col_max = at::full({symmetric ? in.m : 0}, -std::numeric_limits<double>::infinity(), opts);
   at::Tensor col_other = at::zeros({symmetric ? in.m : 0}, opts);
   at::Tensor diagonal = at::empty({symmetric ? in.m : 0}, opts);
-  at::Tensor tgt = targets.contiguous();
+  at::Tensor tgt = checked_targets(targets, in.m);
   at::Tensor z = at::empty({in.block, in.m}, opts);
   AT_DISPATCH_FLOATING_TYPES(in.qs.scalar_type(), "contrastive_forward", [&] {
     for (int64_t start = 0; start < in.n; start += in.block) {
@@ -195,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad(
   at::Tensor row_lse = at::empty({in.n}, opts), row_loss = at::empty({in.n}, opts);
   at::Tensor dq = need_q ? at::empty({in.n, q.size(1)}, opts) : at::empty({0}, opts);
   at::Tensor dk = need_k ? at::zeros({in.m, k.size(1)}, opts) : at::empty({0}, opts);
-  at::Tensor tgt = targets.contiguous();
+  at::Tensor tgt = checked_targets(targets, in.m);
   at::Tensor z = at::empty({in.block, in.m}, opts);
   AT_DISPATCH_FLOATING_TYPES(in.qs.scalar_type(), "contrastive_forward_with_grad", [&] {
     for (int64_t start = 0; start < in.n; start += in.block) {
@@ -229,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_backward(
   at::Tensor c_lse = symmetric ? col_lse.to(opts.dtype()).contiguous() : at::Tensor();
   at::Tensor r_loss = row_loss.to(opts.dtype()).contiguous();
   at::Tensor c_loss = symmetric ? col_loss.to(opts.dtype()).contiguous() : at::Tensor();
-  at::Tensor tgt = targets.contiguous();
+  at::Tensor tgt = checked_targets(targets, in.m);
   at::Tensor dq = need_q ? at::empty({in.n, q.size(1)}, opts) : at::Tensor();
   at::Tensor dk = need_k ? at::zeros({in.m, k.size(1)}, opts) : at::Tensor();
   at::Tensor z = at::empty({in.block, in.m}, opts);
