@@ -106,20 +106,32 @@ def read_django(languages: list[str]) -> list[Pair]:
 
 
 def parse_source(spec: str) -> tuple[str, str]:
-    """``LANG=PATH`` or ``PATH`` -> (lang, path); the language defaults to the name before its first dot."""
+    """``LANG=PATH`` or ``PATH`` -> (lang, path); the language defaults to the name before its first dot.
+    An ``=`` after a path separator belongs to the path (``data/lang=de/train.tsv``)."""
     lang, sep, path = spec.partition("=")
-    if not sep:
+    if not sep or "/" in lang or os.sep in lang:
         path, lang = spec, os.path.basename(spec).split(".")[0]
     if not lang:
         raise DataError(f"{spec}: cannot tell the language of this file; write it as LANG=PATH")
     return lang, path
 
 
-def _open_text(path: str):
+def _open_lines(path: str):
+    """The file's lines as bytes (gz too): each is decoded alone, so that a line that is not UTF-8
+    is reported (or skipped) by its number like any other malformed line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such data file")
-    opener = gzip.open if path.endswith(".gz") else open
-    return opener(path, "rt", encoding="utf-8")
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _decode(raw: bytes, number: int) -> str:
+    """One line as text; a UTF-8 byte-order mark at the start of the file is dropped."""
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 text (byte 0x{raw[error.start]:02x} at byte {error.start} of the line)") from None
 
 
 LINK = re.compile(r"([0-9]+)-([0-9]+)")
@@ -181,13 +193,13 @@ def read_file(path: str, lang: str, skip_bad_lines: bool = False) -> tuple[list[
     name = path[:-3] if path.endswith(".gz") else path
     is_json = name.endswith((".jsonl", ".json"))
     pairs, bad = [], 0
-    with _open_text(path) as lines:
+    with _open_lines(path) as lines:
         try:
-            for number, line in enumerate(lines, start=1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
+            for number, raw in enumerate(lines, start=1):
                 try:
+                    line = _decode(raw, number).rstrip("\r\n")
+                    if not line.strip():
+                        continue
                     if is_json:
                         src, tgt, alignment, line_lang = _parse_jsonl(line)
                     else:
@@ -203,7 +215,7 @@ def read_file(path: str, lang: str, skip_bad_lines: bool = False) -> tuple[list[
                     bad += 1
                     continue
                 pairs.append(Pair(src, tgt, line_lang or lang, alignment))
-        except (UnicodeDecodeError, OSError, EOFError) as error:
+        except (OSError, EOFError) as error:
             raise DataError(f"{path}: cannot read ({error})") from None
     return pairs, bad
 

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from mmkd_train.data import DataError, load_corpus, parse_alignment, read_django, read_file, split_pairs, Pair
+from mmkd_train.data import (DataError, Pair, load_corpus, parse_alignment, parse_source, read_django, read_file,
+                             split_pairs)
 
 
 def test_tsv_jsonl_and_gz_read_alike(tmp_path):
@@ -84,13 +85,33 @@ def test_parse_alignment_reads_pharaoh_links():
             parse_alignment(text, 4, 3)
 
 
-def test_missing_and_undecodable_files(tmp_path):
+def test_missing_unreadable_and_undecodable_files(tmp_path):
     with pytest.raises(DataError, match="nope.tsv: no such data file"):
         read_file(str(tmp_path / "nope.tsv"), "de")
+    not_gzip = tmp_path / "a.tsv.gz"
+    not_gzip.write_text("a\tb\n")
+    with pytest.raises(DataError, match="a.tsv.gz: cannot read"):
+        read_file(str(not_gzip), "de")
     bad = tmp_path / "bin.tsv"
-    bad.write_bytes(b"\xff\xfe\x00a\tb\n")
-    with pytest.raises(DataError, match="bin.tsv: cannot read"):
+    bad.write_bytes(b"ok\tgut\n\xff\xfe\x00a\tb\nyes\tja\n")
+    with pytest.raises(DataError, match=r"bin.tsv:2: not UTF-8 text \(byte 0xff at byte 0 of the line\)"):
         read_file(str(bad), "de")
+    pairs, skipped = read_file(str(bad), "de", skip_bad_lines=True)
+    assert [p.src for p in pairs] == ["ok", "yes"] and skipped == 1
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    for name, text in (("de.tsv", "the cat\tdie Katze\n"), ("de.jsonl", '{"src": "the cat", "tgt": "die Katze"}\n')):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        pairs, _ = read_file(str(path), "de")
+        assert [(p.src, p.tgt) for p in pairs] == [("the cat", "die Katze")], name
+
+
+def test_lang_equals_path_and_an_equals_sign_inside_a_path():
+    assert parse_source("de=data/train.tsv") == ("de", "data/train.tsv")
+    assert parse_source("data/lang=de/fr.train.tsv") == ("fr", "data/lang=de/fr.train.tsv")
+    assert parse_source("pt-BR.tsv") == ("pt-BR", "pt-BR.tsv")
 
 
 def test_django_pairs_drop_placeholders_plurals_and_untranslated():
