@@ -128,6 +128,31 @@ def objective_from(args) -> Objective:
                      sentence_heads=args.sentence_heads, head_width=args.head_width, head_norm=args.head_norm)
 
 
+def check_training(args, objective: Objective) -> None:
+    """The numbers of the data and training options; ValueError naming the option, before any model
+    loads (each would otherwise fail later: a zero batch, a division by --grad-accum, a structure
+    level with too few pairs to compare, a warm-up ratio that transformers reads as a step count)."""
+    at_least_one = {"--batch-size": args.batch_size, "--grad-accum": args.grad_accum, "--max-length": args.max_length}
+    for option, value in at_least_one.items():
+        if value < 1:
+            raise ValueError(f"{option} must be at least 1, got {value}")
+    for option, value in {"--temperature": args.temperature, "--structure-temperature": args.structure_temperature,
+                          "--lr": args.lr}.items():
+        if not value > 0:
+            raise ValueError(f"{option} must be > 0, got {value}")
+    if args.eval_size < 0:
+        raise ValueError(f"--eval-size must be 0 (no evaluation) or more, got {args.eval_size}")
+    if not 0 <= args.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must lie in [0, 1), got {args.eval_fraction}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise ValueError(f"--warmup-ratio is a share of the steps in [0, 1), got {args.warmup_ratio}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size * world < objective.min_batch():
+        raise ValueError(f"--batch-size {args.batch_size} on {world} process(es) gives batches of "
+                         f"{args.batch_size * world} pairs; the levels {', '.join(objective.levels)} need "
+                         f"{objective.min_batch()} (the structure level compares a batch's pairs with each other)")
+
+
 def say(*parts) -> None:
     """Print from the main process only (every rank runs this code under torchrun)."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -140,6 +165,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
         objective = objective_from(args)
+        check_training(args, objective)
         teacher_path = check_model_path(args.teacher or default_teacher_path(), "teacher")
         student_path = check_model_path(args.student, "student") if args.student else teacher_path
         django = args.data == ["django"]

@@ -55,6 +55,12 @@ class Objective:
     head_width: int = 256  # P, the heads' output width
     head_norm: str = "layer"  # layer | batch
 
+    def min_batch(self) -> int:
+        """The fewest pairs a batch (of all ranks) needs: the structure level compares them with each
+        other (mmkd_kernels' minimum rows of its kind); batch-normalized heads need two."""
+        need = mk.functional.MIN_ROWS[self.structure_kind] if "structure" in self.levels else 1
+        return max(need, 2) if self.sentence_heads and self.head_norm == "batch" else need
+
 
 def default_group():
     """The default process group when running data parallel (world > 1), else None."""

@@ -7,6 +7,7 @@ ours) to a staging name and renamed, and resume from them.
 """
 
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,36 @@ from .models import load_heads, replace_dir, save_heads, teacher_hidden
 from .objective import Objective, mmkd_loss
 
 STAGING = ".staging"
+
+
+class EpochSampler(LengthGroupedSampler):
+    """Batches of similar lengths (less padding: the run is compute-bound on a CPU), shuffled by
+    (seed, epoch) alone, without a last batch too short for the objective.
+
+    - The Trainer calls ``set_epoch``, so a run resumed in the middle of an epoch sees that epoch's
+      order again and skips the batches it has trained. Drawn from the global generator, which a
+      checkpoint restores as it was at the checkpoint, a resumed epoch got a new order: some pairs
+      were trained twice in it and others not at all.
+    - The structure level compares a batch's pairs with each other and needs ``min_batch`` of them
+      (3 for pearson): a last batch of fewer pairs, the remainder of the pairs by ``batch_size``,
+      is left out of the epoch, at most ``min_batch − 1`` pairs, different ones every epoch.
+    """
+
+    def __init__(self, batch_size: int, group_size: int, lengths: list[int], seed: int, min_batch: int):
+        super().__init__(group_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+        remainder = len(lengths) % batch_size
+        self.left_out = remainder if remainder < min_batch else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths) - self.left_out
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return iter(list(super().__iter__())[: len(self)])
 
 
 class MMKDTrainer(Trainer):
@@ -38,12 +69,12 @@ class MMKDTrainer(Trainer):
         self._staging_root = None
 
     def _get_train_sampler(self, train_dataset=None):
-        """Batches of similar lengths (less padding: the run is compute-bound on a CPU), shuffled."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if getattr(dataset, "lengths", None) is None:
             return super()._get_train_sampler(train_dataset)
-        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                    lengths=dataset.lengths)
+        return EpochSampler(self.args.train_batch_size, self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                            dataset.lengths, self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                            self.objective.min_batch())
 
     # ---- the objective --------------------------------------------------------------------------
 
@@ -107,6 +138,9 @@ class MMKDTrainer(Trainer):
         run_dir = self._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self._staging_root = os.path.join(run_dir, STAGING)
+        if self.args.should_save:  # what a run killed while saving left there
+            shutil.rmtree(self._staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         try:
             super()._save_checkpoint(model, trial)
         finally:

@@ -23,6 +23,14 @@ def tiny_args(corpus_file, teacher, student, out, *extra):
     (["--student", "."], "--student .: not a transformers model directory"),
     (["--levels", "sentence,phrase"], "--levels must name some of"),
     (["--weights", "word=x"], "--weights: 'word=x' is not a number"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
+    (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+    (["--eval-size", "-1"], "--eval-size must be 0 (no evaluation) or more, got -1"),
+    (["--eval-fraction", "1"], "--eval-fraction must lie in [0, 1), got 1.0"),
+    (["--warmup-ratio", "1"], "--warmup-ratio is a share of the steps in [0, 1), got 1.0"),
+    (["--batch-size", "2"], "--batch-size 2 on 1 process(es) gives batches of 2 pairs; the levels sentence, word, "
+                            "token, structure need 3"),
 ])
 def test_bad_input_errors_before_any_model_loads(monkeypatch, capsys, argv, message):
     monkeypatch.setattr(run, "load_teacher", lambda *a: pytest.fail("a model loaded"))
@@ -55,14 +63,22 @@ class StopAfter3(run.MMKDTrainer):
         self.add_callback(Stop())
 
 
-def test_train_save_load_and_resume_to_the_same_losses(monkeypatch, corpus_file, tiny_teacher, tiny_student, tmp_path):
+@pytest.mark.parametrize("batch", ["4", "16"], ids=["resumed-in-epoch-1", "resumed-in-epoch-2"])
+def test_train_save_load_and_resume_to_the_same_losses(monkeypatch, corpus_file, tiny_teacher, tiny_student, tmp_path,
+                                                       batch):
+    """Killed after step 3 and resumed. With 16 pairs a batch an epoch is 2 steps, so step 3 is in the
+    second epoch, whose order must come back as it was (it used to be drawn anew on resume)."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, whole, "--max-steps", "6")) == 0
+    size = ("--max-steps", "6", "--batch-size", batch)
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, whole, *size)) == 0
     with monkeypatch.context() as patch:
         patch.setattr(run, "MMKDTrainer", StopAfter3)
-        assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, cut, "--max-steps", "6")) == 0
+        assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, cut, *size)) == 0
     assert sorted(p for p in os.listdir(cut) if p.startswith("checkpoint")) == ["checkpoint-3"]
-    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, cut, "--max-steps", "6", "--resume")) == 0
+    (cut / ".staging" / "checkpoint-100").mkdir(parents=True)  # left by a run killed while saving
+    (cut / ".staging" / "checkpoint-100" / "model.safetensors").write_text("partial")
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, cut, *size, "--resume")) == 0
+    assert not (cut / ".staging").exists()
     reference = losses(whole / "checkpoint-6")
     assert list(reference) == [1, 2, 3, 4, 5, 6]
     assert losses(cut / "checkpoint-6") == pytest.approx(reference, rel=1e-4)
@@ -162,3 +178,17 @@ def test_sentence_heads_are_saved_and_resume_to_the_same_losses(monkeypatch, cor
     assert "no sentence_heads.safetensors; this checkpoint was not trained with --sentence-heads" in capsys.readouterr().err
     assert cli.main(["--sentence-heads"]) == 2
     assert "--sentence-heads is a form of --sentence-loss mse" in capsys.readouterr().err
+
+
+
+def test_a_last_batch_too_small_for_the_structure_level_is_left_out(corpus_file, tiny_teacher, tiny_student, tmp_path):
+    """An epoch whose pairs leave 1 or 2 for its last batch: pearson needs 3 pairs to compare, so the
+    last batch is left out (it used to fail the run at the end of the epoch)."""
+    from mmkd_train.data import load_corpus
+
+    pairs = len(load_corpus([corpus_file], None, [], eval_fraction=0.25, eval_size=0).train)
+    batch = next(b for b in range(4, pairs) if pairs % b in (1, 2))
+    argv = tiny_args(corpus_file, tiny_teacher, tiny_student, tmp_path, "--epochs", "1", "--eval-size", "0",
+                     "--batch-size", str(batch), "--save-steps", "1", "--save-total-limit", "1")
+    assert cli.main(argv) == 0
+    assert [p for p in os.listdir(tmp_path) if p.startswith("checkpoint")] == [f"checkpoint-{pairs // batch}"]
