@@ -101,20 +101,30 @@ def _fill_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     if not args.sizes or min(args.sizes) < 3 or not args.dims or min(args.dims) < 1:
         parser.error("--sizes must be N >= 3 (pearson needs 3 rows) and --dims D >= 1")
     args.sizes, args.dims = sorted(set(args.sizes)), sorted(set(args.dims))
-    for loss in args.losses:
-        if loss not in cases.LOSSES:
-            parser.error(f"--losses: unknown loss {loss!r} (one of {', '.join(cases.LOSSES)})")
-    for name in args.backends or ():
-        if name not in cases.ALL_BACKENDS:
-            parser.error(f"--backends: unknown backend {name!r} (one of {', '.join(cases.ALL_BACKENDS)})")
+    for option, names, known in (("--losses", args.losses, cases.LOSSES), ("--backends", args.backends, cases.ALL_BACKENDS)):
+        if names is None:
+            continue
+        if not names:
+            parser.error(f"{option}: an empty list (leave the option out for the default)")
+        for name in names:
+            if name not in known:
+                parser.error(f"{option}: unknown name {name!r} (one of {', '.join(known)})")
+    # Each series once, in the order given: a repeated name ran its series twice, and the tables
+    # (one row per backend and N) showed only the second run while the JSON kept both.
+    args.losses = list(dict.fromkeys(args.losses))
+    args.backends = list(dict.fromkeys(args.backends)) if args.backends is not None else None
     if args.time_budget is None:
         args.time_budget = 120.0 if args.quick else 60.0 if gpu else 30.0
     if args.min_time is None:
         args.min_time = 0.0 if args.quick else 0.2 if gpu else 0.5
+    if args.time_budget <= 0 or args.min_time < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--time-budget must be > 0, --min-time >= 0 and --threads >= 1")
     args.min_repeats, args.max_repeats = (1, 1) if args.quick else (3, max(args.max_repeats, 3))
     if args.error_n is None:
         fitting = [n for n in args.sizes if n <= ERROR_MAX_N]
         args.error_n = max(fitting) if fitting else min(ERROR_MAX_N, min(args.sizes))
+    if args.error_n != 0 and args.error_n < 3:
+        parser.error(f"--error-n must be 0 (no accuracy check) or N >= 3 (pearson needs 3 rows), got {args.error_n}")
 
 
 def log(message: str) -> None:

@@ -195,3 +195,27 @@ def test_accuracy_table_has_every_backend_within_tolerance(tmp_path):
     assert len(rows) == len({(r["regime"], r["loss"], r["backend"], r["dtype"]) for r in rows})  # each once
     table = result.with_suffix(".md").read_text()
     assert table.count("| structure kl | triton |") == 2 and "—" in table
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--backends", ","], "--backends: an empty list"),
+    (["--losses", "contrastive,cosine"], "--losses: unknown name 'cosine'"),
+    (["--backends", "chunked,turbo"], "--backends: unknown name 'turbo'"),
+    (["--time-budget", "-1"], "--time-budget must be > 0"),
+    (["--threads", "0"], "--threads >= 1"),
+    (["--error-n", "2"], "--error-n must be 0 (no accuracy check) or N >= 3"),
+])
+def test_bad_arguments_stop_before_anything_runs(capsys, argv, message):
+    from benchmarks import run
+
+    with pytest.raises(SystemExit):
+        run.parse_args(["--device", "cpu", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_repeated_names_run_once():
+    from benchmarks import run
+
+    args = run.parse_args(["--device", "cpu", "--losses", "contrastive,contrastive,structure-kl",
+                           "--backends", "reference,chunked,reference"])
+    assert args.losses == ["contrastive", "structure-kl"] and args.backends == ["reference", "chunked"]
