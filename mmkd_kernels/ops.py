@@ -15,6 +15,8 @@ Results are in the accumulation dtype (float32, or float64 for float64 inputs); 
 no gradient gets an empty (0,) tensor.
 """
 
+import functools
+
 import torch
 
 from . import chunked
@@ -162,18 +164,38 @@ def _register_autograd(namespace: str) -> None:
         torch.library.register_autograd(f"{namespace}::{name}", with_grad_backward, setup_context=with_grad_setup)
 
 
+def _python_op(name: str, impl):
+    """A Python implementation as its op runs it: with autocast off, and for the tile ops with their
+    rows checked, since a kernel given rows past N (or a teacher of other N) reads past its inputs.
+    The public losses never pass such rows; a direct call of the op may. (Native's ops check theirs
+    in C++.)"""
+    impl = without_autocast(impl)
+    if not name.startswith("structure_tile"):
+        return impl
+
+    @functools.wraps(impl)
+    def checked(s, t, kind, scale, normalize, row_start, row_count, *rest):
+        n = s.shape[0]
+        if t.shape[0] != n or row_start < 0 or row_count < 0 or row_start + row_count > n:
+            raise ValueError(f"{name}: rows [{row_start}, {row_start + row_count}) must lie within the N = {n} "
+                             f"rows of s and t, got s {tuple(s.shape)} and t {tuple(t.shape)}")
+        return impl(s, t, kind, scale, normalize, row_start, row_count, *rest)
+
+    return checked
+
+
 def register_backend(namespace: str, impls: dict | None = None) -> None:
     """Give the seven ops of ``namespace`` their fake functions and autograd.
 
-    ``impls`` (op name -> Python function) defines those ops as Python custom ops, run with autocast
-    off; the others must already exist (defined in C++ by ``TORCH_LIBRARY``, as the native extension
+    ``impls`` (op name -> Python function) defines those ops as Python custom ops (``_python_op``);
+    the others must already exist (defined in C++ by ``TORCH_LIBRARY``, as the native extension
     does: its kernels call no autocast-listed op).
     """
     impls = impls or {}
     for name, schema in SCHEMAS.items():
         qualname = f"{namespace}::{name}"
         if name in impls:
-            torch.library.custom_op(qualname, without_autocast(impls[name]), mutates_args=(), schema=schema)
+            torch.library.custom_op(qualname, _python_op(name, impls[name]), mutates_args=(), schema=schema)
         torch.library.register_fake(qualname, FAKES[name])
     _register_autograd(namespace)
 

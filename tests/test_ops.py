@@ -127,3 +127,17 @@ def test_autocast_leaves_the_losses_in_their_own_precision(target):
         assert got.dtype == torch.float32 and grad.dtype == torch.float32, name
         assert rel_err(got, want) <= TOLERANCE[torch.float32], (name, rel_err(got, want))
         assert rel_err(grad, want_grad) <= TOLERANCE[torch.float32], (name, rel_err(grad, want_grad))
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+def test_tile_ops_refuse_rows_outside_the_inputs(target):
+    """Called directly, a tile op given rows past N or a teacher of another N raises (triton's
+    kernels read past the inputs and returned inf; chunked failed with a bare IndexError)."""
+    ops_ = getattr(torch.ops, backends.NAMESPACES[target.backend])
+    s, t = randn(10, 4, seed=15, device=target.device), randn(10, 5, seed=16, device=target.device)
+    for start, count, teacher in ((8, 5, t), (-2, 3, t), (10, 1, t), (0, 10, t[:9])):
+        with pytest.raises((ValueError, RuntimeError), match="rows|size|dimension"):
+            ops_.structure_tile_forward(s, teacher, "mse", 1.0, True, start, count)
+        with pytest.raises((ValueError, RuntimeError), match="rows|size|dimension"):
+            ops_.structure_tile_forward_with_grad(s, teacher, "kl", 1.0, True, start, count, True, False)
+    assert ops_.structure_tile_forward(s, t, "mse", 1.0, True, 10, 0).shape == (0,)
