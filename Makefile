@@ -10,18 +10,19 @@ STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
 NATIVE := $(VENV)/.native-built
-CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
+CSRC   := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
 .PHONY: install native test demo bench clean
 
 install: $(STAMP)
 
 # torch first, from the pinned CPU build, so that no dependency pulls a CUDA build; then the project
-# without build isolation, so that its build sees this torch instead of fetching another. The
-# extension is built by the next rule, once (MMKD_BUILD_NATIVE=0 here).
+# without build isolation, so that its build sees this torch instead of fetching another (which is
+# why setuptools and ninja, its build requirements, come first too). The extension is built by the
+# next rule, once (MMKD_BUILD_NATIVE=0 here).
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) setuptools wheel torch
+	$(PIP) setuptools wheel ninja torch
 	MMKD_BUILD_NATIVE=0 $(PIP) --no-build-isolation -e '.[test,bench,train]'
 	touch $@
 

@@ -5,7 +5,7 @@ The package metadata lives in pyproject.toml. Build switches (environment variab
 | variable            | default  | effect                                                              |
 |---------------------|----------|---------------------------------------------------------------------|
 | MMKD_BUILD_NATIVE   | 1        | 0: build no extension (mmkd_kernels.native then builds it on first use) |
-| MMKD_BUILD_CUDA     | auto     | 1: build the CUDA kernels too; 0: CPU only; auto: when torch has CUDA and the CUDA toolkit (nvcc, headers) is found |
+| MMKD_BUILD_CUDA     | auto     | 1: build the CUDA kernels too (or stop with the reason); 0: CPU only; auto: when torch has CUDA and the CUDA toolkit (nvcc, headers) is found (native_build.cuda_choice) |
 | MMKD_CPU_ARCH       | native   | the -march of the CPU kernels (e.g. x86-64-v3 for a portable build)  |
 | MMKD_CUDA_ARCH      | 9.0      | TORCH_CUDA_ARCH_LIST of the CUDA kernels (9.0 = H100)                |
 | MAX_JOBS            | (cores)  | parallel compile jobs (torch.utils.cpp_extension)                   |
@@ -30,19 +30,21 @@ def _native_build():
 
 
 def _extensions():
-    if os.environ.get("MMKD_BUILD_NATIVE", "1") == "0":
+    switch = os.environ.get("MMKD_BUILD_NATIVE", "1")
+    if switch not in ("0", "1"):
+        raise SystemExit(f"MMKD_BUILD_NATIVE must be 0 or 1, got {switch!r}")
+    if switch == "0":
         return [], {}
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     build = _native_build()
-    want_cuda = os.environ.get("MMKD_BUILD_CUDA", "auto")
-    missing = build.cuda_toolkit_missing(CUDA_HOME)
-    if want_cuda == "1" and missing is not None:
-        raise SystemExit(f"MMKD_BUILD_CUDA=1: {missing}")
-    with_cuda = want_cuda == "1" or (want_cuda == "auto" and torch.version.cuda is not None and missing is None)
-    if want_cuda == "auto" and torch.version.cuda is not None and missing is not None:
-        print(f"mmkd-kernels: building the CPU kernels only: {missing}", file=sys.stderr)
+    try:
+        with_cuda, note = build.cuda_choice(torch.__version__, torch.version.cuda, CUDA_HOME)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    if note is not None:
+        print(f"mmkd-kernels: {note}", file=sys.stderr)
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MMKD_CUDA_ARCH", "9.0"))
         ext = CUDAExtension("mmkd_kernels._C", build.sources(with_cuda=True, relative=True),

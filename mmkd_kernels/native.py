@@ -21,12 +21,13 @@ def _jit_build() -> None:
     """torch.utils.cpp_extension.load of csrc/ (CPU kernels; CUDA too where torch and nvcc have it)."""
     from torch.utils.cpp_extension import CUDA_HOME, load
 
-    from .native_build import CSRC, cuda_toolkit_missing, cxx_flags, link_flags, nvcc_flags, sources
+    from .native_build import CSRC, cuda_choice, cxx_flags, link_flags, nvcc_flags, sources
 
     if not CSRC.is_dir():
         raise RuntimeError(f"mmkd_kernels._C is not built and its sources are not at {CSRC} "
                            "(reinstall from a source checkout: pip install --no-build-isolation -e .)")
-    with_cuda = torch.version.cuda is not None and cuda_toolkit_missing(CUDA_HOME) is None and torch.cuda.is_available()
+    # MMKD_BUILD_CUDA as for setup.py; under auto, only where a GPU could run the CUDA kernels.
+    with_cuda, _ = cuda_choice(torch.__version__, torch.version.cuda, CUDA_HOME, torch.cuda.is_available())
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MMKD_CUDA_ARCH", "9.0"))
     load(name=f"mmkd_native_{torch.__version__.replace('.', '_').replace('+', '_')}",
@@ -39,11 +40,14 @@ def load(build: bool) -> str | None:
     it now (once per process; cached on disk by torch). Returns None, or why it cannot."""
     if "error" in _state or "loaded" in _state:
         return _state.get("error")
+    if not build and "unbuilt" in _state:  # known since import: no import again inside a traced call
+        return _state["unbuilt"]
     try:
         importlib.import_module("mmkd_kernels._C")
     except ImportError as missing:
         if not build:
-            return f"backend='native' is not built ({missing}); asking for it by name builds it"
+            _state["unbuilt"] = f"backend='native' is not built ({missing}); asking for it by name builds it"
+            return _state["unbuilt"]
         try:
             _jit_build()
         except Exception as error:  # compiler, ninja or sources missing: say which, once

@@ -51,3 +51,27 @@ def cuda_toolkit_missing(cuda_home: str | None) -> str | None:
         return (f"the CUDA toolkit at CUDA_HOME={cuda_home} has no include/cuda_runtime.h (set CUDA_HOME to the "
                 "toolkit's root, or CUDA_INC_PATH to the folder of its headers)")
     return None
+
+
+def cuda_choice(torch_version: str, torch_cuda: str | None, cuda_home: str | None, gpu_present: bool = True,
+                switch: str | None = None) -> tuple[bool, str | None]:
+    """Whether to build the CUDA kernels, by MMKD_BUILD_CUDA (``switch``, else the environment):
+    (with_cuda, a note saying why not when ``auto`` builds the CPU kernels only). ValueError for an
+    unknown value, or for 1 where they cannot be built, naming the cause. ``gpu_present``: the
+    just-in-time build skips them under ``auto`` where no GPU could run them."""
+    switch = os.environ.get("MMKD_BUILD_CUDA", "auto") if switch is None else switch
+    if switch not in ("0", "1", "auto"):
+        raise ValueError(f"MMKD_BUILD_CUDA must be 0, 1 or auto, got {switch!r}")
+    if switch == "0":
+        return False, None
+    if torch_cuda is None:
+        why = f"torch {torch_version} is a CPU-only build (torch.version.cuda is None)"
+    else:
+        why = cuda_toolkit_missing(cuda_home)
+    if why is None and switch == "auto" and not gpu_present:
+        why = "no GPU is present to run them"
+    if why is None:
+        return True, None
+    if switch == "1":
+        raise ValueError(f"MMKD_BUILD_CUDA=1: {why}")
+    return False, f"building the CPU kernels only: {why}"

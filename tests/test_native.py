@@ -65,6 +65,71 @@ def test_a_cuda_toolkit_needs_its_runtime_headers(monkeypatch, tmp_path):
     assert native_build.cuda_toolkit_missing(str(tmp_path)) is None
 
 
+def test_build_cuda_switch_is_one_decision_for_setup_and_the_jit_build(monkeypatch, tmp_path):
+    """MMKD_BUILD_CUDA decides both builds (the just-in-time one used to ignore it): 0 never, 1 or
+    an error naming the cause (a CPU-only torch used to be blamed on a missing toolkit), auto when it
+    can, saying why not."""
+    monkeypatch.delenv("CUDA_INC_PATH", raising=False)
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    toolkit = str(tmp_path)
+    choice = native_build.cuda_choice
+    assert choice("2.13.0+cpu", None, toolkit, switch="0") == (False, None)
+    assert choice("2.11.0+cu130", "13.0", toolkit, switch="1") == (True, None)
+    assert choice("2.11.0+cu130", "13.0", toolkit, switch="auto") == (True, None)
+    with pytest.raises(ValueError, match=r"MMKD_BUILD_CUDA=1: torch 2.13.0\+cpu is a CPU-only build"):
+        choice("2.13.0+cpu", None, toolkit, switch="1")
+    with pytest.raises(ValueError, match="MMKD_BUILD_CUDA=1: no CUDA toolkit found"):
+        choice("2.11.0+cu130", "13.0", None, switch="1")
+    with pytest.raises(ValueError, match="MMKD_BUILD_CUDA must be 0, 1 or auto, got 'yes'"):
+        choice("2.11.0+cu130", "13.0", toolkit, switch="yes")
+    assert choice("2.13.0+cpu", None, toolkit, switch="auto") == (
+        False, "building the CPU kernels only: torch 2.13.0+cpu is a CPU-only build (torch.version.cuda is None)")
+    assert choice("2.11.0+cu130", "13.0", toolkit, gpu_present=False, switch="auto") == (
+        False, "building the CPU kernels only: no GPU is present to run them")
+    monkeypatch.setenv("MMKD_BUILD_CUDA", "0")
+    assert choice("2.11.0+cu130", "13.0", toolkit) == (False, None)
+
+
+def test_an_unbuilt_extension_is_looked_for_once(monkeypatch):
+    """Asked again (by backend="auto", inside a function torch.compile traces), the answer that the
+    extension is not built comes from memory: an import there fails the trace under fullgraph."""
+    monkeypatch.setattr(native, "_state", {})
+    imports = []
+
+    def missing(name):
+        imports.append(name)
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(native.importlib, "import_module", missing)
+    first, second = native.load(build=False), native.load(build=False)
+    assert first == second and "is not built" in first and imports == ["mmkd_kernels._C"]
+
+
+def test_the_source_distribution_holds_every_source(tmp_path):
+    """setup.py names only the files it compiles; the sdist (which pip builds a wheel from) must
+    carry the headers and the CUDA files too (MANIFEST.in)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+
+    root = Path(__file__).resolve().parent.parent
+    # A copy without the checkout's egg-info, whose SOURCES.txt would add what an earlier build listed.
+    tree = tmp_path / "tree"
+    shutil.copytree(root, tree, ignore=shutil.ignore_patterns(".*", "*.egg-info", "build", "dist", "*.so",
+                                                              "__pycache__", "results"))
+    done = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=tree,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "MMKD_BUILD_NATIVE": "0"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    (archive,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    sources = {str(p.relative_to(root)) for p in (root / "csrc").rglob("*") if p.is_file()}
+    assert sources and sources <= packed, sorted(sources - packed)
+
+
 def test_unknown_kind_is_refused_by_the_kernel():
     s = torch.randn(5, 3)
     with pytest.raises(RuntimeError, match="kind must be 'mse', 'pearson' or 'kl', got 'cosine'"):
