@@ -46,7 +46,7 @@ def _extensions():
     if note is not None:
         print(f"mmkd-kernels: {note}", file=sys.stderr)
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MMKD_CUDA_ARCH", "9.0"))
+        os.environ["TORCH_CUDA_ARCH_LIST"] = build.cuda_arch()
         ext = CUDAExtension("mmkd_kernels._C", build.sources(with_cuda=True, relative=True),
                             extra_compile_args={"cxx": build.cxx_flags(), "nvcc": build.nvcc_flags()},
                             extra_link_args=build.link_flags())

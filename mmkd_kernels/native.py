@@ -21,18 +21,26 @@ def _jit_build() -> None:
     """torch.utils.cpp_extension.load of csrc/ (CPU kernels; CUDA too where torch and nvcc have it)."""
     from torch.utils.cpp_extension import CUDA_HOME, load
 
-    from .native_build import CSRC, cuda_choice, cxx_flags, link_flags, nvcc_flags, sources
+    from .native_build import CSRC, cuda_arch, cuda_choice, cxx_flags, link_flags, nvcc_flags, sources
 
     if not CSRC.is_dir():
         raise RuntimeError(f"mmkd_kernels._C is not built and its sources are not at {CSRC} "
                            "(reinstall from a source checkout: pip install --no-build-isolation -e .)")
     # MMKD_BUILD_CUDA as for setup.py; under auto, only where a GPU could run the CUDA kernels.
     with_cuda, _ = cuda_choice(torch.__version__, torch.version.cuda, CUDA_HOME, torch.cuda.is_available())
+    # torch reads the architectures from the environment: set for this build only, then restored.
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("MMKD_CUDA_ARCH", "9.0"))
-    load(name=f"mmkd_native_{torch.__version__.replace('.', '_').replace('+', '_')}",
-         sources=sources(with_cuda), extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(),
-         extra_ldflags=link_flags(), is_python_module=False, verbose=False)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch()
+    try:
+        load(name=f"mmkd_native_{torch.__version__.replace('.', '_').replace('+', '_')}",
+             sources=sources(with_cuda), extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(),
+             extra_ldflags=link_flags(), is_python_module=False, verbose=False)
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous
 
 
 def load(build: bool) -> str | None:

@@ -35,6 +35,13 @@ def link_flags() -> list[str]:
     return ["-fopenmp"]
 
 
+def cuda_arch() -> str:
+    """The TORCH_CUDA_ARCH_LIST the CUDA kernels are built for: MMKD_CUDA_ARCH, default 9.0 (H100).
+    It replaces a TORCH_CUDA_ARCH_LIST already in the environment (a GPU image may set one for many
+    architectures, which would multiply the build's time); to build for others, set MMKD_CUDA_ARCH."""
+    return os.environ.get("MMKD_CUDA_ARCH", "9.0")
+
+
 def nvcc_flags() -> list[str]:
     return ["-O3", "-std=c++17"]
 

@@ -91,6 +91,27 @@ def test_build_cuda_switch_is_one_decision_for_setup_and_the_jit_build(monkeypat
     assert choice("2.11.0+cu130", "13.0", toolkit) == (False, None)
 
 
+def test_the_jit_build_takes_mmkd_cuda_arch_for_its_own_build(monkeypatch):
+    """MMKD_CUDA_ARCH (default 9.0) replaces an inherited TORCH_CUDA_ARCH_LIST for the build (an
+    image's list of many architectures would multiply its time), and the process's is restored."""
+    import os
+
+    from torch.utils import cpp_extension
+
+    seen = {}
+    monkeypatch.setattr(native_build, "cuda_choice", lambda *args, **kwargs: (True, None))
+    monkeypatch.setattr(cpp_extension, "load",
+                        lambda **kw: seen.update(arch=os.environ.get("TORCH_CUDA_ARCH_LIST"), sources=kw["sources"]))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0 8.0 8.6 9.0")
+    monkeypatch.delenv("MMKD_CUDA_ARCH", raising=False)
+    native._jit_build()
+    assert seen["arch"] == "9.0" and any(name.endswith(".cu") for name in seen["sources"])
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.0 8.0 8.6 9.0"
+    monkeypatch.setenv("MMKD_CUDA_ARCH", "8.0")
+    native._jit_build()
+    assert seen["arch"] == "8.0"
+
+
 def test_an_unbuilt_extension_is_looked_for_once(monkeypatch):
     """Asked again (by backend="auto", inside a function torch.compile traces), the answer that the
     extension is not built comes from memory: an import there fails the trace under fullgraph."""
