@@ -12,7 +12,7 @@ import sys
 
 from .data import DataError, load_corpus
 from .models import ModelError, check_model_path, default_teacher_path
-from .objective import LEVELS, Objective
+from .objective import LEVELS, BatchError, Objective
 
 DEFAULT_LANGUAGES = "de,fr,es"
 DEFAULT_EVAL_LANGUAGES = "it,pt,nl,sv,pl,ru"
@@ -181,6 +181,6 @@ def main(argv=None) -> int:
 
     try:
         return run(args, objective, corpus, teacher_path, student_path)
-    except ModelError as error:
+    except (ModelError, BatchError) as error:
         print(f"mmkd-train: error: {error}", file=sys.stderr)
         return 2

@@ -49,6 +49,16 @@ def load_tokenizer(path: str, role: str):
     return tokenizer
 
 
+def check_max_length(max_length: int, tokenizer, role: str) -> None:
+    """ModelError unless ``max_length`` tokens leave at least one to a sentence's words once the
+    tokenizer's special tokens ([CLS], [SEP]) are in: else every sentence is only those, and the word
+    level has nothing to align."""
+    special = tokenizer.num_special_tokens_to_add(pair=False)
+    if max_length <= special:
+        raise ModelError(f"--max-length {max_length} leaves no token for a sentence's words: the {role}'s "
+                         f"tokenizer adds {special} special tokens; use at least {special + 1}")
+
+
 def load_teacher(path: str) -> nn.Module:
     """The frozen teacher encoder: eval mode (no dropout), no parameter requires grad."""
     from transformers import AutoModel

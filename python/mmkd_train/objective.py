@@ -101,6 +101,11 @@ def tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+class BatchError(ValueError):
+    """A step's batch that a level cannot use, raised on every rank alike: the command reports it
+    without a traceback, since its cause is the data or the options, not the code."""
+
+
 def word_contrastive(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, objective: Objective,
                      group) -> torch.Tensor:
     """InfoNCE of the links' student words (n, D) against the distinct teacher words (m, D); row i's
@@ -108,19 +113,19 @@ def word_contrastive(student: torch.Tensor, teacher: torch.Tensor, targets: torc
 
     A rank may hold no link (all its pairs' given alignments empty or truncated away): mmkd_kernels
     then gives it a zero that still joins the collectives. A step without any link in the whole
-    batch (every rank's) has no word loss to take a mean of: ValueError, alone as across ranks
+    batch (every rank's) has no word loss to take a mean of: BatchError, alone as across ranks
     (where mmkd_kernels raises it on every rank, so none is left waiting).
     """
     why = ("word level: no aligned word pair in this step's batch on any rank (every pair's given alignment "
            "is empty or truncated away); check the alignments, or raise --batch-size or --max-length")
     if group is None and student.shape[0] == 0:
-        raise ValueError(why)
+        raise BatchError(why)
     try:
         return mk.contrastive_loss(student, teacher, targets=targets, temperature=objective.temperature,
                                    backend=objective.backend, process_group=group)
     except ValueError as error:
         if student.shape[0] == 0:  # the only check a rank without rows can fail: no rows anywhere
-            raise ValueError(f"{why} ({error})") from error
+            raise BatchError(f"{why} ({error})") from error
         raise
 
 

@@ -12,7 +12,8 @@ from . import cache as teacher_cache
 from .collate import Collator, PairDataset
 from .data import Corpus
 from .evaluate import evaluate, table, write_report
-from .models import (ModelError, SentenceHeads, Student, load_encoder, load_teacher, load_tokenizer, save_student)
+from .models import (ModelError, SentenceHeads, Student, check_max_length, load_encoder, load_teacher, load_tokenizer,
+                     save_student)
 from .objective import Objective, default_group
 from .trainer import MMKDTrainer
 
@@ -77,6 +78,8 @@ def run(args, objective: Objective, corpus: Corpus, teacher_path: str, student_p
     training = training_arguments(args)  # sets up torch.distributed under torchrun
     teacher_tokenizer = load_tokenizer(teacher_path, "teacher")
     student_tokenizer = load_tokenizer(student_path, "student")
+    for role, tokenizer in (("teacher", teacher_tokenizer), ("student", student_tokenizer)):
+        check_max_length(args.max_length, tokenizer, role)
     same = same_tokenization(student_tokenizer, teacher_tokenizer, [p.src for p in corpus.train[:64]])
     objective = resolve_levels(objective, args.levels is not None, same)
     tlm = "token" in objective.levels and objective.token_loss in ("tlm", "both")

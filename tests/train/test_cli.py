@@ -44,6 +44,28 @@ def test_token_level_by_name_needs_one_tokenizer(monkeypatch, corpus_file, tiny_
     assert "share a tokenizer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("length", ["1", "2"])
+def test_max_length_must_leave_room_for_words(monkeypatch, corpus_file, tiny_teacher, tiny_student, tmp_path, capsys,
+                                              length):
+    """[CLS] and [SEP] alone give the word level nothing: it used to fail in the first step, with a traceback."""
+    monkeypatch.setattr(run, "load_teacher", lambda *a: pytest.fail("a model loaded"))
+    argv = tiny_args(corpus_file, tiny_teacher, tiny_student, tmp_path, "--max-length", length)
+    assert cli.main(argv) == 2
+    assert (f"--max-length {length} leaves no token for a sentence's words: the teacher's tokenizer adds 2 "
+            "special tokens; use at least 3") in capsys.readouterr().err
+
+
+def test_a_step_without_aligned_words_is_an_error_not_a_traceback(tiny_teacher, tiny_student, tmp_path, capsys):
+    """Every pair's given alignment empty: the word level's first step has no link to learn from."""
+    from mmkd_train_test_support import make_pairs
+
+    data = tmp_path / "xx.tsv"
+    data.write_text("".join(f"{s}\t{t}\t\n" for s, t in make_pairs(20)), encoding="utf-8")
+    argv = tiny_args(str(data), tiny_teacher, tiny_student, tmp_path / "out", "--eval-size", "0", "--max-steps", "1")
+    assert cli.main(argv) == 2
+    assert "mmkd-train: error: word level: no aligned word pair in this step's batch" in capsys.readouterr().err
+
+
 def losses(directory):
     with open(os.path.join(directory, "trainer_state.json")) as handle:
         return {e["step"]: e["loss"] for e in json.load(handle)["log_history"] if "loss" in e}

@@ -9,7 +9,7 @@ from mmkd_train.collate import Collator, PairDataset
 from mmkd_train.data import Pair
 from mmkd_train.models import (ModelError, SentenceHeads, Student, load_encoder, load_teacher, load_tokenizer,
                                teacher_hidden)
-from mmkd_train.objective import Objective, mmkd_loss, words
+from mmkd_train.objective import BatchError, Objective, mmkd_loss, words
 
 FORMS = [
     ("sentence", dict(sentence_loss="contrastive")),
@@ -172,5 +172,5 @@ def test_a_batch_without_any_word_link_is_an_error(tiny_teacher, tiny_student):
     student = Student(load_encoder(tiny_student, masked_lm=False), 32)
     items = [{"src": s, "tgt": t, "src_id": k, "alignment": ()} for k, (s, t) in enumerate(make_pairs(4))]
     batch = Collator(tokenizer, tokenizer, 32)(items)
-    with pytest.raises(ValueError, match="word level: no aligned word pair in this step's batch"):
+    with pytest.raises(BatchError, match="word level: no aligned word pair in this step.s batch"):
         step(teacher, student, batch, Objective(levels=("word",)))
