@@ -21,19 +21,19 @@ def _cpu64(x):
 
 def _check(target: Target, q, k, *, grad_output=None, **kwargs):
     """Loss and gradients of a target against the float64 reference on the same rounded inputs."""
-    tol = TOLERANCE[q.dtype]
+    tol = max(TOLERANCE[q.dtype], TOLERANCE[k.dtype])
     inputs = [x for x in (q, k) if x.requires_grad]
     out = mk.contrastive_loss(q, k, backend=target.backend, **kwargs)
     q64, k64 = _cpu64(q), _cpu64(k)
     ref_kwargs = {key: (v.cpu() if isinstance(v, torch.Tensor) else v) for key, v in kwargs.items()}
     ref = mk.contrastive_loss(q64, k64, backend="reference", **ref_kwargs)
-    assert out.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    assert out.dtype == (torch.float64 if torch.promote_types(q.dtype, k.dtype) == torch.float64 else torch.float32)
     assert rel_err(out, ref) <= tol, f"loss: {rel_err(out, ref):.2e} > {tol:.0e}"
     g = grads_of(out, inputs, grad_output)
     g_ref = grads_of(ref, [x for x in (q64, k64) if x.requires_grad],
                      None if grad_output is None else grad_output.double().cpu())
-    for name, a, b in zip(("dq", "dk"), g, g_ref):
-        assert a.dtype == q.dtype and a.shape == b.shape
+    for name, x, a, b in zip(("dq", "dk"), inputs, g, g_ref):
+        assert a.dtype == x.dtype and a.shape == b.shape
         assert rel_err(a, b) <= tol, f"{name}: {rel_err(a, b):.2e} > {tol:.0e}"
     return out
 
@@ -71,6 +71,26 @@ def test_options(target, layout, dtype, seed):
     kq = leaf(randn(n, d, seed=seed + 200, dtype=dtype, layout=layout, device=device))
     _check(target, q, kq, symmetric=True, temperature=0.05)
     _check(target, q, kq, symmetric=True, reduction="none", grad_output=weights, temperature=0.05)
+
+
+MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16),
+         (torch.float32, torch.float64)]
+
+
+@pytest.mark.parametrize("target,dtypes", [
+    (t, dtypes) for t in TARGETS for dtypes in MIXED if runs(t, torch.promote_types(*dtypes), 0)
+], ids=str)
+def test_student_and_teacher_of_different_dtypes(target, dtypes):
+    """Computed in the promoted dtype, as torch would; each gradient in its input's dtype, the loss
+    float32 (float64 when either is): e.g. a bfloat16 student against a float32 teacher's cache."""
+    n, m, d = 37, 53, 24
+    q = leaf(randn(n, d, seed=8, dtype=dtypes[0], device=target.device))
+    k = leaf(randn(m, d, seed=9, dtype=dtypes[1], device=target.device))
+    temperature = 0.5 if torch.float16 in dtypes else 0.1
+    _check(target, q, k, temperature=temperature)
+    _check(target, q, k.detach(), temperature=temperature)
+    _check(target, q, leaf(k[:n]), symmetric=True, temperature=temperature)
+    _check(target, q, k, reduction="none", temperature=temperature, grad_output=torch.linspace(0.5, 1.5, n, device=target.device))
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=str)

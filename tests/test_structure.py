@@ -23,20 +23,21 @@ def _cpu64(x):
 
 
 def _check(target: Target, s, t, **kwargs):
-    tol = TOLERANCE[s.dtype]
+    tol = max(TOLERANCE[s.dtype], TOLERANCE[t.dtype])
     inputs = [x for x in (s, t) if x.requires_grad]
     out = mk.structure_loss(s, t, backend=target.backend, **kwargs)
     s64, t64 = _cpu64(s), _cpu64(t)
     ref = mk.structure_loss(s64, t64, backend="reference", **{k: v for k, v in kwargs.items() if k != "algorithm"})
-    assert out.dim() == 0 and out.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
+    wide = torch.promote_types(s.dtype, t.dtype) == torch.float64
+    assert out.dim() == 0 and out.dtype == (torch.float64 if wide else torch.float32)
     assert rel_err(out, ref) <= tol, f"loss: {rel_err(out, ref):.2e} > {tol:.0e}"
     # Half-precision gradients of a mean over N² pairs underflow fp16 (~1e-7 at N = 1000): scale the
     # loss as AMP's GradScaler does, and compare the scaled gradients.
-    loss_scale = 2.0**12 if s.dtype in (torch.float16, torch.bfloat16) else 1.0
+    loss_scale = 2.0**12 if {s.dtype, t.dtype} & {torch.float16, torch.bfloat16} else 1.0
     grads = grads_of(out * loss_scale, inputs)
     grads_ref = grads_of(ref * loss_scale, [x for x in (s64, t64) if x.requires_grad])
-    for name, a, b in zip(("ds", "dt"), grads, grads_ref):
-        assert a.dtype == s.dtype and a.shape == b.shape
+    for name, x, a, b in zip(("ds", "dt"), inputs, grads, grads_ref):
+        assert a.dtype == x.dtype and a.shape == b.shape
         assert rel_err(a, b) <= tol, f"{name}: {rel_err(a, b):.2e} > {tol:.0e}"
 
 
@@ -69,7 +70,24 @@ def test_pearson_of_two_points(target, algorithm, dtype):
     ref = mk.structure_loss(_cpu64(s).detach(), _cpu64(t).detach(), kind="pearson", backend="reference")
     assert rel_err(out, ref) <= TOLERANCE[dtype]
     for g in torch.autograd.grad(out, (s, t)):
-        assert torch.linalg.vector_norm(g.double()) <= 1e-5 if dtype != torch.float64 else 1e-12
+        assert torch.linalg.vector_norm(g.double()) <= (1e-5 if dtype != torch.float64 else 1e-12)
+
+
+MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16),
+         (torch.float32, torch.float64)]
+
+
+@pytest.mark.parametrize("target,dtypes", [
+    (t, dtypes) for t in TARGETS for dtypes in MIXED if runs(t, torch.promote_types(*dtypes), 0)
+], ids=str)
+@pytest.mark.parametrize("kind,algorithm", CASES)
+def test_student_and_teacher_of_different_dtypes(target, dtypes, kind, algorithm):
+    """Computed in the promoted dtype; each gradient in its input's dtype, the loss float32 (float64
+    when either input is)."""
+    s = leaf(randn(41, 24, seed=10, dtype=dtypes[0], device=target.device))
+    t = leaf(randn(41, 16, seed=11, dtype=dtypes[1], device=target.device))
+    _check(target, s, t, kind=kind, algorithm=algorithm, temperature=0.1)
+    _check(target, s, t.detach(), kind=kind, algorithm=algorithm, temperature=0.1)
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=str)

@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (accumulate_chunks, autotuned, check_dtypes, column_tile, configs, input_grad, inverse_norms,
+from .tiles import (accumulate_chunks, autotuned, column_tile, common_dtype, configs, input_grad, inverse_norms,
                     precision, size_key, span_grid, store_chunk, store_chunks)
 
 # Configs for an H100 (block sizes, warps, stages); no half-precision one spills registers there
@@ -332,7 +332,7 @@ def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric:
     |scale| (normalized rows, |scale| ≤ 40) and results need not be bitwise reproducible (their
     sums are atomic adds in varying order: ``torch.use_deterministic_algorithms`` turns this off);
     otherwise from a second pass over z by columns."""
-    check_dtypes(q, k)
+    q, k = common_dtype(q, k)
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
     one_pass = (symmetric and normalize and abs(scale) <= _ONE_PASS_MAX_SCALE
                 and not torch.are_deterministic_algorithms_enabled())
@@ -358,7 +358,8 @@ def _term(lse, grad, targets, loss):
 def contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_lse, row_loss, col_loss,
                          scale: float, normalize: bool, symmetric: bool, need_q: bool, need_k: bool):
     """As chunked.contrastive_backward: (dq, dk) in the inputs' dtypes, (0,) where not needed."""
-    check_dtypes(q, k)
+    q_dtype, k_dtype = q.dtype, k.dtype
+    q, k = common_dtype(q, k)
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
     row_term = _term(row_lse, grad_row, targets, row_loss)
     col_term = _term(col_lse, grad_col, torch.arange(k.shape[0], device=q.device), col_loss) if symmetric else None
@@ -367,14 +368,14 @@ def contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_lse, ro
         dq = input_grad(_grad_rows(q, k, inv_q, inv_k, row_term, col_term, scale), q, normalize)
     if need_k:
         dk = input_grad(_grad_rows(k, q, inv_k, inv_q, col_term, row_term, scale), k, normalize)
-    return (dq.to(q.dtype) if need_q else q.new_empty(0)), (dk.to(k.dtype) if need_k else k.new_empty(0))
+    return (dq.to(q_dtype) if need_q else q.new_empty(0, dtype=q_dtype)), (dk.to(k_dtype) if need_k else k.new_empty(0, dtype=k_dtype))
 
 
 def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, need_q: bool, need_k: bool):
     """As chunked.contrastive_forward_with_grad: (loss_sum (), dq, dk) in float32. dq comes from the
     statistics' own pass; dk, a sum over rows that needs every row's final statistics, from a
     second pass."""
-    check_dtypes(q, k)
+    q, k = common_dtype(q, k)
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
     dq, dk = q.new_empty(0, dtype=torch.float32), k.new_empty(0, dtype=torch.float32)
     if need_q:

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import chunked
-from .tiles import (accumulate_chunks, autotuned, check_dtypes, configs, input_grad, inverse_norms, precision,
+from .tiles import (accumulate_chunks, autotuned, common_dtype, configs, input_grad, inverse_norms, precision,
                     similarity_tile, size_key, span_grid, store_chunks)
 
 KIND_CODES = {"mse": 0, "pearson": 1, "kl": 2}
@@ -341,7 +341,6 @@ def _centred(kind, scale, normalize):
 
 
 def _rows(s, t, inv_s, inv_t, kind, centred, scale, row_start, row_count):
-    check_dtypes(s, t)
     loss = torch.empty(row_count, device=s.device, dtype=torch.float32)
     stats = torch.empty(row_count, N_STATS, device=s.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(row_count, meta["BLOCK_A"]),)  # noqa: E731
@@ -362,7 +361,9 @@ def _side_grad(s, t, inv_s, inv_t, stats, grad, kind, centred, scale, row_start,
 
 
 def structure_tile_forward(s, t, kind: str, scale: float, normalize: bool, row_start: int, row_count: int):
-    """As chunked.structure_tile_forward: per-row losses (row_count,), float32."""
+    """As chunked.structure_tile_forward: per-row losses (row_count,), float32. Inputs of two
+    dtypes are computed in their promoted one: the kernels' dots take one precision."""
+    s, t = common_dtype(s, t)
     loss, _ = _rows(s, t, inverse_norms(s, normalize), inverse_norms(t, normalize), kind,
                     _centred(kind, scale, normalize), scale, row_start, row_count)
     return loss
@@ -371,6 +372,7 @@ def structure_tile_forward(s, t, kind: str, scale: float, normalize: bool, row_s
 def structure_tile_forward_with_grad(s, t, kind: str, scale: float, normalize: bool, row_start: int,
                                      row_count: int, need_s: bool, need_t: bool):
     """As chunked.structure_tile_forward_with_grad: (loss_sum (), ds, dt) in float32."""
+    s, t = common_dtype(s, t)
     inv_s, inv_t = inverse_norms(s, normalize), inverse_norms(t, normalize)
     centred = _centred(kind, scale, normalize)
     loss, stats = _rows(s, t, inv_s, inv_t, kind, centred, scale, row_start, row_count)

@@ -75,6 +75,14 @@ def check_dtypes(*tensors: torch.Tensor) -> None:
             raise TypeError(f"mmkd_triton ops take float32, float16 or bfloat16 inputs, got {x.dtype}")
 
 
+def common_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a and b in their promoted dtype, as the other backends compute two inputs of different
+    dtypes (a copy of the narrower one only when they differ): one ``tl.dot`` takes one dtype."""
+    check_dtypes(a, b)
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
 def precision(x: torch.Tensor) -> str:
     """Exact float32 dots for float32 inputs (DESIGN §4: TF32 only where the tolerance allows)."""
     return "ieee" if x.dtype == torch.float32 else "tf32"
