@@ -179,6 +179,34 @@ def test_nearly_aligned_pairs_in_half_precision(target, dtype):
     assert out.item() < 1e-4  # the regime this test is about
 
 
+@pytest.mark.parametrize("target,dtype,n", [
+    (t, dtype, n) for t in TARGETS for dtype in (torch.float32, torch.float16, torch.bfloat16) for n in (37, 1100)
+    if runs(t, dtype, n * n * 24)
+], ids=str)
+@pytest.mark.parametrize("noise", [1.0, 0.03])
+def test_symmetric_as_users_run_it(monkeypatch, target, dtype, n, noise):
+    """The conftest's NaN poisoning needs torch.use_deterministic_algorithms, which also sends the
+    symmetric loss of the Triton and CUDA kernels to their two-pass, reproducible path. Users run
+    the other: column statistics from the rows' own pass, summed by atomics. Here that path, with
+    poisoning kept on the CPU (only the kernels' question is answered False) and, on a GPU, freed
+    NaN blocks for the caching allocator to hand out again."""
+    if target.device == "cuda":
+        torch.use_deterministic_algorithms(False)  # the CUDA kernels read the flag in C++
+        torch.full((1 << 26,), float("nan"), device="cuda")  # freed at once, its block kept by the allocator
+    else:
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    gen = torch.Generator().manual_seed(29)
+    k64 = torch.randn(n, 24, generator=gen, dtype=torch.float64)
+    q64 = k64 + noise * torch.randn(n, 24, generator=gen, dtype=torch.float64)
+    q, k = leaf(q64.to(target.device, dtype)), leaf(k64.to(target.device, dtype))
+    # Half-precision gradients of aligned pairs scaled as a GradScaler grows its scale, out of
+    # float16's subnormals (test_nearly_aligned_pairs_in_half_precision says why).
+    scale = 2.0**20 if dtype != torch.float32 and noise < 0.1 else 1.0
+    _check(target, q, k, temperature=0.05, symmetric=True, grad_output=torch.tensor(scale, device=target.device))
+    _check(target, q, k, temperature=0.05, symmetric=True, reduction="none",
+           grad_output=torch.linspace(0.5, 1.5, n, device=target.device) * (scale / n))
+
+
 @pytest.mark.parametrize("target", [t for t in TARGETS if runs(t, torch.float32, 1100 * 1100 * 16)], ids=str)
 @pytest.mark.parametrize("noise", [1.0, 0.03])
 def test_symmetric_across_row_blocks(target, noise):
