@@ -3,9 +3,30 @@ PyTorch fills each ``torch.empty`` with NaN, so a kernel that leaves part of an 
 fails its comparison instead of passing on leftover memory. (Helpers: mmkd_test_support.py, which
 also selects the Triton interpreter where there is no GPU, before mmkd_kernels is imported.)"""
 
-import mmkd_test_support  # noqa: F401  (first: sets TRITON_INTERPRET before the kernels load)
+import mmkd_test_support  # first: sets TRITON_INTERPRET before the kernels load
 import pytest
 import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """A case on a CUDA target is marked gpu, and skipped with its reason where it cannot run."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        for value in params.values():
+            if isinstance(value, mmkd_test_support.Target) and value.device == "cuda":
+                item.add_marker(pytest.mark.gpu)
+                reason = mmkd_test_support.cuda_skip_reason(value)
+                if reason is not None:
+                    item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many table cases the Triton interpreter was spared (runs()): they run on a GPU."""
+    left_out = len(mmkd_test_support.LEFT_OUT_OF_THE_INTERPRETER)
+    if left_out:
+        terminalreporter.write_line(
+            f"triton-cpu: {left_out} table cases above the interpreter's size limit (N*M*D > "
+            f"{mmkd_test_support.INTERPRETER_MAX_WORK}) were not collected; a GPU runs them as triton-cuda")
 
 
 @pytest.fixture(autouse=True)

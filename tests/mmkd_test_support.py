@@ -45,17 +45,27 @@ class Target(NamedTuple):
 
 
 def _targets() -> list[Target]:
+    cpu = [Target(b, "cpu") for b in FAST_BACKENDS if b != "triton" or INTERPRETED]
+    return cpu + [Target(b, "cuda") for b in ("chunked", "triton", "native")]
+
+
+# Every (backend, device) the shared tables run. The CUDA ones are always collected, marked gpu, and
+# skipped with their reason where they cannot run (conftest.py; cuda_skip_reason).
+TARGETS = _targets()
+
+
+def cuda_skip_reason(target: Target) -> str | None:
+    """Why a CUDA target cannot run here, or None (CPU targets always run)."""
+    if target.device != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "needs a CUDA device; none here"
     from mmkd_kernels import native
 
-    targets = [Target(b, "cpu") for b in FAST_BACKENDS if b != "triton" or INTERPRETED]
-    if torch.cuda.is_available():
-        on_cuda = {"chunked", "triton"} | ({"native"} if native.has_cuda_kernels() else set())
-        targets += [Target(b, "cuda") for b in FAST_BACKENDS if b in on_cuda]
-    return targets
+    if target.backend == "native" and not native.has_cuda_kernels():
+        return "mmkd_kernels._C has no CUDA kernels (test_the_installed_backends_are_all_here says why that fails)"
+    return None
 
-
-# Every (backend, device) the shared tables run: CPU here; CUDA too on a GPU machine.
-TARGETS = _targets()
 
 # The interpreter runs a program per block in Python: N·M·D beyond this takes tens of seconds.
 INTERPRETER_MAX_WORK = 300 * 300 * 128
@@ -69,8 +79,14 @@ def runs(target: Target, dtype: torch.dtype, work: int) -> bool:
     if dtype == torch.float64 and (target.backend == "triton" or (target.backend == "native" and target.device == "cuda")):
         return False
     if target.backend == "triton" and target.device == "cpu":
-        return work <= INTERPRETER_MAX_WORK
+        if work > INTERPRETER_MAX_WORK:
+            LEFT_OUT_OF_THE_INTERPRETER.append(work)
+            return False
     return True
+
+
+# The cases runs() left out for the interpreter's size limit (the conftest's summary counts them).
+LEFT_OUT_OF_THE_INTERPRETER: list[int] = []
 
 
 # A case whose truth is exactly zero (D = 1 with normalization has zero gradient; one column gives

@@ -1,5 +1,8 @@
 """Every bad input of DESIGN §2 raises ValueError/TypeError naming the argument and what it got."""
 
+import os
+import re
+
 import pytest
 import torch
 
@@ -64,14 +67,36 @@ def test_bad_input(call, error, match):
         call()
 
 
-@pytest.mark.parametrize("name", ["triton", "native"])
-def test_unavailable_backend_says_why(name):
-    if name in mk.available_backends():
-        return  # available here: nothing to refuse (the backend's own tests cover it)
-    with pytest.raises(ValueError, match=f"backend='{name}' is not"):
+@pytest.mark.parametrize("name,reason", [
+    ("triton", "backend='triton' needs the triton package"),
+    ("native", "backend='native' could not be built just in time: OSError: no compiler"),
+])
+def test_unavailable_backend_says_why(monkeypatch, name, reason):
+    """Whatever this machine has: each backend made unavailable the way a user's machine would lack
+    it (no triton package; an extension neither built nor buildable)."""
+    from mmkd_kernels import backends, native
+
+    monkeypatch.setattr(backends, "_TRITON_FOUND", False)
+    monkeypatch.setattr(native, "load", lambda build: reason if build else "backend='native' is not built")
+    assert mk.available_backends() == ["reference", "chunked"]
+    with pytest.raises(ValueError, match=re.escape(reason)):
         mk.contrastive_loss(Q, K, backend=name)
-    with pytest.raises(ValueError, match=f"backend='{name}' is not"):
+    with pytest.raises(ValueError, match=re.escape(reason)):
         mk.structure_loss(Q, K, backend=name)
+    assert mk.contrastive_loss(Q, K, backend="auto").isfinite()  # auto falls back to chunked
+
+
+def test_the_installed_backends_are_all_here():
+    """The shared tables run every backend that mk.available_backends() lists: one that failed to
+    load would leave its cases out without a word. Triton is a dependency (Linux), and the make
+    targets build the extension, so both must be here; on a GPU, the extension's CUDA kernels too
+    unless the build was told MMKD_BUILD_CUDA=0."""
+    from mmkd_kernels import backends, native
+
+    assert backends.unavailable_reason("triton") is None
+    assert backends.unavailable_reason("native") is None
+    if torch.cuda.is_available() and os.environ.get("MMKD_BUILD_CUDA") != "0":
+        assert native.has_cuda_kernels(), "a GPU is here but mmkd_kernels._C has no CUDA kernels (see the build log)"
 
 
 def test_triton_refusals_say_why(monkeypatch):

@@ -150,8 +150,9 @@ for step in $STEPS; do
       parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
       per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=120")
       # chunked-cuda (plain PyTorch on the GPU) is left out: the call's minutes go to the kernels.
+      # installed_backends: the check that the extension has its CUDA kernels (else native-cuda skips).
       run_step test 240 python3 -m pytest -v $parallel $per_test --maxfail=20 -p no:cacheprovider tests --ignore=tests/train \
-        --ignore=tests/test_cuda_sources.py -k "(cuda or triton) and not chunked-cuda" > "$WORK/pytest.log" 2>&1
+        --ignore=tests/test_cuda_sources.py -k "(cuda or triton or installed_backends) and not chunked-cuda" > "$WORK/pytest.log" 2>&1
       status=$?
       grep -E "^test: |FAILED|ERROR|passed|failed" "$WORK/pytest.log" | tail -n 25
       [ "$status" -eq 0 ]
