@@ -57,10 +57,11 @@ def test_quick_run_has_a_measured_row_per_loss_and_backend(quick_run):
             assert row is not None, f"no row for {loss} × {backend}"
             assert row["status"] == "ok", (loss, backend, row["status"], row.get("traceback"))
             assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0 and row["fwd_bwd_peak_extra_mib"] >= 0
-    # Every backend computes the same loss: the accuracy check against float64 says so.
+    # Every backend computes the same loss: the accuracy check against float64 says so, within
+    # float32's tolerance (DESIGN §4; these inputs are float32).
     for entry in result["errors"]:
         assert entry["status"] == "ok", entry
-        assert entry["rel_err_loss"] < 1e-4 and entry["rel_err_grad"] < 1e-3, entry
+        assert entry["rel_err_loss"] <= 1e-5 and entry["rel_err_grad"] <= 1e-5, entry
     markdown = next(out.glob("*.md")).read_text()
     assert "## contrastive, D = 32: forward + backward" in markdown
     assert done.stdout == ""  # progress goes to stderr
