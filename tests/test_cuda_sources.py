@@ -527,6 +527,13 @@ def test_launchers_refuse_bad_arguments_and_skip_empty_work(launchers):
     assert lib.mmkd_contrastive_lse_grad(0, *none, None, None, None, 0, 5, 3, 3, 1, 3, 1, 1.0, 1.0, None) == 0
     lse = torch.zeros(4)
     assert lib.mmkd_contrastive_grad(0, *none, _ptr(lse), *([None] * 7), 4, 5, 3, 3, 1, 3, 1, 1.0, None) == invalid
+    # A side without rows: its term is off whatever its pointers (torch gives empty tensors NULL,
+    # a caller's own buffers need not).
+    q, k = randn(0, 3, seed=13), randn(6, 3, seed=14)
+    dk = torch.empty(6, 3)
+    assert lib.mmkd_contrastive_grad(0, _ptr(k), _ptr(q), _ptr(torch.ones(6)), None, *([None] * 4), _ptr(torch.zeros(1)),
+                                     None, None, None, _ptr(dk), 6, 0, 3, 3, 1, 3, 1, 1.0, None) == 0
+    assert torch.equal(dk, torch.zeros(6, 3))
     # A bad kind or side, rows outside [0, n), the centred kl past its largest scale (or at NaN).
     assert lib.mmkd_structure_rows(0, 4, *none, None, 5, 0, 0, 1, 1, 1, 1, 1, 1, 1.0, None) == invalid
     for scale in (chunked.KL_CENTRED_MAX_SCALE * 1.01, float("nan")):

@@ -456,6 +456,10 @@ extern "C" int mmkd_contrastive_grad(int dtype, const void* A, const void* B, co
                                      float* dA, int64_t n_a, int64_t n_b,
                                      int64_t d, int64_t stride_a, int64_t stride_ad, int64_t stride_b,
                                      int64_t stride_bd, float scale, cudaStream_t stream) {
+  // A side without rows has no term, whatever its pointers: an empty tensor may or may not have
+  // storage (a DDP rank without student rows passes its empty row term to the teacher's gradient).
+  if (n_a == 0) lse_a = g_a = tg_a = nullptr, t_a = nullptr;
+  if (n_b == 0) lse_b = g_b = tg_b = nullptr, t_b = nullptr;
   if (!valid_dtype(dtype) || !valid_sizes(n_a, n_b, d) || !consistent(lse_a, g_a, t_a, tg_a) ||
       !consistent(lse_b, g_b, t_b, tg_b))
     return cudaErrorInvalidValue;
