@@ -76,6 +76,21 @@ def test_options(target, layout, dtype, seed):
     _check(target, q, kq, symmetric=True, reduction="none", grad_output=weights, temperature=0.05)
 
 
+@pytest.mark.parametrize("target,dtype", [
+    (t, dtype) for t in TARGETS for dtype in (torch.float32, torch.float16, torch.bfloat16) if runs(t, dtype, 0)
+], ids=str)
+@pytest.mark.parametrize("temperature", [0.02, 0.005])
+def test_low_temperature(target, dtype, temperature):
+    """|scale| past the fixed shift's bound (40): the kernels keep a running max instead, forward and
+    backward, both directions, at the sharp softmaxes of a low temperature."""
+    q = leaf(randn(37, 24, seed=12, dtype=dtype, device=target.device))
+    k = leaf(randn(53, 24, seed=13, dtype=dtype, device=target.device))
+    _check(target, q, k, temperature=temperature)
+    _check(target, q, leaf(k[:37]), temperature=temperature, symmetric=True)
+    _check(target, q, k, temperature=temperature, reduction="none",
+           grad_output=torch.linspace(0.5, 1.5, 37, device=target.device))
+
+
 MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16),
          (torch.float32, torch.float64)]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mmkd_kernels as mk
-from mmkd_test_support import leaf, randn
+from mmkd_test_support import TOLERANCE, leaf, randn, rel_err
 
 
 def _loop_mean(hidden, ids, num_segments):
@@ -16,19 +16,29 @@ def _loop_mean(hidden, ids, num_segments):
     return out
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device; none here")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_matches_a_plain_loop(seed, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_matches_a_plain_loop(seed, dtype, layout, device):
+    """Against a float64 loop over the words: within DESIGN §4's tolerance of the dtype (means of
+    half-precision rows are summed in float32 and rounded once)."""
     gen = torch.Generator().manual_seed(seed)
-    hidden = leaf(randn(53, 7, seed=seed, dtype=dtype))
-    ids = torch.randint(-1, 20, (53,), generator=gen)  # -1: padding / special tokens
+    hidden = leaf(randn(53, 7, seed=seed, dtype=dtype, layout=layout, device=device))
+    ids = torch.randint(-1, 20, (53,), generator=gen).to(device)  # -1: padding / special tokens
     out = mk.segment_mean(hidden, ids, num_segments=23)  # 20..22 are empty words
-    torch.testing.assert_close(out, _loop_mean(hidden.detach(), ids, 23))
-    weights = torch.randn(23, 7, generator=gen, dtype=dtype)
-    (grad,) = torch.autograd.grad((out * weights).sum(), hidden)
-    h64 = leaf(hidden.detach().double())
-    (grad_ref,) = torch.autograd.grad((_loop_mean_autograd(h64, ids, 23) * weights.double()).sum(), h64)
-    torch.testing.assert_close(grad.double(), grad_ref)
+    assert out.dtype == dtype and out.device == hidden.device
+    h64 = leaf(hidden.detach().double().cpu())
+    want = _loop_mean_autograd(h64, ids.cpu(), 23)
+    assert rel_err(out, want) <= TOLERANCE[dtype]
+    weights = torch.randn(23, 7, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((out * weights.to(device, dtype)).sum(), hidden)
+    (grad_ref,) = torch.autograd.grad((want * weights.to(dtype).double()).sum(), h64)
+    assert grad.dtype == dtype and rel_err(grad, grad_ref) <= TOLERANCE[dtype]
 
 
 def _loop_mean_autograd(hidden, ids, num_segments):
