@@ -11,7 +11,7 @@ eager PyTorch losses run in the inputs' dtype: what a user gets without this lib
 backend runs in every dtype it computes on ``--device``. On the CPU the ``triton`` rows run its
 kernels under Triton's interpreter (float32 arithmetic in NumPy, with exact exponentials where a
 GPU uses fast ones), at a smaller N (``--interpreter-n``), bfloat16 through the interpreter's
-repaired dot (``benchmarks/triton_interpreter_bfloat16.py``); ``--device cuda`` runs them
+repaired dot (``benchmarks/triton_interpreter_repairs.py``); ``--device cuda`` runs them
 compiled, beside the native CUDA kernels. Writes ``<out>/accuracy-<device>-<date>.{json,md}``.
 """
 
@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mmkd_kernels as mk  # noqa: E402
-from benchmarks import report, triton_interpreter_bfloat16  # noqa: E402
+from benchmarks import report, triton_interpreter_repairs  # noqa: E402
 from mmkd_kernels.backends import unavailable_reason  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         parser.error("--device cuda: torch sees no CUDA device here")
     interpreted = device.type == "cpu" and unavailable_reason("triton", device) is None
     if interpreted:
-        triton_interpreter_bfloat16.install()  # its bfloat16 dot multiplies bit patterns otherwise
+        triton_interpreter_repairs.install()  # its bfloat16 dot multiplies bit patterns otherwise
     backends = _backends(device, args.n, args.interpreter_n if interpreted else args.n, interpreted)
     rows = []
     for regime, noise in REGIMES.items():
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
              f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}." if device.type == "cuda" else ".")]
     if interpreted and any(backend == "triton" for backend, _, _ in backends):
         lines[-1] += (f" `triton` rows: its kernels under Triton's interpreter on the CPU, N = {args.interpreter_n}, "
-                      "bfloat16 through the interpreter's repaired dot (benchmarks/triton_interpreter_bfloat16.py); "
+                      "bfloat16 through the interpreter's repaired dot (benchmarks/triton_interpreter_repairs.py); "
                       "exact exponentials where a GPU uses fast ones: the algorithm's accuracy, not a GPU's "
                       "measurement).")
     for regime, noise in REGIMES.items():

@@ -22,10 +22,10 @@ os.environ.setdefault("MMKD_TRITON_AUTOTUNE", "0")
 import mmkd_kernels as mk  # noqa: E402
 
 if INTERPRETED:
-    from benchmarks import triton_interpreter_bfloat16  # noqa: E402
+    from benchmarks import triton_interpreter_repairs  # noqa: E402
 
     # The interpreter's bfloat16 dot multiplies bit patterns; mended here so bfloat16 runs too.
-    triton_interpreter_bfloat16.install()
+    triton_interpreter_repairs.install()
 
 # DESIGN §4: relative error ‖out − ref‖ / ‖ref‖ against float64 on the same rounded inputs.
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -74,7 +74,7 @@ INTERPRETER_MAX_WORK = 300 * 300 * 128
 def runs(target: Target, dtype: torch.dtype, work: int) -> bool:
     """Whether a case belongs in a target's table (cases are left out, never skipped): triton and
     the CUDA kernels compute no float64 (their refusal is tested in test_errors.py); under its
-    interpreter triton is slow, so small sizes only (bfloat16 included: benchmarks/triton_interpreter_bfloat16.py
+    interpreter triton is slow, so small sizes only (bfloat16 included: benchmarks/triton_interpreter_repairs.py
     mends the interpreter's bfloat16 dot, which DESIGN §4 had left to a GPU)."""
     if dtype == torch.float64 and (target.backend == "triton" or (target.backend == "native" and target.device == "cuda")):
         return False

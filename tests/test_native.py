@@ -1,5 +1,8 @@
 """The native extension: its C++ schemas are the shared ones, and a missing build says why."""
 
+import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,10 +38,17 @@ def test_cpu_kernels_are_registered_for_cpu():
 def test_the_extension_shares_torchs_openmp_runtime():
     """csrc/cpu/common.h refuses a build without OpenMP, where at::parallel_for runs on one thread.
     The extension links libgomp.so.1 by soname, which must resolve to the runtime torch loaded:
-    a second one would keep a second pool of threads spinning beside torch's."""
-    assert "native" in mk.available_backends()
-    runtimes = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-                if any(name in line for name in ("libgomp", "libiomp", "libomp"))}
+    a second one would keep a second pool of threads spinning beside torch's. In a fresh process
+    that loads torch and the extension only: this one has loaded whatever the other tests import
+    (transformers 5.17 imports scikit-learn, which brings its own libgomp under another name)."""
+    probe = ("import mmkd_kernels as mk; from pathlib import Path; from mmkd_kernels import native; "
+             "assert native.load(build=False) is None, native.load(build=False); "
+             "print(sorted({l.split()[-1] for l in Path('/proc/self/maps').read_text().splitlines() "
+             "if any(n in l for n in ('libgomp', 'libiomp', 'libomp'))}))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    runtimes = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     assert len(runtimes) == 1, runtimes
 
 

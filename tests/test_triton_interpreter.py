@@ -1,13 +1,14 @@
-"""The repair of bfloat16 under Triton's interpreter (benchmarks/triton_interpreter_bfloat16.py),
-checked against torch on the CPU. Only where the interpreter runs (no GPU): on a GPU the kernels
+"""The repairs of Triton's interpreter (benchmarks/triton_interpreter_repairs.py): bfloat16 checked
+against torch on the CPU, and scalar arguments' ``__index__`` under any numpy. Only where the interpreter runs (no GPU): on a GPU the kernels
 are compiled and the interpreter is not used."""
 
+import numpy as np
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-from benchmarks import triton_interpreter_bfloat16 as repair
+from benchmarks import triton_interpreter_repairs as repair
 from mmkd_test_support import INTERPRETED
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="a GPU is present: Triton compiles, the interpreter is unused")
@@ -49,7 +50,7 @@ def test_bfloat16_dot_is_the_float32_product_of_its_values(seed):
 
 def test_the_interpreter_needs_the_repair(monkeypatch):
     """Without the repair the dot multiplies bit patterns (triton-lang/triton#11584). If this fails,
-    the interpreter has been fixed and benchmarks/triton_interpreter_bfloat16.py can go."""
+    the interpreter has been fixed and benchmarks/triton_interpreter_repairs.py can go."""
     assert repair.applies()
     builder = triton.runtime.interpreter.InterpreterBuilder
     monkeypatch.setattr(builder, "create_dot", builder.create_dot.__wrapped__)
@@ -74,3 +75,26 @@ def test_the_conversions_round_trip():
     widened = torch.from_numpy(repair.bits_to_float32(bits))
     assert torch.equal(widened, values.float())
     assert (repair.float32_to_bits(widened.numpy()) == bits).all()
+
+
+@triton.jit
+def _strided_sum_kernel(X, OUT, n, BLOCK: tl.constexpr):
+    total = tl.zeros((BLOCK,), tl.float32)
+    for start in range(0, n, BLOCK):  # a runtime bound: the interpreter takes n's __index__
+        r = start + tl.arange(0, BLOCK)
+        total += tl.load(X + r, mask=r < n, other=0.0)
+    tl.store(OUT, tl.sum(total))
+
+
+def test_scalar_arguments_index_under_any_numpy():
+    """numpy 2.4 refuses int() of a one-element array of one dimension, which Triton 3.6's
+    interpreter used for a scalar's __index__; the repair takes its element."""
+    assert triton.runtime.interpreter._patch_lang_tensor._mmkd_index
+
+    class Scalar:
+        handle = triton.runtime.interpreter.TensorHandle(np.array([7], dtype=np.int32), tl.int32)
+
+    assert repair.scalar_index(Scalar()) == 7
+    x, out = torch.arange(37, dtype=torch.float32), torch.full((1,), float("nan"))
+    _strided_sum_kernel[(1,)](x, out, 37, BLOCK=8)
+    assert out.item() == x.sum().item()

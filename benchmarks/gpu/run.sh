@@ -107,6 +107,12 @@ has_cuda_kernels() {
 # runs the extension.
 BUILD_PID=
 build_status=0
+# torch takes CUDA_HOME, when unset, from nvcc's place on the PATH without following links: an
+# nvcc linked into /usr/local/bin gives /usr/local, which has no CUDA headers. The toolkit is
+# where the link points.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+fi
 build() {
   if has_cuda_kernels; then echo "build: _C already has its CUDA kernels"; return 0; fi
   ( time MMKD_BUILD_CUDA=1 MAX_JOBS=8 run_step build 300 nice -n 19 python3 setup.py -q build_ext --inplace ) 2>&1

@@ -1,9 +1,9 @@
-"""bfloat16 under Triton's interpreter, mended for the tests and the accuracy table: two
-conversions, nothing else. The library never imports this; only code that runs the kernels under
+"""Triton's interpreter, mended for the tests and the accuracy table: three small repairs,
+nothing else. The library never imports this; only code that runs the kernels under
 ``TRITON_INTERPRET=1`` on purpose calls ``install()``.
 
-Triton's interpreter (3.6 at least) keeps a bfloat16 tensor as its uint16 bit patterns, since numpy
-has no bfloat16. Two of its operations treat those bits wrongly:
+bfloat16. Triton's interpreter (3.6 at least) keeps a bfloat16 tensor as its uint16 bit patterns,
+since numpy has no bfloat16. Two of its operations treat those bits wrongly:
 
 - ``tl.dot`` feeds them to ``np.matmul`` as integers, so a bfloat16 dot returns values around 1e10
   (triton-lang/triton#11584; the fix, #11585, was declined: "we just don't support it yet");
@@ -14,8 +14,15 @@ bfloat16 is a float32, and their products are exact in float32, as on the tensor
 accumulate in float32), and the cast rounds to nearest even through torch. Everything else the
 kernels do with bfloat16 is a load, a store or a cast to float32, which the interpreter gets right.
 With it, the tests and ``benchmarks/accuracy.py`` run the Triton kernels' bfloat16 paths on the
-CPU; before, bfloat16 was left to a GPU run (DESIGN §4). ``tests/test_triton_interpreter.py``
-checks both repairs and that the bug is what this module assumes.
+CPU; before, bfloat16 was left to a GPU run (DESIGN §4).
+
+numpy 2.4. The interpreter holds a scalar argument as a one-element array and takes its
+``__index__`` (``range(0, n, BLOCK)`` in a kernel) with ``int(array)``, which numpy 2.4 turned
+from a deprecation into a TypeError (fixed upstream after 3.6: triton-lang/triton#9172). The
+repair takes ``.item()`` instead, so the kernels run under any numpy.
+
+``tests/test_triton_interpreter.py`` checks the repairs and that each bug is what this module
+assumes.
 """
 
 import functools
@@ -49,8 +56,9 @@ def applies() -> bool:
 
 
 def install() -> None:
-    """Wrap the interpreter's dot and cast (once; a no-op where bfloat16 is stored otherwise). The
-    originals stay reachable as each wrapper's ``__wrapped__``."""
+    """Wrap the interpreter's dot and cast (once; a no-op where bfloat16 is stored otherwise), and
+    its scalars' ``__index__``. The originals stay reachable as each wrapper's ``__wrapped__``."""
+    _install_scalar_index()
     builder = interpreter.InterpreterBuilder
     if not applies() or getattr(builder, "_mmkd_bfloat16", False):
         return
@@ -68,3 +76,22 @@ def install() -> None:
 
     builder.create_dot, builder.cast_impl = create_dot, cast_impl
     builder._mmkd_bfloat16 = True
+
+
+def scalar_index(tensor) -> int:
+    """A kernel scalar's ``__index__``: its one element, under any numpy."""
+    return int(tensor.handle.data.item())
+
+
+def _install_scalar_index() -> None:
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "_mmkd_index", False):
+        return
+
+    @functools.wraps(patch)
+    def patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", scalar_index)
+
+    patch_lang_tensor._mmkd_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
