@@ -15,9 +15,9 @@ def pytest_collection_modifyitems(config, items):
         for value in params.values():
             if isinstance(value, mmkd_test_support.Target) and value.device == "cuda":
                 item.add_marker(pytest.mark.gpu)
-                reason = mmkd_test_support.cuda_skip_reason(value)
-                if reason is not None:
-                    item.add_marker(pytest.mark.skip(reason=reason))
+                cuda_reason = mmkd_test_support.cuda_skip_reason(value)
+                if cuda_reason is not None:
+                    item.add_marker(pytest.mark.skip(reason=cuda_reason))
 
 
 def pytest_terminal_summary(terminalreporter):
