@@ -108,7 +108,8 @@ def test_student_and_teacher_of_different_dtypes(target, dtypes):
     _check(target, q, k, temperature=temperature)
     _check(target, q, k.detach(), temperature=temperature)
     _check(target, q, leaf(k[:n]), symmetric=True, temperature=temperature)
-    _check(target, q, k, reduction="none", temperature=temperature, grad_output=torch.linspace(0.5, 1.5, n, device=target.device))
+    _check(target, q, k, reduction="none", temperature=temperature,
+           grad_output=torch.linspace(0.5, 1.5, n, device=target.device))
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=str)

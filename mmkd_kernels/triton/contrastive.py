@@ -368,7 +368,9 @@ def contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_lse, ro
         dq = input_grad(_grad_rows(q, k, inv_q, inv_k, row_term, col_term, scale), q, normalize)
     if need_k:
         dk = input_grad(_grad_rows(k, q, inv_k, inv_q, col_term, row_term, scale), k, normalize)
-    return (dq.to(q_dtype) if need_q else q.new_empty(0, dtype=q_dtype)), (dk.to(k_dtype) if need_k else k.new_empty(0, dtype=k_dtype))
+    dq = dq.to(q_dtype) if need_q else q.new_empty(0, dtype=q_dtype)
+    dk = dk.to(k_dtype) if need_k else k.new_empty(0, dtype=k_dtype)
+    return dq, dk
 
 
 def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, need_q: bool, need_k: bool):
