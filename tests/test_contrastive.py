@@ -70,6 +70,7 @@ def test_options(target, layout, dtype, seed):
     for reduction in ("mean", "sum"):
         _check(target, q, k, targets=targets, reduction=reduction, temperature=temperature)
     _check(target, q, k, targets=targets, reduction="none", grad_output=weights, temperature=temperature)
+    _check(target, q, k.detach(), targets=targets, temperature=temperature)  # the frozen teacher, the main case
     _check(target, q * 0.2, k * 0.3, normalize=False, temperature=1.0)
     kq = leaf(randn(n, d, seed=seed + 200, dtype=dtype, layout=layout, device=device))
     _check(target, q, kq, symmetric=True, temperature=0.05)

@@ -77,6 +77,17 @@ def test_pearson_of_two_points(target, algorithm, dtype):
         assert torch.linalg.vector_norm(g.double()) <= (1e-5 if dtype != torch.float64 else 1e-12)
 
 
+@pytest.mark.parametrize("target,dtype", [(t, dtype) for t in TARGETS for dtype in DTYPES if runs(t, dtype, 0)],
+                         ids=str)
+@pytest.mark.parametrize("kind,algorithm", CASES)
+def test_frozen_teacher_in_every_dtype(target, dtype, kind, algorithm):
+    """The trainer's case: only the student's gradient is wanted, which the fused forward computes
+    alone (a separate path from the tables' two gradients)."""
+    s = leaf(randn(41, 24, seed=12, dtype=dtype, device=target.device))
+    t = randn(41, 16, seed=13, dtype=dtype, device=target.device)
+    _check(target, s, t, kind=kind, algorithm=algorithm, temperature=0.1)
+
+
 MIXED = [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16),
          (torch.float32, torch.float64)]
 
