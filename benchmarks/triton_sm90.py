@@ -51,10 +51,12 @@ MULTIPLES_OF_16 = {"d", "ds", "dt", "stride_a", "stride_b", "s_row", "t_row"}
 
 
 def _kernels():
-    """(name, autotuner, the constexpr variants the launchers use)."""
+    """(name, autotuner, the constexpr variants the launchers use). Each kernel's first variant
+    comes again with int64 indices (INT64_OFFSETS, for tensors past 2^31 elements: tiles.py), the
+    others keep int32 ones, as every usual size does."""
     kinds = [dict(KIND=code, CENTRED=False) for code in structure.KIND_CODES.values()]
     kinds.append(dict(KIND=structure.KIND_CODES["kl"], CENTRED=True))
-    return [
+    kernels = [
         ("contrastive._lse_kernel", contrastive._lse_kernel, [dict(COLUMNS=False), dict(COLUMNS=True)]),
         ("contrastive._lse_grad_kernel", contrastive._lse_grad_kernel,
          [dict(FIXED_SHIFT=False), dict(FIXED_SHIFT=True)]),
@@ -63,6 +65,8 @@ def _kernels():
         ("structure._rows_kernel", structure._rows_kernel, kinds),
         ("structure._grad_kernel", structure._grad_kernel, [dict(k, SIDE=s) for k in kinds for s in (0, 1)]),
     ]
+    return [(name, kernel, [dict(v, INT64_OFFSETS=False) for v in variants] + [dict(variants[0], INT64_OFFSETS=True)])
+            for name, kernel, variants in kernels]
 
 
 def _configs(kernel, dtype: str) -> list:

@@ -123,6 +123,35 @@ def randn(*shape, seed: int, dtype=torch.float32, layout: str = "contiguous", sh
     return x
 
 
+# The first element offset that int32 cannot hold.
+INT32_END = 2**31
+
+
+def far_apart(n: int, widths: tuple[int, ...], *, seed: int, dtype=torch.float16, device: str = "cpu"):
+    """Fresh random (n, w) views, one per width, of a single storage whose rows lie INT32_END / (n − 1)
+    elements apart (n ≥ 2): each view's last row starts 2^31 elements past its first, where int32
+    address math wraps. The storage (2^31 elements and more) is allocated, never written but for the
+    rows; one for all the views, as GPU tests share the device's memory. Free it (and on a GPU call
+    torch.cuda.empty_cache) once done."""
+    gen = torch.Generator().manual_seed(seed)
+    row_stride = max(-(-INT32_END // (n - 1)), sum(widths))
+    # An input's storage, not an output: the NaN poisoning (conftest.py) would write, and so make
+    # resident, all of its gigabytes.
+    poisoning = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        storage = torch.empty(n, row_stride, device=device, dtype=dtype)
+    finally:
+        torch.utils.deterministic.fill_uninitialized_memory = poisoning
+    views, start = [], 0
+    for width in widths:
+        view = storage[:, start:start + width]
+        view.copy_(torch.randn(n, width, generator=gen))
+        views.append(view)
+        start += width
+    return views
+
+
 def leaf(x: torch.Tensor) -> torch.Tensor:
     """A leaf view of x that records gradients (keeps x's strides)."""
     return x.detach().requires_grad_(True)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import mmkd_kernels as mk
-from mmkd_test_support import TARGETS, TOLERANCE, ZERO_TRUTH, Target, grads_of, leaf, randn, rel_err, runs
+from mmkd_test_support import (TARGETS, TOLERANCE, ZERO_TRUTH, Target, far_apart, grads_of, leaf, randn, rel_err,
+                               runs)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (N, M, D): single rows, M > N, widths 1 .. 768, and N = 1000.
@@ -111,6 +112,20 @@ def test_student_and_teacher_of_different_dtypes(target, dtypes):
     _check(target, q, leaf(k[:n]), symmetric=True, temperature=temperature)
     _check(target, q, k, reduction="none", temperature=temperature,
            grad_output=torch.linspace(0.5, 1.5, n, device=target.device))
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if runs(t, torch.float16, 0)], ids=str)
+def test_rows_past_int32_offsets(target):
+    """Rows 2^25 elements apart, so the last one starts 2^31 elements past the first: Triton's int32
+    address math wrapped there and read outside the tensor (the interpreter crashed), until the
+    kernels took int64 indices for such tensors. Every kernel: forward with both gradients, and the
+    symmetric loss's forward and recomputing backward."""
+    q, k = map(leaf, far_apart(65, (40, 40), seed=0, device=target.device))
+    _check(target, q, k, temperature=0.1)
+    _check(target, q, k, symmetric=True, temperature=0.1)
+    del q, k
+    if target.device == "cuda":
+        torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=str)

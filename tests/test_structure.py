@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import mmkd_kernels as mk
-from mmkd_test_support import TARGETS, TOLERANCE, ZERO_TRUTH, Target, grads_of, leaf, randn, rel_err, runs
+from mmkd_test_support import (TARGETS, TOLERANCE, ZERO_TRUTH, Target, far_apart, grads_of, leaf, randn, rel_err,
+                               runs)
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (N, Ds, Dt): the smallest N each kind allows, odd sizes, widths that differ, N = 1000, and
@@ -125,6 +126,18 @@ def _close_pair(noise, device, n):
     gen = torch.Generator().manual_seed(int(noise * 1000))
     teacher = torch.randn(n, 96, generator=gen)
     return (teacher + noise * torch.randn(n, 96, generator=gen)).to(device), teacher.to(device)
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if runs(t, torch.float16, 0)], ids=str)
+@pytest.mark.parametrize("kind", ["pearson", "kl"])
+def test_rows_past_int32_offsets(target, kind):
+    """Rows 2^25 elements apart, so the last one starts 2^31 elements past the first: Triton's int32
+    address math wrapped there (tiles.needs_int64_offsets). The tile kernels, both sides' gradients."""
+    s, t = map(leaf, far_apart(65, (40, 24), seed=0, device=target.device))
+    _check(target, s, t, kind=kind, algorithm="tile", temperature=0.1)
+    del s, t
+    if target.device == "cuda":
+        torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=str)

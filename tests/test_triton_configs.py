@@ -161,3 +161,20 @@ def test_symmetric_column_statistics(monkeypatch, normalize, scale, deterministi
     assert len(calls) == passes
     for name, out, ref in zip(("row_loss", "col_loss", "row_lse", "col_lse"), got, want):
         assert rel_err(out, ref) < TOLERANCE[torch.float32], name
+
+
+def test_int64_offsets_where_an_element_lies_2_31_past_the_first():
+    """The launchers' choice of int64 indices: exactly where the last element's offset, Σ (size − 1)
+    · stride of the view as given, reaches 2^31 (int32 holds 2^31 − 1). Meta tensors: no memory."""
+    from mmkd_kernels.triton.tiles import needs_int64_offsets
+
+    def view(shape, stride):
+        return torch.empty_strided(shape, stride, device="meta")
+
+    assert not needs_int64_offsets(view((65, 64), (2**25 - 1, 1)))  # 64·(2^25 − 1) + 63 < 2^31
+    assert needs_int64_offsets(view((65, 64), (2**25, 1)))  # row 64 starts at 2^31
+    assert not needs_int64_offsets(view((2**21, 1024), (1024, 1)))  # a contiguous 2^31 elements
+    assert needs_int64_offsets(view((2**21 + 1, 1024), (1024, 1)))
+    assert needs_int64_offsets(view((2**16, 2**15 + 1), (1, 2**16)))  # transposed: the column stride
+    assert not needs_int64_offsets(view((0, 2**16), (2**16, 1)), view((3, 4), (4, 1)))  # empty: nothing read
+    assert needs_int64_offsets(view((3, 4), (4, 1)), view((65, 64), (2**25, 1)))  # any of them

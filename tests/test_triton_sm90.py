@@ -36,6 +36,8 @@ def test_every_kernel_and_variant_compiles(compiled):
     assert {"contrastive._lse_kernel", "contrastive._lse_grad_kernel", "contrastive._grad_kernel",
             "structure._rows_kernel", "structure._grad_kernel"} <= kernels
     assert {(r["kernel"], r["dtype"]) for r in rows} == {(k, d) for k in kernels for d in ("bfloat16", "float32")}
+    # The int64 indices of tensors past 2^31 elements (tiles.needs_int64_offsets) compile too.
+    assert {r["kernel"] for r in rows if r["variant"]["INT64_OFFSETS"]} == kernels
 
 
 def test_half_precision_dots_use_hopper_tensor_cores(compiled):

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (accumulate_chunks, autotuned, column_tile, common_dtype, configs, input_grad, inverse_norms,
-                    precision, size_key, span_grid, store_chunk, store_chunks)
+from .tiles import (accumulate_chunks, as_index, autotuned, column_tile, common_dtype, configs, input_grad,
+                    inverse_norms, needs_int64_offsets, precision, size_key, span_grid, store_chunk, store_chunks)
 
 # Configs for an H100 (block sizes, warps, stages); no half-precision one spills registers there
 # (benchmarks/triton_sm90.py, results/triton-sm90-*.md); the autotuner times them per D, octave of
@@ -87,7 +87,7 @@ def _loss_from_weights(target_weight, row_other, shifted_target):
 def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n_a, n_b, d,
                 stride_a, stride_ad, stride_b, stride_bd, scale, shift, n_key,
                 COLUMNS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """Per row a: LSE[a] = logsumexp_b z_ab and LOSS[a] = LSE[a] − z_{a, TARGETS[a]}, the latter
     as log1p(other / a_t) while the target's weight a_t = e^{z_t − max} dominates the others'.
 
@@ -110,7 +110,8 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n
         row_max = tl.full((BLOCK_A,), shift, dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad,
-                                               stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+                                               stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION,
+                                               INT64_OFFSETS)
         z = tl.where(mask_b[None, :], z, float("-inf"))
         is_target = offs_b[None, :] == target[:, None]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
@@ -136,12 +137,13 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n
 
 @triton.jit
 def _store_grad_chunk(DA, acc, total, target_coef, B, target, offs_a, mask_a, offs_do, d, stride_b, stride_bd,
-                      scale):
+                      scale, INT64_OFFSETS: tl.constexpr):
     """DA[a, chunk] = scale · (acc / total + target_coef · B[target, chunk])."""
-    b_t = tl.load(B + target[:, None] * stride_b + offs_do[None, :] * stride_bd,
+    b_t = tl.load(B + as_index(target, INT64_OFFSETS)[:, None] * stride_b
+                  + as_index(offs_do, INT64_OFFSETS)[None, :] * stride_bd,
                   mask=mask_a[:, None] & (offs_do < d)[None, :], other=0.0)
     store_chunk(DA, (acc / total[:, None] + target_coef[:, None] * b_t.to(tl.float32)) * scale, offs_a, mask_a,
-                 offs_do, d)
+                offs_do, d, INT64_OFFSETS)
 
 
 @autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "A")
@@ -150,7 +152,7 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
                      stride_a, stride_ad, stride_b, stride_bd, scale, shift, n_key,
                      FIXED_SHIFT: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                     CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+                     CHUNKS: tl.constexpr, PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """``_lse_kernel``'s LSE and LOSS (stored by the programs of the first D span) and, for this
     program's span of D (CHUNKS accumulators of BLOCK_DO columns, 1 to 3), DA[a] = ∂(Σ_a LOSS[a])/∂Â_a
     = scale · (Σ_{b≠t} p_ab inv_b B_b + expm1(−LOSS[a]) inv_t B_t), with t = TARGETS[a] and p the
@@ -178,7 +180,8 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
         row_max = tl.full((BLOCK_A,), shift, dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad,
-                                               stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+                                               stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION,
+                                               INT64_OFFSETS)
         z = tl.where(mask_b[None, :], z, float("-inf"))
         is_target = offs_b[None, :] == target[:, None]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
@@ -194,7 +197,8 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
             r = rescale[:, None]
             acc0, acc1, acc2 = acc0 * r, acc1 * r, acc2 * r
         acc0, acc1, acc2 = accumulate_chunks(acc0, acc1, acc2, others * inv_b[None, :], B, offs_b, mask_b,
-                                             offs_do0, d, stride_b, stride_bd, BLOCK_DO, CHUNKS, PRECISION)
+                                             offs_do0, d, stride_b, stride_bd, BLOCK_DO, CHUNKS, PRECISION,
+                                             INT64_OFFSETS)
     shifted_target = target_logit - row_max
     target_weight = tl.exp(shifted_target)
     total = target_weight + row_other
@@ -203,13 +207,14 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
     tl.store(LSE + offs_a, row_max + tl.log(total), mask=mask_a & first_span)
     tl.store(LOSS + offs_a, loss, mask=mask_a & first_span)
     target_coef = _expm1(-loss) * tl.load(INV_B + target, mask=mask_a, other=0.0)
-    _store_grad_chunk(DA, acc0, total, target_coef, B, target, offs_a, mask_a, offs_do0, d, stride_b, stride_bd, scale)
+    _store_grad_chunk(DA, acc0, total, target_coef, B, target, offs_a, mask_a, offs_do0, d, stride_b, stride_bd, scale,
+                      INT64_OFFSETS)
     if CHUNKS > 1:
         _store_grad_chunk(DA, acc1, total, target_coef, B, target, offs_a, mask_a, offs_do1, d, stride_b, stride_bd,
-                          scale)
+                          scale, INT64_OFFSETS)
     if CHUNKS > 2:
         _store_grad_chunk(DA, acc2, total, target_coef, B, target, offs_a, mask_a, offs_do2, d, stride_b, stride_bd,
-                          scale)
+                          scale, INT64_OFFSETS)
 
 
 @autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "A")
@@ -218,7 +223,7 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_
                  stride_a, stride_ad, stride_b, stride_bd, scale, n_key,
                  HAS_A_TERM: tl.constexpr, HAS_B_TERM: tl.constexpr,
                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
-                 CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+                 CHUNKS: tl.constexpr, PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """DA[a, this program's span of D (CHUNKS chunks of BLOCK_DO)] = scale · Σ_b dz_ab · inv_b[b] · B_b, with
     dz_ab = G_A[a] (exp(z_ab − LSE_A[a]) − [b = T_A[a]]) + G_B[b] (exp(z_ab − LSE_B[b]) − [a = T_B[b]]),
     where a target's term is TG_A[a] (TG_B[b]) = G·expm1(−ℓ) instead."""
@@ -236,7 +241,8 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_
     acc2 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     for b0 in range(0, n_b, BLOCK_B):
         offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad,
-                                               stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+                                               stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION,
+                                               INT64_OFFSETS)
         dz = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
         if HAS_A_TERM:
             hit = offs_b[None, :] == t_a[:, None]
@@ -250,8 +256,8 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_
             dz += tl.where(hit, tg_b[None, :], g_b[None, :] * tl.exp(z - lse_b[None, :]))
         dz = tl.where(mask_a[:, None] & mask_b[None, :], dz * (inv_b * scale)[None, :], 0.0)
         acc0, acc1, acc2 = accumulate_chunks(acc0, acc1, acc2, dz, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd,
-                                             BLOCK_DO, CHUNKS, PRECISION)
-    store_chunks(DA, acc0, acc1, acc2, offs_a, mask_a, offs_do0, d, BLOCK_DO, CHUNKS)
+                                             BLOCK_DO, CHUNKS, PRECISION, INT64_OFFSETS)
+    store_chunks(DA, acc0, acc1, acc2, offs_a, mask_a, offs_do0, d, BLOCK_DO, CHUNKS, INT64_OFFSETS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +282,7 @@ def _row_lse(a, b, inv_a, inv_b, targets, scale, columns_shift=None):
     grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]),)  # noqa: E731
     _lse_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, col_other, col_target, n_a, b.shape[0], d,
                       *_strides(a, b), scale, float(columns_shift or 0.0), size_key(b.shape[0]),
-                      COLUMNS=columns, PRECISION=precision(a))
+                      COLUMNS=columns, PRECISION=precision(a), INT64_OFFSETS=needs_int64_offsets(a, b))
     return lse, loss, (col_other if columns else None), (col_target if columns else None)
 
 
@@ -290,7 +296,7 @@ def _row_lse_grad(a, b, inv_a, inv_b, targets, scale, shift=None):
     grid = span_grid(n_a, d)
     _lse_grad_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, da, n_a, b.shape[0], d, *_strides(a, b), scale,
                            float(shift or 0.0), size_key(b.shape[0]), FIXED_SHIFT=shift is not None,
-                           PRECISION=precision(a))
+                           PRECISION=precision(a), INT64_OFFSETS=needs_int64_offsets(a, b, da))
     return lse, loss, da
 
 
@@ -305,7 +311,8 @@ def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
     grid = span_grid(n_a, d)
     _grad_kernel[grid](a, b, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, da, n_a, b.shape[0], d,
                        *_strides(a, b), scale, size_key(b.shape[0]),
-                       HAS_A_TERM=a_term is not None, HAS_B_TERM=b_term is not None, PRECISION=precision(a))
+                       HAS_A_TERM=a_term is not None, HAS_B_TERM=b_term is not None, PRECISION=precision(a),
+                       INT64_OFFSETS=needs_int64_offsets(a, b, da))
     return da
 
 

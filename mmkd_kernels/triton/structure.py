@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from .. import chunked
-from .tiles import (accumulate_chunks, autotuned, common_dtype, configs, input_grad, inverse_norms, precision,
-                    similarity_tile, size_key, span_grid, store_chunks)
+from .tiles import (accumulate_chunks, autotuned, common_dtype, configs, input_grad, inverse_norms, needs_int64_offsets,
+                    precision, similarity_tile, size_key, span_grid, store_chunks)
 
 KIND_CODES = {"mse": 0, "pearson": 1, "kl": 2}
 N_STATS = 5  # per-row statistics saved for the gradient (see _rows_kernel)
@@ -97,16 +97,17 @@ def _log1p(u):
 
 @triton.jit
 def _both_tiles(S, T, INV_S, INV_T, offs_a, offs_b, mask_a, mask_b, ds, dt, s_row, s_col, t_row, t_col,
-                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                INT64_OFFSETS: tl.constexpr):
     """Tiles of G^S and G^T for rows offs_a and columns offs_b, and the mask of pairs i ≠ j that exist."""
     inv_sa = tl.load(INV_S + offs_a, mask=mask_a, other=0.0)
     inv_sb = tl.load(INV_S + offs_b, mask=mask_b, other=0.0)
     inv_ta = tl.load(INV_T + offs_a, mask=mask_a, other=0.0)
     inv_tb = tl.load(INV_T + offs_b, mask=mask_b, other=0.0)
     gs = similarity_tile(S, S, offs_a, offs_b, mask_a, mask_b, ds, s_row, s_col, s_row, s_col,
-                         inv_sa, inv_sb, 1.0, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+                         inv_sa, inv_sb, 1.0, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION, INT64_OFFSETS)
     gt = similarity_tile(T, T, offs_a, offs_b, mask_a, mask_b, dt, t_row, t_col, t_row, t_col,
-                         inv_ta, inv_tb, 1.0, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+                         inv_ta, inv_tb, 1.0, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION, INT64_OFFSETS)
     valid = mask_a[:, None] & mask_b[None, :] & (offs_a[:, None] != offs_b[None, :])
     return gs, gt, valid
 
@@ -116,7 +117,7 @@ def _both_tiles(S, T, INV_S, INV_T, offs_a, offs_b, mask_a, mask_b, ds, dt, s_ro
 def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, dt,
                  s_row, s_col, t_row, t_col, scale, n_key,
                  KIND: tl.constexpr, CENTRED: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """Per-row losses LOSS[i − row_start] and STATS[i − row_start, :5]: pearson (mean_s, mean_t,
     var_s, var_t, cov), kl (lse_t, μ, kl, 0, 0) when CENTRED, else (lse_t, lse_s, kl, 0, 0), mse zeros."""
     local = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
@@ -136,7 +137,7 @@ def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, d
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < n
         gs, gt, valid = _both_tiles(S, T, INV_S, INV_T, offs_a, offs_b, mask_a, mask_b, ds, dt,
-                                    s_row, s_col, t_row, t_col, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+                                    s_row, s_col, t_row, t_col, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION, INT64_OFFSETS)
         if KIND == 0:
             diff = tl.where(valid, gs - gt, 0.0)
             r0 += tl.sum(diff * diff, axis=1)
@@ -283,7 +284,8 @@ def _d_from_tiles(gs, gt, valid, STATS, G, offs_a, mask_a, n, row_start, scale,
 def _grad_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, dt,
                  s_row, s_col, t_row, t_col, scale, n_key,
                  KIND: tl.constexpr, CENTRED: tl.constexpr, SIDE: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr,
+                 INT64_OFFSETS: tl.constexpr):
     """DX[j, span] = Σ_i (dG_ji + dG_ij) x̂_i for this program's rows j (of all N) and span of D
     (CHUNKS chunks of BLOCK_DO), x̂ of SIDE: G = x̂x̂ᵀ sends row i's dG_ij to x̂_i (the row term, where
     j is a computed row) and to x̂_j (the column term, where i is). Since G is symmetric, the tile of
@@ -311,15 +313,15 @@ def _grad_kernel(S, T, INV_S, INV_T, STATS, G, DX, n, row_start, row_count, ds, 
         mask_i = offs_i < hi
         computed_i = mask_i & (offs_i >= row_start) & (offs_i < row_start + row_count)
         gs, gt, valid = _both_tiles(S, T, INV_S, INV_T, offs_j, offs_i, mask_j, mask_i, ds, dt,
-                                    s_row, s_col, t_row, t_col, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+                                    s_row, s_col, t_row, t_col, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION, INT64_OFFSETS)
         rows = _d_from_tiles(gs, gt, valid & computed_j[:, None], STATS, G, offs_j, computed_j, n, row_start,
                              scale, KIND, CENTRED, SIDE)
         cols = _d_from_tiles(tl.trans(gs), tl.trans(gt), tl.trans(valid & computed_i[None, :]), STATS, G, offs_i,
                              computed_i, n, row_start, scale, KIND, CENTRED, SIDE)
         weights = (rows + tl.trans(cols)) * tl.load(INV + offs_i, mask=mask_i, other=0.0)[None, :]
         acc0, acc1, acc2 = accumulate_chunks(acc0, acc1, acc2, weights, X, offs_i, mask_i, offs_do0, dx, x_row, x_col,
-                                             BLOCK_DO, CHUNKS, PRECISION)
-    store_chunks(DX, acc0, acc1, acc2, offs_j, mask_j, offs_do0, dx, BLOCK_DO, CHUNKS)
+                                             BLOCK_DO, CHUNKS, PRECISION, INT64_OFFSETS)
+    store_chunks(DX, acc0, acc1, acc2, offs_j, mask_j, offs_do0, dx, BLOCK_DO, CHUNKS, INT64_OFFSETS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,7 +347,8 @@ def _rows(s, t, inv_s, inv_t, kind, centred, scale, row_start, row_count):
     stats = torch.empty(row_count, N_STATS, device=s.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(row_count, meta["BLOCK_A"]),)  # noqa: E731
     _rows_kernel[grid](s, t, inv_s, inv_t, loss, stats, *_common(s, t, scale, row_start, row_count),
-                       KIND=KIND_CODES[kind], CENTRED=centred, PRECISION=precision(s))
+                       KIND=KIND_CODES[kind], CENTRED=centred, PRECISION=precision(s),
+                       INT64_OFFSETS=needs_int64_offsets(s, t))
     return loss, stats
 
 
@@ -356,7 +359,8 @@ def _side_grad(s, t, inv_s, inv_t, stats, grad, kind, centred, scale, row_start,
     d_hat = torch.empty(n, d, device=s.device, dtype=torch.float32)
     grid = span_grid(n, d)
     _grad_kernel[grid](s, t, inv_s, inv_t, stats, grad, d_hat, *_common(s, t, scale, row_start, row_count),
-                       KIND=KIND_CODES[kind], CENTRED=centred, SIDE=side, PRECISION=precision(s))
+                       KIND=KIND_CODES[kind], CENTRED=centred, SIDE=side, PRECISION=precision(s),
+                       INT64_OFFSETS=needs_int64_offsets(s, t, d_hat))
     return d_hat
 
 

@@ -1,5 +1,6 @@
-"""What every Triton kernel here shares: the similarity tile, the gradient chunks, autotuning, and the
-host-side normalization (inverse norms in, the normalization's backward as an N×D epilogue out)."""
+"""What every Triton kernel here shares: the similarity tile, the gradient chunks, int32 or int64
+indices, autotuning, and the host-side normalization (inverse norms in, the normalization's backward
+as an N×D epilogue out)."""
 
 import os
 
@@ -83,6 +84,20 @@ def common_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return a.to(dtype), b.to(dtype)
 
 
+# Triton computes an address's offset (index × stride) in int32: past 2^31 elements it wraps, and the
+# load reads another tensor's memory or faults (the interpreter crashed on a 65-row view with a row
+# stride of 2^25). Where a tensor reaches that far, the kernels take their indices in int64 instead;
+# a constexpr, so that the usual sizes keep int32 address math.
+INT32_OFFSETS_END = 2**31
+
+
+def needs_int64_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether the offset of the last element, Σ (size − 1)·stride, of any of these tensors (the
+    inputs as they are given, views too, and the outputs) reaches 2^31."""
+    return any(x.numel() > 0 and sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+               >= INT32_OFFSETS_END for x in tensors)
+
+
 def precision(x: torch.Tensor) -> str:
     """Exact float32 dots for float32 inputs (DESIGN §4: TF32 only where the tolerance allows)."""
     return "ieee" if x.dtype == torch.float32 else "tf32"
@@ -106,18 +121,30 @@ def input_grad(d_hat: torch.Tensor, x: torch.Tensor, normalize: bool) -> torch.T
 
 
 @triton.jit
+def as_index(offs, INT64_OFFSETS: tl.constexpr):
+    """offs as the index that an address multiplies by a stride: int64 where a tensor reaches 2^31
+    elements (``needs_int64_offsets``), as it is otherwise."""
+    if INT64_OFFSETS:
+        return offs.to(tl.int64)
+    else:
+        return offs
+
+
+@triton.jit
 def similarity_tile(A, B, offs_a, offs_b, mask_a, mask_b, d, stride_a, stride_ad, stride_b, stride_bd,
                     inv_a, inv_b, scale, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """z[a, b] = scale · ⟨A_a, B_b⟩ · inv_a[a] · inv_b[b] for one (BLOCK_A × BLOCK_B) tile, float32,
     looping over D in BLOCK_D chunks (any D: the last chunk is masked)."""
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    rows_a = as_index(offs_a, INT64_OFFSETS)
+    rows_b = as_index(offs_b, INT64_OFFSETS)
     for d0 in range(0, d, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
+        offs_d = as_index(d0 + tl.arange(0, BLOCK_D), INT64_OFFSETS)
         mask_d = offs_d < d
-        a = tl.load(A + offs_a[:, None] * stride_a + offs_d[None, :] * stride_ad,
+        a = tl.load(A + rows_a[:, None] * stride_a + offs_d[None, :] * stride_ad,
                     mask=mask_a[:, None] & mask_d[None, :], other=0.0)
-        b = tl.load(B + offs_b[:, None] * stride_b + offs_d[None, :] * stride_bd,
+        b = tl.load(B + rows_b[:, None] * stride_b + offs_d[None, :] * stride_bd,
                     mask=mask_b[:, None] & mask_d[None, :], other=0.0)
         acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
     # inv_a·inv_b first: a commutative product, so that the tile read by rows (q, k) and by
@@ -127,19 +154,21 @@ def similarity_tile(A, B, offs_a, offs_b, mask_a, mask_b, d, stride_a, stride_ad
 
 @triton.jit
 def column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad, stride_b, stride_bd, scale,
-                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                INT64_OFFSETS: tl.constexpr):
     """The columns b0 .. b0 + BLOCK_B of a row block's z: (offs_b, mask_b, inv_b, z), the loop step
     every contrastive kernel takes over the columns."""
     offs_b = b0 + tl.arange(0, BLOCK_B)
     mask_b = offs_b < n_b
     inv_b = tl.load(INV_B + offs_b, mask=mask_b, other=0.0)
     z = similarity_tile(A, B, offs_a, offs_b, mask_a, mask_b, d, stride_a, stride_ad, stride_b, stride_bd,
-                        inv_a, inv_b, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION)
+                        inv_a, inv_b, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION, INT64_OFFSETS)
     return offs_b, mask_b, inv_b, z
 
 
 @triton.jit
-def accumulate_chunk(acc, weights, B, offs_b, mask_b, offs_do, d, stride_b, stride_bd, PRECISION: tl.constexpr):
+def accumulate_chunk(acc, weights, B, offs_b, mask_b, offs_do, d, stride_b, stride_bd, PRECISION: tl.constexpr,
+                     INT64_OFFSETS: tl.constexpr):
     """acc + weights @ B[offs_b, offs_do] (masked past the rows and past D): one BLOCK_DO-wide
     chunk of a gradient accumulated as (weights of a tile) · (rows of an input).
 
@@ -148,7 +177,8 @@ def accumulate_chunk(acc, weights, B, offs_b, mask_b, offs_do, d, stride_b, stri
     20), and rounded to float16 they vanished (the gradient was 0.75 off at the accuracy table's
     aligned pairs). There the dot takes TF32 (float32's range, float16's 10-bit mantissa).
     bfloat16 has float32's range."""
-    b = tl.load(B + offs_b[:, None] * stride_b + offs_do[None, :] * stride_bd,
+    b = tl.load(B + as_index(offs_b, INT64_OFFSETS)[:, None] * stride_b
+                + as_index(offs_do, INT64_OFFSETS)[None, :] * stride_bd,
                 mask=mask_b[:, None] & (offs_do < d)[None, :], other=0.0)
     if b.dtype == tl.float16:
         return acc + tl.dot(weights, b.to(tl.float32), input_precision="tf32")
@@ -156,33 +186,37 @@ def accumulate_chunk(acc, weights, B, offs_b, mask_b, offs_do, d, stride_b, stri
 
 
 @triton.jit
-def store_chunk(OUT, acc, offs, mask, offs_do, d):
+def store_chunk(OUT, acc, offs, mask, offs_do, d, INT64_OFFSETS: tl.constexpr):
     """OUT[offs, offs_do] = acc for a contiguous (rows, d) float32 output, masked past both."""
-    tl.store(OUT + offs[:, None] * d + offs_do[None, :], acc, mask=mask[:, None] & (offs_do < d)[None, :])
+    tl.store(OUT + as_index(offs, INT64_OFFSETS)[:, None] * d + offs_do[None, :], acc,
+             mask=mask[:, None] & (offs_do < d)[None, :])
 
 
 @triton.jit
 def accumulate_chunks(acc0, acc1, acc2, weights, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd,
-                      BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, PRECISION: tl.constexpr,
+                      INT64_OFFSETS: tl.constexpr):
     """A program's span of D as CHUNKS (1 to 3) accumulators of BLOCK_DO columns from offs_do0, each
     + weights @ B[offs_b, its chunk]; the ones past CHUNKS are returned untouched. Three chunks of
     128 columns hold D = 384 in one program's registers (BLOCK_A × 768 floats would not fit), so
     the tile behind ``weights`` is computed once per span, not once per chunk."""
-    acc0 = accumulate_chunk(acc0, weights, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd, PRECISION)
+    acc0 = accumulate_chunk(acc0, weights, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd, PRECISION,
+                            INT64_OFFSETS)
     if CHUNKS > 1:
         acc1 = accumulate_chunk(acc1, weights, B, offs_b, mask_b, offs_do0 + BLOCK_DO, d, stride_b, stride_bd,
-                                PRECISION)
+                                PRECISION, INT64_OFFSETS)
     if CHUNKS > 2:
         acc2 = accumulate_chunk(acc2, weights, B, offs_b, mask_b, offs_do0 + 2 * BLOCK_DO, d, stride_b, stride_bd,
-                                PRECISION)
+                                PRECISION, INT64_OFFSETS)
     return acc0, acc1, acc2
 
 
 @triton.jit
-def store_chunks(OUT, acc0, acc1, acc2, offs, mask, offs_do0, d, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr):
+def store_chunks(OUT, acc0, acc1, acc2, offs, mask, offs_do0, d, BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr,
+                 INT64_OFFSETS: tl.constexpr):
     """``store_chunk`` of each of the CHUNKS accumulators of ``accumulate_chunks``."""
-    store_chunk(OUT, acc0, offs, mask, offs_do0, d)
+    store_chunk(OUT, acc0, offs, mask, offs_do0, d, INT64_OFFSETS)
     if CHUNKS > 1:
-        store_chunk(OUT, acc1, offs, mask, offs_do0 + BLOCK_DO, d)
+        store_chunk(OUT, acc1, offs, mask, offs_do0 + BLOCK_DO, d, INT64_OFFSETS)
     if CHUNKS > 2:
-        store_chunk(OUT, acc2, offs, mask, offs_do0 + 2 * BLOCK_DO, d)
+        store_chunk(OUT, acc2, offs, mask, offs_do0 + 2 * BLOCK_DO, d, INT64_OFFSETS)
