@@ -163,6 +163,46 @@ def test_symmetric_column_statistics(monkeypatch, normalize, scale, deterministi
         assert rel_err(out, ref) < TOLERANCE[torch.float32], name
 
 
+def _timed_by_running(kernel_call, quantiles=None):
+    """A GPU autotuner's timer: it runs each config on the call's own buffers before the real run;
+    here three times, untimed."""
+    for _ in range(3):
+        kernel_call()
+    return [1.0, 1.0, 1.0] if quantiles else 1.0
+
+
+def test_autotuning_changes_no_result(monkeypatch):
+    """Every kernel offered two configs and timed by running them, as a GPU's autotuner does on the
+    first call of each shape: the results must be those of one run. The symmetric loss's column sums
+    are atomic adds into a zeroed buffer; without reset_to_zero each timing run added to them."""
+    kernels = (contrastive._lse_kernel, contrastive._lse_grad_kernel, contrastive._grad_kernel,
+               structure._rows_kernel, structure._grad_kernel)
+    for kernel in kernels:
+        first = dict(kernel.configs[0].kwargs)
+        small = {name: 32 if name.startswith("BLOCK_") else value for name, value in first.items()}
+        monkeypatch.setattr(kernel, "configs", [triton.Config(small), triton.Config(first)])
+        monkeypatch.setattr(kernel, "early_config_prune", None)
+        monkeypatch.setattr(kernel, "cache", {})
+        monkeypatch.setattr(kernel, "_do_bench", _timed_by_running)
+    # The symmetric loss's one-pass column statistics (atomic adds) run where determinism is not asked for.
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    q, k, _ = _inputs(40, torch.float32, m=N)
+    q64, k64 = q.cpu().double(), k.cpu().double()
+    targets = torch.arange(N)
+    checks = [
+        (contrastive.contrastive_forward(q, k, targets.to(DEVICE), 20.0, True, True),
+         chunked.contrastive_forward(q64, k64, targets, 20.0, True, True)),
+        (contrastive.contrastive_forward_with_grad(q, k, targets.to(DEVICE), 20.0, True, True, True),
+         chunked.contrastive_forward_with_grad(q64, k64, targets, 20.0, True, True, True)),
+        (structure.structure_tile_forward_with_grad(q, k, "kl", 2.0, True, 0, N, True, True),
+         chunked.structure_tile_forward_with_grad(q64, k64, "kl", 2.0, True, 0, N, True, True)),
+    ]
+    assert all(kernel.cache for kernel in kernels), "a kernel was not autotuned"
+    for got, want in checks:
+        for out, ref in zip(got, want):
+            assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
 def test_int64_offsets_where_an_element_lies_2_31_past_the_first():
     """The launchers' choice of int64 indices: exactly where the last element's offset, Σ (size − 1)
     · stride of the view as given, reaches 2^31 (int32 holds 2^31 − 1). Meta tensors: no memory."""

@@ -82,7 +82,8 @@ def _loss_from_weights(target_weight, row_other, shifted_target):
                     tl.log(target_weight + row_other) - shifted_target)
 
 
-@autotuned(_STATS_HALF, _STATS_FLOAT32, triton.Config(_INTERPRETER), _KEY, "A")
+# COL_OTHER takes atomic adds: zeroed before each of the autotuner's runs.
+@autotuned(_STATS_HALF, _STATS_FLOAT32, triton.Config(_INTERPRETER), _KEY, "A", reset_to_zero=("COL_OTHER",))
 @triton.jit
 def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n_a, n_b, d,
                 stride_a, stride_ad, stride_b, stride_bd, scale, shift, n_key,

@@ -18,7 +18,8 @@ def configs(block_sizes: list[tuple], names: tuple[str, ...]) -> list[triton.Con
     return [triton.Config(dict(zip(names, row[:-2])), num_warps=row[-2], num_stages=row[-1]) for row in block_sizes]
 
 
-def autotuned(half_configs: list, float32_configs: list, interpreter_config: triton.Config, key: list, input_arg: str):
+def autotuned(half_configs: list, float32_configs: list, interpreter_config: triton.Config, key: list, input_arg: str,
+              reset_to_zero: tuple[str, ...] = ()):
     """``triton.autotune`` keyed on the names in ``key`` that the kernel has (and, as Triton adds,
     the pointer dtypes), timed once per key and cached on disk, over ``half_configs`` when
     ``input_arg`` is float16/bfloat16 (tensor-core dots) and ``float32_configs`` when float32
@@ -30,7 +31,9 @@ def autotuned(half_configs: list, float32_configs: list, interpreter_config: tri
     which see hundreds of shapes, each a new key). Decided when the kernel is defined, as
     ``triton.jit`` decides between compiling and interpreting.
     ``benchmarks/triton_sm90.py`` compiles every config for an H100 and reports its registers,
-    spills and shared memory; the returned autotuner keeps both lists as ``configs_by_dtype``."""
+    spills and shared memory; the returned autotuner keeps both lists as ``configs_by_dtype``.
+    ``reset_to_zero`` names the buffers a kernel adds into (atomics): the autotuner runs every config
+    on the call's own arguments, so it must zero them before each timing run and before the real one."""
     float32_ids = {id(c) for c in float32_configs}
 
     def for_dtype(all_configs, named_args, **_):
@@ -38,12 +41,13 @@ def autotuned(half_configs: list, float32_configs: list, interpreter_config: tri
         return [c for c in all_configs if (id(c) in float32_ids) == want_float32]
 
     def wrap(kernel):
+        zeroed = list(reset_to_zero) or None
         if knobs.runtime.interpret:
-            return triton.autotune([interpreter_config], key=[])(kernel)
+            return triton.autotune([interpreter_config], key=[], reset_to_zero=zeroed)(kernel)
         tune = os.environ.get("MMKD_TRITON_AUTOTUNE", "1") != "0"
         half, float32 = (half_configs, float32_configs) if tune else (half_configs[:1], float32_configs[:1])
         names = [name for name in key if name in kernel.arg_names]
-        tuner = triton.autotune(half + float32, key=names, cache_results=tune,
+        tuner = triton.autotune(half + float32, key=names, cache_results=tune, reset_to_zero=zeroed,
                                 prune_configs_by=dict(early_config_prune=for_dtype),
                                 do_bench=None if tune else _untimed)(kernel)
         tuner.configs_by_dtype = dict(half=half_configs, float32=float32_configs)
