@@ -36,3 +36,13 @@ def poison_uninitialized_memory():
     assert torch.empty(4).isnan().all(), "this torch no longer poisons torch.empty: every NaN check below is void"
     yield
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def cuda_memory_released():
+    """For a test that allocates gigabytes (mmkd_test_support.far_apart): once it is done and its
+    tensors are gone, the CUDA caching allocator gives its free blocks back, because the GPU run's
+    test workers (pytest-xdist) share one device."""
+    yield
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -131,8 +131,8 @@ def far_apart(n: int, widths: tuple[int, ...], *, seed: int, dtype=torch.float16
     """Fresh random (n, w) views, one per width, of a single storage whose rows lie INT32_END / (n − 1)
     elements apart (n ≥ 2): each view's last row starts 2^31 elements past its first, where int32
     address math wraps. The storage (2^31 elements and more) is allocated, never written but for the
-    rows; one for all the views, as GPU tests share the device's memory. Free it (and on a GPU call
-    torch.cuda.empty_cache) once done."""
+    rows; one for all the views, as GPU tests share the device's memory. A test that calls this takes
+    the ``cuda_memory_released`` fixture (conftest.py)."""
     gen = torch.Generator().manual_seed(seed)
     row_stride = max(-(-INT32_END // (n - 1)), sum(widths))
     # An input's storage, not an output: the NaN poisoning (conftest.py) would write, and so make

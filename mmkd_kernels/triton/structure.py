@@ -346,6 +346,7 @@ def _rows(s, t, inv_s, inv_t, kind, centred, scale, row_start, row_count):
     loss = torch.empty(row_count, device=s.device, dtype=torch.float32)
     stats = torch.empty(row_count, N_STATS, device=s.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(row_count, meta["BLOCK_A"]),)  # noqa: E731
+    # int64 indices where the inputs need them; the (row_count, 5) statistics would only past 429M rows.
     _rows_kernel[grid](s, t, inv_s, inv_t, loss, stats, *_common(s, t, scale, row_start, row_count),
                        KIND=KIND_CODES[kind], CENTRED=centred, PRECISION=precision(s),
                        INT64_OFFSETS=needs_int64_offsets(s, t))
