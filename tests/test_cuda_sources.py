@@ -548,3 +548,117 @@ def test_launchers_refuse_bad_arguments_and_skip_empty_work(launchers):
     d_hat = _side_grad(lib, s, t, torch.ones(10), torch.ones(10), torch.zeros(0, 5), torch.zeros(0),
                        KIND_CODES["pearson"], 1.0, 4, 0, STUDENT)
     assert torch.equal(d_hat, torch.zeros(10, 4))
+
+
+# --------------------------------------------------------------------------------------------------
+# Races between blocks: the emulation runs blocks first to last, or last to first
+# (MMKD_EMULATION_BLOCK_ORDER=reverse). A kernel whose blocks race gives other numbers in one order
+# than in the other; a GPU runs them at once, in any order.
+# --------------------------------------------------------------------------------------------------
+
+# N = 150 rows: three row blocks of 64; D = 400 (student) two groups of output chunks; Dt = 130.
+ORDER_N, ORDER_M, ORDER_D, ORDER_DT = 150, 170, 400, 130
+
+
+def _order_cases(lib):
+    """name → a call returning its outputs, each case with several blocks along each grid axis."""
+    q = randn(ORDER_N, ORDER_D, seed=31)
+    k = randn(ORDER_M, ORDER_D, seed=32, layout="transposed")
+    square = randn(ORDER_N, ORDER_D, seed=33)
+    t = randn(ORDER_N, ORDER_DT, seed=34, layout="strided")
+    gen = torch.Generator().manual_seed(35)
+    targets, own = torch.randint(0, ORDER_M, (ORDER_N,), generator=gen), torch.arange(ORDER_N)
+    grads = torch.rand(ORDER_N, generator=gen), torch.rand(ORDER_N, generator=gen)
+
+    def backward(a, b, tgt, symmetric):
+        saved = contrastive_forward(lib, a, b, tgt, 20.0, True, symmetric)
+        grad_col = grads[1] if symmetric else torch.zeros(0)
+        return contrastive_backward(lib, grads[0], grad_col, a, b, tgt, saved[2], saved[3], saved[0], saved[1], 20.0,
+                                    True, symmetric, True, True)
+
+    return {
+        "contrastive forward": lambda: contrastive_forward(lib, q, k, targets, 20.0, True, False),
+        "contrastive backward": lambda: backward(q, k, targets, False),
+        "contrastive forward with gradients": lambda: contrastive_forward_with_grad(lib, q, k, targets, 20.0, True,
+                                                                                    True, True),
+        "symmetric forward, one pass": lambda: _lse_by_rows(lib, q, square, _inverse_norms(q, True),
+                                                            _inverse_norms(square, True), own, 20.0, columns=True),
+        "symmetric backward": lambda: backward(q, square, own, True),
+        "structure pearson": lambda: structure_tile_forward_with_grad(lib, q, t, "pearson", 2.0, True, 3, 130, True,
+                                                                      True),
+        "structure kl": lambda: structure_tile_forward_with_grad(lib, q, t, "kl", 2.0, True, 3, 130, True, True),
+    }
+
+
+# The one-pass symmetric statistics' column sums are atomic adds: their order, and so their
+# rounding, follows the blocks'. Everything else must match bit for bit.
+ATOMIC_OUTPUTS = {("symmetric forward, one pass", 2), ("symmetric forward, one pass", 3)}
+
+
+@pytest.mark.parametrize("case", ["contrastive forward", "contrastive backward", "contrastive forward with gradients",
+                                  "symmetric forward, one pass", "symmetric backward", "structure pearson",
+                                  "structure kl"])
+def test_results_do_not_depend_on_the_order_of_the_blocks(launchers, monkeypatch, case):
+    call = _order_cases(launchers)[case]
+    monkeypatch.setenv("MMKD_EMULATION_BLOCK_ORDER", "forward")
+    first_to_last = call()
+    monkeypatch.setenv("MMKD_EMULATION_BLOCK_ORDER", "reverse")
+    last_to_first = call()
+    for index, (one, other) in enumerate(zip(first_to_last, last_to_first)):
+        if (case, index) in ATOMIC_OUTPUTS:
+            assert rel_err(other, one) <= 1e-6, f"output {index}: {rel_err(other, one):.1e}"
+        else:
+            assert torch.equal(one, other), f"output {index} depends on the order of the blocks"
+
+
+_RACY_KERNELS = r"""
+// Block b stores b into out[0]: the last block to run wins.
+__global__ void last_writer_wins(float* data, float* out, int n) {
+  if (threadIdx.x == 0) out[0] = static_cast<float>(blockIdx.x);
+}
+
+// Block b writes data[b], then reads data[b + 1], which the next block writes.
+__global__ void reads_the_next_block(float* data, float* out, int n) {
+  if (threadIdx.x == 0) {
+    data[blockIdx.x] = 100.0f + blockIdx.x;
+    out[blockIdx.x] = data[(blockIdx.x + 1) % n];
+  }
+}
+
+// Each block its own element: no race.
+__global__ void own_element(float* data, float* out, int n) {
+  if (threadIdx.x == 0) out[blockIdx.x] = 2.0f * data[blockIdx.x];
+}
+
+extern "C" int run_toy(int which, float* data, float* out, int n) {
+  auto kernel = which == 0 ? last_writer_wins : which == 1 ? reads_the_next_block : own_element;
+  return mmkd_emulation::launch(kernel, dim3(n), 32, 0, data, out, n);
+}
+"""
+
+
+def test_the_block_order_shows_races_between_blocks(launchers, tmp_path, monkeypatch):
+    """Toy kernels whose blocks race give other numbers last to first than first to last; one
+    whose blocks keep to their own elements does not; an unknown order fails the launch."""
+    source, library = tmp_path / "racy.cu", tmp_path / "libracy.so"
+    source.write_text(_RACY_KERNELS)
+    emulation = CUDA_DIR / "emulation"
+    command = [shutil.which("g++") or shutil.which("c++"), "-std=c++17", "-O1", "-shared", "-fPIC",
+               "-DMMKD_CPU_EMULATION", f"-I{emulation}", f"-I{_cuda_include()}", "-include",
+               str(emulation / "cuda_emulation.h"), "-x", "c++", str(source), "-o", str(library)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    toy = ctypes.CDLL(str(library)).run_toy
+    toy.argtypes, toy.restype = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int], ctypes.c_int
+
+    def run(which, order):
+        monkeypatch.setenv("MMKD_EMULATION_BLOCK_ORDER", order)
+        data, out = torch.arange(4, dtype=torch.float32), torch.zeros(4)
+        assert toy(which, data.data_ptr(), out.data_ptr(), 4) == 0
+        return out
+
+    for racy in (0, 1):
+        assert not torch.equal(run(racy, "forward"), run(racy, "reverse")), f"toy kernel {racy}"
+    assert torch.equal(run(2, "forward"), run(2, "reverse"))
+    monkeypatch.setenv("MMKD_EMULATION_BLOCK_ORDER", "sideways")
+    assert toy(2, torch.zeros(4).data_ptr(), torch.zeros(4).data_ptr(), 4) != 0

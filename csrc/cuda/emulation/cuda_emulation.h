@@ -10,6 +10,8 @@
 //   - every thread of a block reaches the same barriers (else: "deadlock");
 //   - threads run in order in even blocks and in reverse in odd ones, so a barrier missing between
 //     one thread's write to shared memory and another's read shows in one order or the other;
+//   - blocks run first to last, or last to first (MMKD_EMULATION_BLOCK_ORDER=reverse), so a race
+//     between blocks in global memory shows as results that differ between the two orders;
 //   - shared memory starts each block poisoned with NaN bytes, so a read of an unwritten buffer
 //     shows up as NaN in the results;
 //   - WMMA pointers are 32-byte aligned and leading dimensions legal (mma.h);
@@ -165,34 +167,45 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t bytes, Args... 
   s.exchange.assign(threads, 0.0f);
   blockDim = dim3(threads, 1, 1);
   gridDim = grid;
-  for (unsigned by = 0; by < grid.y; ++by) {
-    for (unsigned bx = 0; bx < grid.x; ++bx) {
-      blockIdx = make_uint3(bx, by, 0);
-      // Odd blocks run their threads in reverse order: a missing barrier between a write and a
-      // read by another thread then shows in one order or the other.
-      const bool reverse = (by * grid.x + bx) % 2 == 1;
-      std::memset(s.shared, 0xff, bytes);  // NaN in float, half and bfloat16
-      s.block = Barrier{};
-      s.block.participants = threads;
-      for (Barrier& warp : s.warps) warp.arrived = 0;
-      for (Fiber& fiber : s.fibers) start(fiber);
-      for (;;) {
-        bool running = false;
-        const unsigned long before = s.events;
-        for (unsigned step = 0; step < static_cast<unsigned>(threads); ++step) {
-          const unsigned t = reverse ? threads - 1 - step : step;
-          if (s.fibers[t].done) continue;
-          running = true;
-          s.current = t;
-          threadIdx = make_uint3(t, 0, 0);
-          swapcontext(&s.scheduler, &s.fibers[t].context);
-        }
-        if (!running) break;
-        if (s.events == before) {  // the block's fibers are left suspended; the next launch restarts them
-          report("deadlock: the threads of a block wait at different barriers");
-          s.body = nullptr;
-          return cudaErrorLaunchFailure;
-        }
+  // The blocks run one after another, first to last, or last to first where the environment says
+  // MMKD_EMULATION_BLOCK_ORDER=reverse: a kernel whose blocks race (one reads what another writes,
+  // or two write one place) then gives other numbers in one order than in the other.
+  const char* order = std::getenv("MMKD_EMULATION_BLOCK_ORDER");
+  const bool reversed_blocks = order != nullptr && std::strcmp(order, "reverse") == 0;
+  if (order != nullptr && !reversed_blocks && std::strcmp(order, "forward") != 0) {
+    report("MMKD_EMULATION_BLOCK_ORDER must be forward or reverse");
+    s.body = nullptr;
+    return cudaErrorLaunchFailure;
+  }
+  const unsigned blocks = grid.x * grid.y;
+  for (unsigned launched = 0; launched < blocks; ++launched) {
+    const unsigned linear = reversed_blocks ? blocks - 1 - launched : launched;
+    const unsigned bx = linear % grid.x, by = linear / grid.x;
+    blockIdx = make_uint3(bx, by, 0);
+    // Odd blocks run their threads in reverse order: a missing barrier between a write and a
+    // read by another thread then shows in one order or the other.
+    const bool threads_reversed = linear % 2 == 1;
+    std::memset(s.shared, 0xff, bytes);  // NaN in float, half and bfloat16
+    s.block = Barrier{};
+    s.block.participants = threads;
+    for (Barrier& warp : s.warps) warp.arrived = 0;
+    for (Fiber& fiber : s.fibers) start(fiber);
+    for (;;) {
+      bool running = false;
+      const unsigned long before = s.events;
+      for (unsigned step = 0; step < static_cast<unsigned>(threads); ++step) {
+        const unsigned t = threads_reversed ? threads - 1 - step : step;
+        if (s.fibers[t].done) continue;
+        running = true;
+        s.current = t;
+        threadIdx = make_uint3(t, 0, 0);
+        swapcontext(&s.scheduler, &s.fibers[t].context);
+      }
+      if (!running) break;
+      if (s.events == before) {  // the block's fibers are left suspended; the next launch restarts them
+        report("deadlock: the threads of a block wait at different barriers");
+        s.body = nullptr;
+        return cudaErrorLaunchFailure;
       }
     }
   }
@@ -205,7 +218,7 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t bytes, Args... 
 inline void __syncthreads() { mmkd_emulation::wait(mmkd_emulation::state().block); }
 
 // Fibers switch only at barriers and shuffles, so a plain read-modify-write is atomic here; blocks
-// run one after another, so the order of the adds is fixed (on a GPU it is not).
+// run one after another, so the order of the adds is fixed by the block order (on a GPU it is not).
 inline float atomicAdd(float* address, float value) {
   const float old = *address;
   *address = old + value;
