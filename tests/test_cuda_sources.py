@@ -15,6 +15,7 @@ at run time) is owed to a GPU run of the backend tests with backend='native'.
 """
 
 import ctypes
+import mmap
 import os
 import shutil
 import subprocess
@@ -126,14 +127,45 @@ def _ptr(t):
     return None if t is None else t.data_ptr()
 
 
+# Where a test sets GUARD to "end" (or "start"), every buffer the mirror hands a kernel ends (starts)
+# at an inaccessible page: a kernel that reads or writes past that end of it crashes the process
+# (SIGSEGV), where on a GPU it would read or overwrite whatever memory lies there.
+GUARD = None
+_PROT_NONE = 0
+
+
+def _guard(x):
+    """x itself, or where GUARD is set a copy with x's strides in memory fenced by inaccessible pages."""
+    if GUARD is None or x is None or x.numel() == 0:
+        return x
+    elements = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride())) + 1
+    nbytes, page = elements * x.element_size(), mmap.PAGESIZE
+    data_pages = -(-nbytes // page)
+    region = mmap.mmap(-1, (data_pages + 2) * page)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for fence in (base, base + (data_pages + 1) * page):
+        assert libc.mprotect(fence, page, _PROT_NONE) == 0, os.strerror(ctypes.get_errno())
+    offset = (data_pages + 1) * page - nbytes if GUARD == "end" else page
+    # frombuffer keeps the mapping alive as long as the tensor.
+    fenced = torch.frombuffer(region, dtype=x.dtype, count=elements, offset=offset)
+    return fenced.as_strided(x.shape, x.stride()).copy_(x)
+
+
+def _output(*shape, fill=float("nan")):
+    """A float32 buffer for a kernel to write, NaN (unwritten) or ``fill``; fenced where GUARD is set."""
+    return _guard(torch.full(shape, fill))
+
+
 def _check(error, launcher):
     assert error == 0, f"{launcher} returned cudaError {error}"
 
 
 def _inverse_norms(x, normalize):
     if not normalize:
-        return torch.ones(x.shape[0], dtype=torch.float32)
-    return torch.linalg.vector_norm(x.float(), dim=1).clamp_min_(EPS).reciprocal_()
+        return _guard(torch.ones(x.shape[0], dtype=torch.float32))
+    return _guard(torch.linalg.vector_norm(x.float(), dim=1).clamp_min_(EPS).reciprocal_())
 
 
 def _input_grad(d_hat, x, normalize):
@@ -148,10 +180,9 @@ def _input_grad(d_hat, x, normalize):
 
 def _lse_by_rows(lib, a, b, inv_a, inv_b, targets, scale, columns=False):
     """(lse, loss, col_lse, col_loss) as ops_cuda.cpp's lse_by_rows; the last two None without columns."""
-    lse = torch.empty(a.shape[0])
-    loss = torch.empty_like(lse)
-    col_other = torch.zeros(b.shape[0]) if columns else None
-    col_target = torch.full((b.shape[0],), float("nan")) if columns else None
+    lse, loss = _output(a.shape[0]), _output(a.shape[0])
+    col_other = _output(b.shape[0], fill=0.0) if columns else None
+    col_target = _output(b.shape[0]) if columns else None
     shift = abs(scale)
     _check(lib.mmkd_contrastive_lse(DTYPE_CODES[a.dtype], _ptr(a), _ptr(b), _ptr(inv_a), _ptr(inv_b), _ptr(targets),
                                     _ptr(lse), _ptr(loss), _ptr(col_other), _ptr(col_target), a.shape[0], b.shape[0],
@@ -169,9 +200,7 @@ def _lse_by_rows(lib, a, b, inv_a, inv_b, targets, scale, columns=False):
 
 
 def _lse_grad_by_rows(lib, a, b, inv_a, inv_b, targets, scale):
-    lse = torch.empty(a.shape[0])
-    loss = torch.empty_like(lse)
-    da = torch.empty(a.shape)
+    lse, loss, da = _output(a.shape[0]), _output(a.shape[0]), _output(*a.shape)
     _check(lib.mmkd_contrastive_lse_grad(DTYPE_CODES[a.dtype], _ptr(a), _ptr(b), _ptr(inv_a), _ptr(inv_b),
                                          _ptr(targets), _ptr(lse), _ptr(loss), _ptr(da), a.shape[0], b.shape[0],
                                          a.shape[1], a.stride(0), a.stride(1), b.stride(0), b.stride(1), scale,
@@ -184,7 +213,7 @@ def _one_pass(q, normalize, scale):
 
 
 def _grad_rows(lib, a, b, inv_a, inv_b, a_term, b_term, scale):
-    da = torch.empty(a.shape)
+    da = _output(*a.shape)
     lse_a, g_a, t_a, tg_a = a_term if a_term is not None else (None,) * 4
     lse_b, g_b, t_b, tg_b = b_term if b_term is not None else (None,) * 4
     _check(lib.mmkd_contrastive_grad(DTYPE_CODES[a.dtype], _ptr(a), _ptr(b), _ptr(inv_a), _ptr(inv_b), _ptr(lse_a),
@@ -196,7 +225,7 @@ def _grad_rows(lib, a, b, inv_a, inv_b, a_term, b_term, scale):
 
 
 def contrastive_forward(lib, q, k, targets, scale, normalize, symmetric):
-    t = targets.long().contiguous()
+    t = _guard(targets.long().contiguous())
     inv_q, inv_k = _inverse_norms(q, normalize), _inverse_norms(k, normalize)
     columns_in_row_pass = (symmetric and normalize and abs(scale) <= FIXED_SHIFT_MAX
                            and not torch.are_deterministic_algorithms_enabled())
@@ -204,14 +233,15 @@ def contrastive_forward(lib, q, k, targets, scale, normalize, symmetric):
     if not symmetric:
         return row_loss, row_lse.new_empty(0), row_lse, row_lse.new_empty(0)
     if not columns_in_row_pass:
-        col_lse, col_loss, _, _ = _lse_by_rows(lib, k, q, inv_k, inv_q, torch.arange(k.shape[0]), scale)
+        col_lse, col_loss, _, _ = _lse_by_rows(lib, k, q, inv_k, inv_q, _guard(torch.arange(k.shape[0])), scale)
     return row_loss, col_loss, row_lse, col_lse
 
 
 def _term(lse, grad, targets, loss):
     """A direction's arguments of mmkd_contrastive_grad, as ops_cuda.cpp's make_term."""
     grad = grad.float().contiguous()
-    return lse.float().contiguous(), grad, targets.long().contiguous(), (grad * torch.expm1(-loss.float())).contiguous()
+    return tuple(_guard(x) for x in (lse.float().contiguous(), grad, targets.long().contiguous(),
+                                     (grad * torch.expm1(-loss.float())).contiguous()))
 
 
 def contrastive_backward(lib, grad_row, grad_col, q, k, targets, row_lse, col_lse, row_loss, col_loss, scale,
@@ -228,7 +258,7 @@ def contrastive_backward(lib, grad_row, grad_col, q, k, targets, row_lse, col_ls
 
 
 def contrastive_forward_with_grad(lib, q, k, targets, scale, normalize, need_q, need_k):
-    t = targets.long().contiguous()
+    t = _guard(targets.long().contiguous())
     inv_q, inv_k = _inverse_norms(q, normalize), _inverse_norms(k, normalize)
     fused_q = need_q and _one_pass(q, normalize, scale)
     if fused_q:
@@ -258,8 +288,7 @@ def _kind_code(kind, normalize, scale):
 
 
 def _structure_rows(lib, s, t, inv_s, inv_t, code, scale, row_start, row_count):
-    loss = torch.empty(row_count)
-    stats = torch.empty(row_count, 5)
+    loss, stats = _output(row_count), _output(row_count, 5)
     _check(lib.mmkd_structure_rows(DTYPE_CODES[s.dtype], code, _ptr(s), _ptr(t), _ptr(inv_s), _ptr(inv_t),
                                    _ptr(loss), _ptr(stats), *_structure_args(s, t, scale, row_start, row_count)),
            "mmkd_structure_rows")
@@ -268,7 +297,7 @@ def _structure_rows(lib, s, t, inv_s, inv_t, code, scale, row_start, row_count):
 
 def _side_grad(lib, s, t, inv_s, inv_t, stats, grad, code, scale, row_start, row_count, side):
     n, d = (s if side == STUDENT else t).shape
-    d_hat = torch.empty(n, d)
+    d_hat = _output(n, d)
     _check(lib.mmkd_structure_grad(DTYPE_CODES[s.dtype], code, side, _ptr(s), _ptr(t), _ptr(inv_s),
                                    _ptr(inv_t), _ptr(stats), _ptr(grad), _ptr(d_hat),
                                    *_structure_args(s, t, scale, row_start, row_count)), "mmkd_structure_grad")
@@ -284,7 +313,7 @@ def structure_tile_forward_with_grad(lib, s, t, kind, scale, normalize, row_star
     inv_s, inv_t = _inverse_norms(s, normalize), _inverse_norms(t, normalize)
     code = _kind_code(kind, normalize, scale)
     loss, stats = _structure_rows(lib, s, t, inv_s, inv_t, code, scale, row_start, row_count)
-    ones = torch.ones_like(loss)
+    ones = _guard(torch.ones_like(loss))
     ds, dt = loss.new_empty(0), loss.new_empty(0)
     if need_s:
         ds = _input_grad(_side_grad(lib, s, t, inv_s, inv_t, stats, ones, code, scale, row_start, row_count, STUDENT),
@@ -562,12 +591,12 @@ ORDER_N, ORDER_M, ORDER_D, ORDER_DT = 150, 170, 400, 130
 
 def _order_cases(lib):
     """name → a call returning its outputs, each case with several blocks along each grid axis."""
-    q = randn(ORDER_N, ORDER_D, seed=31)
-    k = randn(ORDER_M, ORDER_D, seed=32, layout="transposed")
-    square = randn(ORDER_N, ORDER_D, seed=33)
-    t = randn(ORDER_N, ORDER_DT, seed=34, layout="strided")
+    q = _guard(randn(ORDER_N, ORDER_D, seed=31))
+    k = _guard(randn(ORDER_M, ORDER_D, seed=32, layout="transposed"))
+    square = _guard(randn(ORDER_N, ORDER_D, seed=33))
+    t = _guard(randn(ORDER_N, ORDER_DT, seed=34, layout="strided"))
     gen = torch.Generator().manual_seed(35)
-    targets, own = torch.randint(0, ORDER_M, (ORDER_N,), generator=gen), torch.arange(ORDER_N)
+    targets, own = torch.randint(0, ORDER_M, (ORDER_N,), generator=gen), _guard(torch.arange(ORDER_N))
     grads = torch.rand(ORDER_N, generator=gen), torch.rand(ORDER_N, generator=gen)
 
     def backward(a, b, tgt, symmetric):
@@ -595,9 +624,11 @@ def _order_cases(lib):
 ATOMIC_OUTPUTS = {("symmetric forward, one pass", 2), ("symmetric forward, one pass", 3)}
 
 
-@pytest.mark.parametrize("case", ["contrastive forward", "contrastive backward", "contrastive forward with gradients",
-                                  "symmetric forward, one pass", "symmetric backward", "structure pearson",
-                                  "structure kl"])
+ORDER_CASES = ["contrastive forward", "contrastive backward", "contrastive forward with gradients",
+               "symmetric forward, one pass", "symmetric backward", "structure pearson", "structure kl"]
+
+
+@pytest.mark.parametrize("case", ORDER_CASES)
 def test_results_do_not_depend_on_the_order_of_the_blocks(launchers, monkeypatch, case):
     call = _order_cases(launchers)[case]
     monkeypatch.setenv("MMKD_EMULATION_BLOCK_ORDER", "forward")
@@ -609,6 +640,31 @@ def test_results_do_not_depend_on_the_order_of_the_blocks(launchers, monkeypatch
             assert rel_err(other, one) <= 1e-6, f"output {index}: {rel_err(other, one):.1e}"
         else:
             assert torch.equal(one, other), f"output {index} depends on the order of the blocks"
+
+
+@pytest.mark.parametrize("case", ORDER_CASES)
+def test_kernels_stay_within_their_buffers(launchers, monkeypatch, case):
+    """Every buffer a kernel is handed, inputs and outputs, fenced by an inaccessible page right
+    after its end, then right before its start (GUARD): a kernel that reads or writes past either
+    crashes the process. Both runs give the same results, bit for bit."""
+    results = []
+    for side in ("end", "start"):
+        monkeypatch.setattr(sys.modules[__name__], "GUARD", side)
+        results.append(_order_cases(launchers)[case]())
+    for index, (one, other) in enumerate(zip(*results)):
+        assert torch.equal(one, other), f"output {index}"
+
+
+_FENCE_PROBE = """
+import ctypes, sys, torch
+sys.path[:0] = sys.argv[3:]
+import test_cuda_sources as cuda_sources
+cuda_sources.GUARD = sys.argv[2] if sys.argv[2] != "none" else None
+data, out = cuda_sources._guard(torch.arange(4, dtype=torch.float32)), torch.zeros(8)
+toy = ctypes.CDLL(sys.argv[1]).run_toy
+toy.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+print(toy(2, data.data_ptr(), out.data_ptr(), 5))  # five blocks over four elements: block 4 reads past the end
+"""
 
 
 _RACY_KERNELS = r"""
@@ -637,10 +693,11 @@ extern "C" int run_toy(int which, float* data, float* out, int n) {
 """
 
 
-def test_the_block_order_shows_races_between_blocks(launchers, tmp_path, monkeypatch):
-    """Toy kernels whose blocks race give other numbers last to first than first to last; one
-    whose blocks keep to their own elements does not; an unknown order fails the launch."""
-    source, library = tmp_path / "racy.cu", tmp_path / "libracy.so"
+@pytest.fixture(scope="module")
+def toy_library(launchers, tmp_path_factory):
+    """_RACY_KERNELS built for the emulation, as the launchers are (their fixture says where it can)."""
+    directory = tmp_path_factory.mktemp("toy_kernels")
+    source, library = directory / "racy.cu", directory / "libracy.so"
     source.write_text(_RACY_KERNELS)
     emulation = CUDA_DIR / "emulation"
     command = [shutil.which("g++") or shutil.which("c++"), "-std=c++17", "-O1", "-shared", "-fPIC",
@@ -648,7 +705,26 @@ def test_the_block_order_shows_races_between_blocks(launchers, tmp_path, monkeyp
                str(emulation / "cuda_emulation.h"), "-x", "c++", str(source), "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    toy = ctypes.CDLL(str(library)).run_toy
+    return library
+
+
+def test_the_fence_stops_a_read_past_the_end(toy_library):
+    """A toy kernel reading one element past a fenced buffer crashes its process (in a process of
+    its own here); past a plain buffer it reads on, as a GPU would, and nothing shows."""
+    tests, root = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
+    for guard, crashes in (("none", False), ("end", True)):
+        run = subprocess.run([sys.executable, "-c", _FENCE_PROBE, str(toy_library), guard, str(tests), str(root)],
+                             capture_output=True, text=True, timeout=300)
+        if crashes:
+            assert run.returncode == -11, (run.returncode, run.stderr[-2000:])  # SIGSEGV
+        else:
+            assert run.returncode == 0 and run.stdout.split()[-1] == "0", run.stderr[-2000:]
+
+
+def test_the_block_order_shows_races_between_blocks(toy_library, monkeypatch):
+    """Toy kernels whose blocks race give other numbers last to first than first to last; one
+    whose blocks keep to their own elements does not; an unknown order fails the launch."""
+    toy = ctypes.CDLL(str(toy_library)).run_toy
     toy.argtypes, toy.restype = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int], ctypes.c_int
 
     def run(which, order):
