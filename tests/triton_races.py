@@ -71,11 +71,17 @@ def _merge(parts: list, pid: int):
 
 
 class _Recorder:
+    """The launches so far; for the one running, its tensor arguments' spans, the accesses of its
+    finished programs (kind → list of (bytes, pids)), the program running and its pid."""
+
     def __init__(self):
         self.launches: list[Launch] = []
+        self.launch: Launch | None = None
+        self.spans: dict[str, tuple[int, int]] = {}
+        self.accesses: dict[str, list] = {}
+        self.own_reads: list[np.ndarray] = []
         self.program: _Program | None = None
         self.pid = -1
-        self.accesses = None  # kind → list of (bytes, pids) of finished programs
 
     def begin(self, kernel: str, tensors: dict):
         self.launch = Launch(kernel, ())
@@ -123,14 +129,15 @@ class _Recorder:
 
     @staticmethod
     def _shared_by_programs(accesses):
-        """The bytes that more than one program touched (each program's bytes are unique)."""
+        """(how many, one of them) of the bytes that more than one program touched (each program's
+        bytes come once)."""
         touched, counts = np.unique(accesses[0], return_counts=True)
         shared = touched[counts > 1]
         return len(shared), shared[:1]
 
     @staticmethod
     def _across(first, second):
-        """The bytes of ``second`` that a program other than the one touching them touched in ``first``."""
+        """(how many, one of them) of the bytes in ``second`` that another program touched in ``first``."""
         order = np.argsort(first[0], kind="stable")
         bytes_first, pids_first = first[0][order], first[1][order]
         if len(bytes_first) == 0 or len(second[0]) == 0:
