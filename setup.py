@@ -9,6 +9,7 @@ The package metadata lives in pyproject.toml. Build switches (environment variab
 | MMKD_CPU_ARCH       | native   | the -march of the CPU kernels (e.g. x86-64-v3 for a portable build)  |
 | MMKD_CUDA_ARCH      | 9.0      | TORCH_CUDA_ARCH_LIST of the CUDA kernels (9.0 = H100)                |
 | MAX_JOBS            | (cores)  | parallel compile jobs (torch.utils.cpp_extension)                   |
+| MMKD_SANITIZE       | (unset)  | address: build with AddressSanitizer (run with libasan in LD_PRELOAD) |
 """
 
 import importlib.util

@@ -26,13 +26,22 @@ def cxx_flags() -> list[str]:
     # without AVX-512's masked operations every loop holding an exponential stayed scalar. Values
     # are unchanged: it only gives up floating-point exception flags, which nothing here reads.
     return ["-O3", "-fopenmp", "-fno-trapping-math", f"-march={os.environ.get('MMKD_CPU_ARCH', 'native')}",
-            "-DMMKD_NATIVE"]
+            "-DMMKD_NATIVE", *sanitizer_flags()]
 
 
 def link_flags() -> list[str]:
     # libgomp, by its soname libgomp.so.1: torch's wheel loads its own copy under that name first,
     # so the extension's threads and torch's share one OpenMP runtime and one thread count.
-    return ["-fopenmp"]
+    return ["-fopenmp", *sanitizer_flags()]
+
+
+def sanitizer_flags() -> list[str]:
+    """MMKD_SANITIZE=address: the CPU kernels built with AddressSanitizer (for tests: a process
+    loads them with libasan preloaded: tests/test_native_sanitized.py); unset, none."""
+    switch = os.environ.get("MMKD_SANITIZE", "")
+    if switch not in ("", "address"):
+        raise ValueError(f"MMKD_SANITIZE must be address or unset, got {switch!r}")
+    return ["-O1", "-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if switch else []
 
 
 def cuda_arch() -> str:
