@@ -132,6 +132,8 @@ def _ptr(t):
 # (SIGSEGV), where on a GPU it would read or overwrite whatever memory lies there.
 GUARD = None
 _PROT_NONE = 0
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def _guard(x):
@@ -143,10 +145,8 @@ def _guard(x):
     data_pages = -(-nbytes // page)
     region = mmap.mmap(-1, (data_pages + 2) * page)
     base = ctypes.addressof(ctypes.c_char.from_buffer(region))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for fence in (base, base + (data_pages + 1) * page):
-        assert libc.mprotect(fence, page, _PROT_NONE) == 0, os.strerror(ctypes.get_errno())
+        assert _LIBC.mprotect(fence, page, _PROT_NONE) == 0, os.strerror(ctypes.get_errno())
     offset = (data_pages + 1) * page - nbytes if GUARD == "end" else page
     # frombuffer keeps the mapping alive as long as the tensor.
     fenced = torch.frombuffer(region, dtype=x.dtype, count=elements, offset=offset)
@@ -589,12 +589,12 @@ def test_launchers_refuse_bad_arguments_and_skip_empty_work(launchers):
 ORDER_N, ORDER_M, ORDER_D, ORDER_DT = 150, 170, 400, 130
 
 
-def _order_cases(lib):
+def _order_cases(lib, dtype):
     """name → a call returning its outputs, each case with several blocks along each grid axis."""
-    q = _guard(randn(ORDER_N, ORDER_D, seed=31))
-    k = _guard(randn(ORDER_M, ORDER_D, seed=32, layout="transposed"))
-    square = _guard(randn(ORDER_N, ORDER_D, seed=33))
-    t = _guard(randn(ORDER_N, ORDER_DT, seed=34, layout="strided"))
+    q = _guard(randn(ORDER_N, ORDER_D, seed=31, dtype=dtype))
+    k = _guard(randn(ORDER_M, ORDER_D, seed=32, dtype=dtype, layout="transposed"))
+    square = _guard(randn(ORDER_N, ORDER_D, seed=33, dtype=dtype))
+    t = _guard(randn(ORDER_N, ORDER_DT, seed=34, dtype=dtype, layout="strided"))
     gen = torch.Generator().manual_seed(35)
     targets, own = torch.randint(0, ORDER_M, (ORDER_N,), generator=gen), _guard(torch.arange(ORDER_N))
     grads = torch.rand(ORDER_N, generator=gen), torch.rand(ORDER_N, generator=gen)
@@ -624,13 +624,17 @@ def _order_cases(lib):
 ATOMIC_OUTPUTS = {("symmetric forward, one pass", 2), ("symmetric forward, one pass", 3)}
 
 
-ORDER_CASES = ["contrastive forward", "contrastive backward", "contrastive forward with gradients",
-               "symmetric forward, one pass", "symmetric backward", "structure pearson", "structure kl"]
+# The cases in float32, and the half-precision tile paths (their own kernel instances) in two.
+ORDER_CASES = [(case, torch.float32) for case in (
+    "contrastive forward", "contrastive backward", "contrastive forward with gradients", "symmetric forward, one pass",
+    "symmetric backward", "structure pearson", "structure kl")] + [
+    ("symmetric backward", torch.float16), ("structure kl", torch.bfloat16)]
+ORDER_IDS = [f"{case}-{str(dtype).split('.')[-1]}" for case, dtype in ORDER_CASES]
 
 
-@pytest.mark.parametrize("case", ORDER_CASES)
-def test_results_do_not_depend_on_the_order_of_the_blocks(launchers, monkeypatch, case):
-    call = _order_cases(launchers)[case]
+@pytest.mark.parametrize("case,dtype", ORDER_CASES, ids=ORDER_IDS)
+def test_results_do_not_depend_on_the_order_of_the_blocks(launchers, monkeypatch, case, dtype):
+    call = _order_cases(launchers, dtype)[case]
     monkeypatch.setenv("MMKD_EMULATION_BLOCK_ORDER", "forward")
     first_to_last = call()
     monkeypatch.setenv("MMKD_EMULATION_BLOCK_ORDER", "reverse")
@@ -642,28 +646,30 @@ def test_results_do_not_depend_on_the_order_of_the_blocks(launchers, monkeypatch
             assert torch.equal(one, other), f"output {index} depends on the order of the blocks"
 
 
-@pytest.mark.parametrize("case", ORDER_CASES)
-def test_kernels_stay_within_their_buffers(launchers, monkeypatch, case):
+@pytest.mark.parametrize("case,dtype", ORDER_CASES, ids=ORDER_IDS)
+def test_kernels_stay_within_their_buffers(launchers, monkeypatch, case, dtype):
     """Every buffer a kernel is handed, inputs and outputs, fenced by an inaccessible page right
     after its end, then right before its start (GUARD): a kernel that reads or writes past either
     crashes the process. Both runs give the same results, bit for bit."""
     results = []
     for side in ("end", "start"):
         monkeypatch.setattr(sys.modules[__name__], "GUARD", side)
-        results.append(_order_cases(launchers)[case]())
+        results.append(_order_cases(launchers, dtype)[case]())
     for index, (one, other) in enumerate(zip(*results)):
         assert torch.equal(one, other), f"output {index}"
 
 
 _FENCE_PROBE = """
 import ctypes, sys, torch
-sys.path[:0] = sys.argv[3:]
+sys.path[:0] = sys.argv[5:]
 import test_cuda_sources as cuda_sources
+which, n = int(sys.argv[3]), int(sys.argv[4])
 cuda_sources.GUARD = sys.argv[2] if sys.argv[2] != "none" else None
 data, out = cuda_sources._guard(torch.arange(4, dtype=torch.float32)), torch.zeros(8)
 toy = ctypes.CDLL(sys.argv[1]).run_toy
 toy.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-print(toy(2, data.data_ptr(), out.data_ptr(), 5))  # five blocks over four elements: block 4 reads past the end
+print("launching", flush=True)
+print(toy(which, data.data_ptr(), out.data_ptr(), n))
 """
 
 
@@ -681,14 +687,20 @@ __global__ void reads_the_next_block(float* data, float* out, int n) {
   }
 }
 
-// Each block its own element: no race.
+// Each block its own element: no race (and past the data where the grid has more blocks than it).
 __global__ void own_element(float* data, float* out, int n) {
   if (threadIdx.x == 0) out[blockIdx.x] = 2.0f * data[blockIdx.x];
 }
 
+// Block b reads element b - 1: block 0 reads the one before the data.
+__global__ void previous_element(float* data, float* out, int n) {
+  if (threadIdx.x == 0) out[blockIdx.x] = data[static_cast<int>(blockIdx.x) - 1];
+}
+
 extern "C" int run_toy(int which, float* data, float* out, int n) {
-  auto kernel = which == 0 ? last_writer_wins : which == 1 ? reads_the_next_block : own_element;
-  return mmkd_emulation::launch(kernel, dim3(n), 32, 0, data, out, n);
+  void (*const kernels[])(float*, float*, int) = {last_writer_wins, reads_the_next_block, own_element,
+                                                   previous_element};
+  return mmkd_emulation::launch(kernels[which], dim3(n), 32, 0, data, out, n);
 }
 """
 
@@ -709,16 +721,20 @@ def toy_library(launchers, tmp_path_factory):
 
 
 def test_the_fence_stops_a_read_past_the_end(toy_library):
-    """A toy kernel reading one element past a fenced buffer crashes its process (in a process of
-    its own here); past a plain buffer it reads on, as a GPU would, and nothing shows."""
+    """Toy kernels reading one element past a fenced buffer's end, or one before its start, crash
+    their process (a process of its own here) once launched; past a plain buffer they read on, as a
+    GPU would, and nothing shows; within a fenced buffer they run."""
     tests, root = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
-    for guard, crashes in (("none", False), ("end", True)):
-        run = subprocess.run([sys.executable, "-c", _FENCE_PROBE, str(toy_library), guard, str(tests), str(root)],
-                             capture_output=True, text=True, timeout=300)
+    # (guard, toy kernel, blocks over the four elements, crashes): own_element is 2, previous_element 3.
+    for guard, which, n, crashes in (("none", 2, 5, False), ("end", 2, 4, False), ("end", 2, 5, True),
+                                     ("none", 3, 4, False), ("start", 3, 4, True)):
+        run = subprocess.run([sys.executable, "-c", _FENCE_PROBE, str(toy_library), guard, str(which), str(n),
+                              str(tests), str(root)], capture_output=True, text=True, timeout=300)
+        assert run.stdout.startswith("launching"), (guard, which, n, run.stderr[-2000:])
         if crashes:
-            assert run.returncode == -11, (run.returncode, run.stderr[-2000:])  # SIGSEGV
+            assert run.returncode == -11, (guard, which, run.returncode, run.stderr[-2000:])  # SIGSEGV
         else:
-            assert run.returncode == 0 and run.stdout.split()[-1] == "0", run.stderr[-2000:]
+            assert run.returncode == 0 and run.stdout.split()[-1] == "0", (guard, which, n, run.stderr[-2000:])
 
 
 def test_the_block_order_shows_races_between_blocks(toy_library, monkeypatch):

@@ -6,10 +6,9 @@ race: a GPU runs them at once. Nor does a read past a tensor's end fail here: th
 reads whatever lies there. Here every kernel, in every variant its launchers use and with the
 block shapes of every config offered to a GPU's autotuner, runs with its memory accesses recorded,
 and no launch may have a byte that two programs store, or that one stores and another reads, or
-that one updates atomically and another touches plainly, or that lies outside every tensor
-argument. Each launch must have several programs
-along each axis of its grid, or a race would have no one to race with. Racy toy kernels show that
-the recorder finds each kind of race.
+that one updates atomically and another touches plainly, nor an access that no one tensor argument
+holds. Each launch must have several programs along each axis of its grid, or a race would have no
+one to race with. Racy toy kernels show that the recorder finds each kind of race.
 """
 
 import pytest
@@ -213,9 +212,16 @@ def _overlapping_widths(X, OUT, BLOCK: tl.constexpr):
 
 @triton.jit
 def _past_the_end(X, OUT, BLOCK: tl.constexpr):
-    """Program 1 reads one block past X's end."""
+    """Program 1 reads half a block past X's end: into OUT, which lies right after X."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(OUT + offs, tl.load(X + offs + tl.program_id(0) * BLOCK))
+    tl.store(OUT + offs, tl.load(X + offs + tl.program_id(0) * (BLOCK // 2)))
+
+
+@triton.jit
+def _add_atomically_where_one_reads(X, OUT, BLOCK: tl.constexpr):
+    if tl.program_id(0) == 0:
+        tl.store(OUT + 1, tl.load(OUT))
+    tl.atomic_add(OUT, tl.sum(tl.load(X + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK))))
 
 
 @pytest.mark.parametrize("kernel,races", [
@@ -224,19 +230,19 @@ def _past_the_end(X, OUT, BLOCK: tl.constexpr):
     (_all_store_the_first_block, {"store/store": ("OUT", 32 * 4)}),
     (_read_the_next_block, {"store/load": ("X", 2 * 32 * 4)}),
     (_add_atomically_where_one_stores, {"atomic/store": ("OUT", 4)}),
+    (_add_atomically_where_one_reads, {"atomic/load": ("OUT", 4)}),
     (_store_then_load, {"own store/load": ("OUT", 2 * 32 * 4)}),
     (_overlapping_widths, {"store/store": ("OUT", 2)}),
-    (_past_the_end, {"out of bounds": (None, 32 * 4)}),  # no argument holds the bytes: no name
+    # The whole stray load (from X[48]), and OUT[0:16], which program 0 stores, read by program 1.
+    (_past_the_end, {"out of bounds": ("X", 32 * 4), "store/load": ("OUT", 16 * 4)}),
 ], ids=lambda x: getattr(getattr(x, "fn", None), "__name__", "races"))
 def test_the_recorder_finds_each_kind_of_race(kernel, races):
-    """Each toy kernel's races, and the argument named for them. X is a view of the first half of
-    its storage, so that a read past its end stays in memory that exists."""
-    x, out = torch.randn(128)[:64], torch.zeros(64)
+    """Each toy kernel's races, and the argument named for them. X and OUT are the two halves of one
+    storage, so that a read past X's end lands in OUT, another argument, as it may on a GPU."""
+    storage = torch.randn(128)
+    x, out = storage[:64], storage[64:]
     with recording_races() as launches:
         kernel[(2,)](x, out, BLOCK=32)
     (launch,) = launches
     assert launch.kernel == kernel.fn.__name__ and launch.grid == (2, 1, 1)
-    found = {kind: (name, count) for kind, (count, name) in launch.races.items()}
-    assert found.keys() == races.keys(), found
-    for kind, (name, count) in races.items():
-        assert found[kind][1] == count and (name is None or found[kind][0] == name), found
+    assert {kind: (name, count) for kind, (count, name) in launch.races.items()} == races

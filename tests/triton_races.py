@@ -13,9 +13,10 @@ atomically, and reports:
 - ``own store/load``: a program loading a byte it has already stored. Triton orders a program's
   memory operations only per thread, and a load may hand the byte to another thread than the
   store did, so this needs a barrier the kernels here never need;
-- ``out of bounds``: a byte outside every tensor argument (from its first element to its last):
-  the interpreter reads or writes whatever memory lies there, where a GPU may fault or read
-  another tensor.
+- ``out of bounds``: an access (one load, store or atomic) whose bytes do not all lie in one
+  tensor argument, from its first element to its last: past a tensor's end the interpreter reads
+  or writes whatever memory lies there, another argument's included, where a GPU may fault or
+  read another tensor. (The gaps of a strided view count as inside it.)
 
 Atomic updates of one byte by several programs are what atomics are for, and are not reported.
 Byte granularity: accesses of different widths that overlap are seen. Masked-off lanes are not
@@ -47,7 +48,7 @@ def _bytes(ptrs, mask) -> np.ndarray:
     addresses = np.asarray(ptrs.data, dtype=np.uint64)
     if mask is not None:
         addresses = addresses[np.broadcast_to(np.asarray(mask.data, dtype=bool), addresses.shape)]
-    width = ptrs.get_element_ty().primitive_bitwidth // 8
+    width = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)  # a bool (int1) takes a byte
     return np.unique((addresses.reshape(-1, 1) + np.arange(width, dtype=np.uint64)).reshape(-1))
 
 
@@ -80,6 +81,7 @@ class _Recorder:
         self.spans: dict[str, tuple[int, int]] = {}
         self.accesses: dict[str, list] = {}
         self.own_reads: list[np.ndarray] = []
+        self.strays: list[np.ndarray] = []  # accesses that no one tensor argument holds
         self.program: _Program | None = None
         self.pid = -1
 
@@ -89,6 +91,14 @@ class _Recorder:
         self.accesses = {"loads": [], "stores": [], "atomics": []}
         self.program, self.pid = None, -1
         self.own_reads = []
+        self.strays = []
+
+    def access(self, touched: np.ndarray) -> np.ndarray:
+        """``touched`` (sorted bytes of one access), kept aside as a stray unless one tensor
+        argument holds all of it."""
+        if touched.size and not any(start <= touched[0] and touched[-1] < end for start, end in self.spans.values()):
+            self.strays.append(touched)
+        return touched
 
     def switch(self, pid: int):
         self.finish_program()
@@ -114,11 +124,8 @@ class _Recorder:
         self._report("atomic/load", *self._across(atomics, loads))
         own = np.unique(np.concatenate(self.own_reads)) if self.own_reads else np.empty(0, dtype=np.uint64)
         self._report("own store/load", len(own), own[:1])
-        touched = np.unique(np.concatenate([loads[0], stores[0], atomics[0]]))
-        inside = np.zeros(touched.shape, dtype=bool)
-        for start, end in self.spans.values():
-            inside |= (touched >= start) & (touched < end)
-        self._report("out of bounds", int((~inside).sum()), touched[~inside][:1])
+        strays = np.unique(np.concatenate(self.strays)) if self.strays else np.empty(0, dtype=np.uint64)
+        self._report("out of bounds", len(strays), strays[:1])
         self.launches.append(self.launch)
 
     def _joined(self, kind):
@@ -158,7 +165,7 @@ class _Recorder:
             self.launch.races[kind] = (count, self._name(int(example[0])))
 
     def _name(self, address: int) -> str:
-        """The kernel argument that holds ``address``, or the address."""
+        """The kernel argument that holds ``address``, or the address in hex."""
         for name, (start, end) in self.spans.items():
             if start <= address < end:
                 return name
@@ -166,7 +173,9 @@ class _Recorder:
 
 
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
-    """The bytes from a tensor's first element to the end of its last (non-negative strides)."""
+    """The bytes from a tensor's first element to the end of its last (non-negative strides). The
+    interpreter's addresses are the tensors' own: it hands a kernel CPU tensors as they are
+    (``storage.cpu()`` of a CPU storage is that storage)."""
     last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
     return tensor.data_ptr(), tensor.data_ptr() + (last + 1) * tensor.element_size()
 
@@ -196,19 +205,19 @@ def recording_races():
         recorder.switch((x * self.grid_dim[1] + y) * self.grid_dim[2] + z)
 
     def on_load(self, ptrs, mask, *args):
-        recorder.program.load(_bytes(ptrs, mask))
+        recorder.program.load(recorder.access(_bytes(ptrs, mask)))
         return masked_load(self, ptrs, mask, *args)
 
     def on_store(self, ptrs, value, mask, *args):
-        recorder.program.stores.append(_bytes(ptrs, mask))
+        recorder.program.stores.append(recorder.access(_bytes(ptrs, mask)))
         return masked_store(self, ptrs, value, mask, *args)
 
     def on_atomic_rmw(self, op, ptr, val, mask, *args):
-        recorder.program.atomics.append(_bytes(ptr, mask))
+        recorder.program.atomics.append(recorder.access(_bytes(ptr, mask)))
         return atomic_rmw(self, op, ptr, val, mask, *args)
 
     def on_atomic_cas(self, ptr, *args):
-        recorder.program.atomics.append(_bytes(ptr, None))
+        recorder.program.atomics.append(recorder.access(_bytes(ptr, None)))
         return atomic_cas(self, ptr, *args)
 
     patches = [(interpreter.GridExecutor, "__call__", call), (type(builder), "set_grid_idx", on_grid_idx),

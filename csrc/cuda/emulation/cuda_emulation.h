@@ -10,8 +10,10 @@
 //   - every thread of a block reaches the same barriers (else: "deadlock");
 //   - threads run in order in even blocks and in reverse in odd ones, so a barrier missing between
 //     one thread's write to shared memory and another's read shows in one order or the other;
-//   - blocks run first to last, or last to first (MMKD_EMULATION_BLOCK_ORDER=reverse), so a race
-//     between blocks in global memory shows as results that differ between the two orders;
+//   - blocks run first to last, or last to first (MMKD_EMULATION_BLOCK_ORDER=reverse), so results
+//     that depend on the order of the blocks (one reads what another writes, or two write one place)
+//     differ between the two orders. A block runs whole before the next starts, so a plain
+//     read-modify-write that two blocks race on (a lost update) is never interleaved, and not seen;
 //   - shared memory starts each block poisoned with NaN bytes, so a read of an unwritten buffer
 //     shows up as NaN in the results;
 //   - WMMA pointers are 32-byte aligned and leading dimensions legal (mma.h);
@@ -168,8 +170,14 @@ cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t bytes, Args... 
   blockDim = dim3(threads, 1, 1);
   gridDim = grid;
   // The blocks run one after another, first to last, or last to first where the environment says
-  // MMKD_EMULATION_BLOCK_ORDER=reverse: a kernel whose blocks race (one reads what another writes,
-  // or two write one place) then gives other numbers in one order than in the other.
+  // MMKD_EMULATION_BLOCK_ORDER=reverse: a kernel whose blocks depend on one another's order (one
+  // reads what another writes, or two write one place) then gives other numbers in one order than
+  // in the other.
+  if (grid.z != 1) {
+    report("only grids of one layer (gridDim.z = 1) are emulated");
+    s.body = nullptr;
+    return cudaErrorLaunchFailure;
+  }
   const char* order = std::getenv("MMKD_EMULATION_BLOCK_ORDER");
   const bool reversed_blocks = order != nullptr && std::strcmp(order, "reverse") == 0;
   if (order != nullptr && !reversed_blocks && std::strcmp(order, "forward") != 0) {
