@@ -580,9 +580,11 @@ def test_launchers_refuse_bad_arguments_and_skip_empty_work(launchers):
 
 
 # --------------------------------------------------------------------------------------------------
-# Races between blocks: the emulation runs blocks first to last, or last to first
-# (MMKD_EMULATION_BLOCK_ORDER=reverse). A kernel whose blocks race gives other numbers in one order
-# than in the other; a GPU runs them at once, in any order.
+# What a GPU would show and the emulation's one-block-at-a-time run hides. The blocks run first to
+# last, or last to first (MMKD_EMULATION_BLOCK_ORDER=reverse): a kernel whose results depend on the
+# order of its blocks (one reads what another writes, or two write one place) gives other numbers
+# in one order than in the other; a GPU runs them at once, in any order. And every buffer fenced
+# (GUARD): an access past a buffer crashes instead of reading whatever memory lies there.
 # --------------------------------------------------------------------------------------------------
 
 # N = 150 rows: three row blocks of 64; D = 400 (student) two groups of output chunks; Dt = 130.
