@@ -31,11 +31,20 @@ def _digest_files(directory: str) -> str:
     return digest.hexdigest()
 
 
+def _digest_tokenizer(tokenizer) -> str:
+    """SHA-256 of what splits the sentences: the fast tokenizer's JSON without its truncation and
+    padding entries, which the tokenizer rewrites on its first call with those options."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
 def cache_key(teacher_path: str, tokenizer, sources: list[str], max_length: int) -> dict:
     """What the cached states depend on: teacher, tokenizer, data, max length."""
     return {
         "teacher": _digest_files(teacher_path),
-        "tokenizer": hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest(),
+        "tokenizer": _digest_tokenizer(tokenizer),
         "data": hashlib.sha256("\n".join(sources).encode()).hexdigest(),
         "max_length": str(max_length),
     }
@@ -62,11 +71,15 @@ class TeacherCache:
 
 @torch.no_grad()
 def compute_states(teacher, tokenizer, sources: list[str], max_length: int, batch_size: int = 64) -> TeacherCache:
-    """Run the teacher over ``sources`` (in order of length, for less padding)."""
+    """Run the teacher over ``sources`` (in order of length, for less padding), on the teacher's device,
+    with a progress bar on the main process."""
+    from tqdm.auto import tqdm
+
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     per_sentence = [None] * len(sources)
     device = next(teacher.parameters()).device
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="teacher cache", unit="batch", disable=int(os.environ.get("RANK", "0")) != 0):
         chunk = order[start : start + batch_size]
         enc = tokenizer([sources[i] for i in chunk], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt").to(device)

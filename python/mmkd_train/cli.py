@@ -8,6 +8,7 @@ any model loads.
 
 import argparse
 import os
+import re
 import sys
 
 from .data import DataError, load_corpus
@@ -34,7 +35,7 @@ def parser() -> argparse.ArgumentParser:
                    "fast_align writes them) and replaces the word level's aligner for its pair; LANG defaults "
                    "to the file name before its first dot")
     d.add_argument("--languages", default=None,
-                   help=f"languages to train on, comma-separated (django default: {DEFAULT_LANGUAGES}; files: all)")
+                   help=f"languages to train on, comma-separated (django default: {DEFAULT_LANGUAGES}; files: all but --eval-languages)")
     d.add_argument("--eval-languages", default=None,
                    help=f"more languages to evaluate, not trained on (django default: {DEFAULT_EVAL_LANGUAGES})")
     d.add_argument("--eval-size", type=int, default=200, help="held-out pairs per language (0: no evaluation)")
@@ -153,6 +154,20 @@ def check_training(args, objective: Objective) -> None:
                          f"{objective.min_batch()} (the structure level compares a batch's pairs with each other)")
 
 
+def check_output_dir(args) -> None:
+    """A new run (no --resume) in a folder holding another run's checkpoints would rotate its own
+    checkpoints away beside theirs (the highest steps stay) and a later --resume would continue
+    theirs: ValueError naming the options instead."""
+    if args.resume or not os.path.isdir(args.output_dir):
+        return
+    found = sorted((name for name in os.listdir(args.output_dir)
+                    if re.fullmatch(r"checkpoint-\d+", name) and os.path.isdir(os.path.join(args.output_dir, name))),
+                   key=lambda name: int(name.split("-")[1]))
+    if found:
+        raise ValueError(f"--output-dir {args.output_dir} holds checkpoints of an earlier run ({', '.join(found)}): "
+                         "pass --resume to continue it, or choose another --output-dir")
+
+
 def say(*parts) -> None:
     """Print from the main process only (every rank runs this code under torchrun)."""
     if int(os.environ.get("RANK", "0")) == 0:
@@ -166,6 +181,7 @@ def main(argv=None) -> int:
     try:
         objective = objective_from(args)
         check_training(args, objective)
+        check_output_dir(args)
         teacher_path = check_model_path(args.teacher or default_teacher_path(), "teacher")
         student_path = check_model_path(args.student, "student") if args.student else teacher_path
         django = args.data == ["django"]

@@ -283,8 +283,8 @@ def load_corpus(
     eval_fraction: float = 0.2,
     eval_size: int = 200,
 ) -> Corpus:
-    """Read ``data`` (``["django"]`` or file specs), keep the training pairs of ``languages`` (all the
-    files' languages when None) and the held-out pairs of those and of ``eval_languages``.
+    """Read ``data`` (``["django"]`` or file specs), keep the training pairs of ``languages`` (when None,
+    the files' languages but ``eval_languages``) and the held-out pairs of those and of ``eval_languages``.
 
     DataError, before any model loads, for an unknown language, a missing file, a malformed line,
     no training pair left, or an evaluated language without held-out pairs.
@@ -308,7 +308,11 @@ def load_corpus(
         unknown = [lang for lang in (languages or []) + eval_languages if lang not in present]
         if unknown:
             raise DataError(f"unknown language(s) {', '.join(unknown)}: the data files hold {', '.join(present)}")
-        languages = languages or present
+        if not languages:  # every language of the files but those held out for evaluation only
+            languages = [lang for lang in present if lang not in eval_languages]
+            if not languages:
+                raise DataError(f"--eval-languages names every language of the data files ({', '.join(present)}): "
+                                "give the ones to train on with --languages")
     train, held = split_pairs(pairs, eval_fraction, eval_size)
     train = [pair for pair in train if pair.lang in languages]
     if not train:

@@ -25,14 +25,34 @@ def same_tokenization(student_tokenizer, teacher_tokenizer, probe: list[str]) ->
     return student_tokenizer(probe)["input_ids"] == teacher_tokenizer(probe)["input_ids"]
 
 
-def resolve_levels(objective: Objective, explicit: bool, same: bool) -> Objective:
-    """Drop the contrastive token level when the tokenizers differ, unless asked for by name."""
+def resolve_levels(objective: Objective, explicit: bool, same: bool) -> tuple[Objective, str | None]:
+    """The objective that the tokenizers allow, and what was changed (None: nothing).
+
+    The contrastive token level pairs the student's and the teacher's tokens position by position, so
+    it needs one tokenizer; masked-token prediction (tlm) needs the student only. Where the
+    tokenizers differ, ``--token-loss both`` keeps its tlm half and ``contrastive`` drops the token
+    level, each saying so; ``--levels`` naming token with a contrastive part is an error.
+    """
     if "token" not in objective.levels or same or objective.token_loss == "tlm":
-        return objective
+        return objective, None
     if explicit:
         raise ModelError("--levels token with --token-loss contrastive/both needs the student and teacher to "
                          "share a tokenizer; use --token-loss tlm or leave token out of --levels")
-    return dataclasses.replace(objective, levels=tuple(l for l in objective.levels if l != "token"))
+    if objective.token_loss == "both":
+        return (dataclasses.replace(objective, token_loss="tlm"),
+                "student and teacher tokenize differently: the token level keeps tlm and leaves out its "
+                "contrastive part (--token-loss both -> tlm)")
+    return (dataclasses.replace(objective, levels=tuple(l for l in objective.levels if l != "token")),
+            "student and teacher tokenize differently: the token level (--token-loss contrastive) is left "
+            "out; --token-loss tlm trains it on the student alone")
+
+
+def check_devices(training: TrainingArguments) -> None:
+    """One process drives one GPU: transformers would wrap the student in nn.DataParallel across several,
+    whose replicas each return their own tlm loss and batch-norm statistics."""
+    if training.world_size == 1 and training.n_gpu > 1:
+        raise ModelError(f"{training.n_gpu} GPUs are visible to one process: run under torchrun --nproc-per-node "
+                         f"{training.n_gpu} -m mmkd_train, or make one GPU visible (CUDA_VISIBLE_DEVICES=0)")
 
 
 def enable_checkpointing(encoder) -> None:
@@ -76,14 +96,17 @@ def run(args, objective: Objective, corpus: Corpus, teacher_path: str, student_p
 
     started = time.perf_counter()
     training = training_arguments(args)  # sets up torch.distributed under torchrun
+    check_devices(training)
     teacher_tokenizer = load_tokenizer(teacher_path, "teacher")
     student_tokenizer = load_tokenizer(student_path, "student")
     for role, tokenizer in (("teacher", teacher_tokenizer), ("student", student_tokenizer)):
         check_max_length(args.max_length, tokenizer, role)
     same = same_tokenization(student_tokenizer, teacher_tokenizer, [p.src for p in corpus.train[:64]])
-    objective = resolve_levels(objective, args.levels is not None, same)
+    objective, changed = resolve_levels(objective, args.levels is not None, same)
+    if changed:
+        say(f"mmkd-train: {changed}")
     tlm = "token" in objective.levels and objective.token_loss in ("tlm", "both")
-    teacher = load_teacher(teacher_path)
+    teacher = load_teacher(teacher_path).to(training.device)  # the cache below runs it where training will
     encoder = load_encoder(student_path, masked_lm=tlm)
     set_seed(args.seed)  # the heads start alike in every run (and on every rank)
     heads = None

@@ -42,3 +42,18 @@ def test_the_key_follows_teacher_weights_tokenizer_data_and_length(tiny_teacher,
     assert key == cache.cache_key(tiny_teacher, tokenizer, ["a", "b"], 32)
     assert key["teacher"] != cache.cache_key(tiny_student, tokenizer, ["a", "b"], 32)["teacher"]
     assert key["data"] != cache.cache_key(tiny_teacher, tokenizer, ["a", "c"], 32)["data"]
+
+
+def test_the_tokenizer_digest_ignores_call_options_and_follows_the_splitting(tiny_teacher):
+    """A fast tokenizer rewrites its truncation and padding entries on its first call with them: the
+    key must not change with that (a needless rebuild, said to be for a changed tokenizer), but must
+    with anything that splits sentences differently."""
+    from tokenizers import normalizers
+
+    tokenizer = load_tokenizer(tiny_teacher, "teacher")
+    before = cache.cache_key(tiny_teacher, tokenizer, ["a"], 32)["tokenizer"]
+    tokenizer(["a sentence", "another one"], padding=True, truncation=True, max_length=8)
+    assert '"truncation":null' not in tokenizer.backend_tokenizer.to_str().replace(" ", "")  # it did change
+    assert cache.cache_key(tiny_teacher, tokenizer, ["a"], 32)["tokenizer"] == before
+    tokenizer.backend_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False)
+    assert cache.cache_key(tiny_teacher, tokenizer, ["a"], 32)["tokenizer"] != before

@@ -214,3 +214,46 @@ def test_a_last_batch_too_small_for_the_structure_level_is_left_out(corpus_file,
                      "--batch-size", str(batch), "--save-steps", "1", "--save-total-limit", "1")
     assert cli.main(argv) == 0
     assert [p for p in os.listdir(tmp_path) if p.startswith("checkpoint")] == [f"checkpoint-{pairs // batch}"]
+
+
+def test_a_new_run_is_refused_where_an_earlier_one_left_checkpoints(monkeypatch, corpus_file, tiny_teacher,
+                                                                    tiny_student, tmp_path, capsys):
+    """Without the refusal the new run's checkpoints rotated away beside the old ones (the highest steps
+    stay) and a later --resume continued the old run. Half-written ones under .staging do not count."""
+    monkeypatch.setattr(run, "load_teacher", lambda *a: pytest.fail("a model loaded"))
+    (tmp_path / ".staging" / "checkpoint-7").mkdir(parents=True)
+    (tmp_path / "checkpoint-10").write_text("a file, not a checkpoint")
+    monkeypatch.setattr(run, "run", lambda *a: 0)  # past the checks: no checkpoint folder yet
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, tmp_path)) == 0
+    for step in (100, 50):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, tmp_path)) == 2
+    assert (f"--output-dir {tmp_path} holds checkpoints of an earlier run (checkpoint-50, checkpoint-100): pass "
+            "--resume to continue it, or choose another --output-dir") in capsys.readouterr().err
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, tmp_path, "--resume")) == 0
+
+
+@pytest.mark.parametrize("token_loss, levels, kept", [
+    ("both", ("sentence", "token"), "tlm"),
+    ("contrastive", ("sentence",), "contrastive"),
+])
+def test_different_tokenizers_keep_what_they_can_of_the_token_level_and_say_so(token_loss, levels, kept):
+    from mmkd_train.objective import Objective
+
+    objective = Objective(levels=("sentence", "token"), token_loss=token_loss)
+    resolved, said = run.resolve_levels(objective, explicit=False, same=False)
+    assert (resolved.levels, resolved.token_loss) == (levels, kept)
+    assert said.startswith("student and teacher tokenize differently: the token level")
+    assert run.resolve_levels(objective, explicit=False, same=True) == (objective, None)
+    tlm = Objective(levels=("token",), token_loss="tlm")
+    assert run.resolve_levels(tlm, explicit=True, same=False) == (tlm, None)
+
+
+def test_several_gpus_in_one_process_are_refused():
+    """transformers would wrap the student in nn.DataParallel, whose replicas each return a tlm loss."""
+    from types import SimpleNamespace
+
+    with pytest.raises(run.ModelError, match="2 GPUs are visible to one process: run under torchrun --nproc-per-node 2"):
+        run.check_devices(SimpleNamespace(world_size=1, n_gpu=2))
+    run.check_devices(SimpleNamespace(world_size=1, n_gpu=1))
+    run.check_devices(SimpleNamespace(world_size=2, n_gpu=1))

@@ -147,3 +147,19 @@ def test_split_is_deterministic_and_holds_out_english_sentences_in_every_languag
     assert len(held["de"]) == len(held["fr"]) == 15
     assert {p.src for p in held["de"]} == {p.src for p in held["fr"]}
     assert not {p.src for p in train} & {p.src for v in held.values() for p in v}
+
+
+def test_files_train_on_their_languages_but_those_held_out_for_evaluation(tmp_path):
+    """--eval-languages are "not trained on": with files and no --languages, the others are trained."""
+    files = []
+    for lang in ("de", "it"):
+        path = tmp_path / f"{lang}.tsv"
+        path.write_text("".join(f"sentence {i}\t{lang} {i}\n" for i in range(40)), encoding="utf-8")
+        files.append(f"{lang}={path}")
+    corpus = load_corpus(files, None, ["it"], eval_fraction=0.25, eval_size=5)
+    assert {p.lang for p in corpus.train} == {"de"}
+    assert sorted(corpus.evaluation) == ["de", "it"] and all(len(v) == 5 for v in corpus.evaluation.values())
+    assert {p.lang for p in load_corpus(files, None, [], eval_fraction=0.25, eval_size=5).train} == {"de", "it"}
+    with pytest.raises(DataError, match="--eval-languages names every language of the data files \\(de, it\\): give "
+                                        "the ones to train on with --languages"):
+        load_corpus(files, None, ["de", "it"])
