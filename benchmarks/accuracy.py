@@ -97,14 +97,6 @@ def main(argv=None) -> int:
     if interpreted:
         triton_interpreter_repairs.install()  # its bfloat16 dot multiplies bit patterns otherwise
     backends = _backends(device, args.n, args.interpreter_n if interpreted else args.n, interpreted)
-    rows = []
-    for regime, noise in REGIMES.items():
-        for name, loss in LOSSES.items():
-            for backend, n, dtypes in backends:
-                for dtype_name in dtypes:
-                    loss_err, grad_err = measure(n, args.d, backend, DTYPES[dtype_name], loss, noise, device)
-                    rows.append(dict(regime=regime, loss=name, backend=backend, n=n, dtype=dtype_name,
-                                     loss_error=loss_err, grad_error=grad_err))
     date = datetime.date.today().isoformat()
     stem = args.out / f"accuracy-{device.type}-{date}"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -113,15 +105,32 @@ def main(argv=None) -> int:
                 cuda=torch.version.cuda, python=platform.python_version(), device=device_name, regimes=REGIMES,
                 command=(f"python -m benchmarks.accuracy --device {device.type} --n {args.n} --d {args.d} "
                          f"--interpreter-n {args.interpreter_n}"))
+    rows = []
+    lines = write(stem, meta, rows, backends, interpreted, device)
+    for regime, noise in REGIMES.items():
+        for name, loss in LOSSES.items():
+            for backend, n, dtypes in backends:
+                for dtype_name in dtypes:
+                    loss_err, grad_err = measure(n, args.d, backend, DTYPES[dtype_name], loss, noise, device)
+                    rows.append(dict(regime=regime, loss=name, backend=backend, n=n, dtype=dtype_name,
+                                     loss_error=loss_err, grad_error=grad_err))
+                    # after every row: a run stopped at a time limit keeps what it measured ("—" for the rest)
+                    lines = write(stem, meta, rows, backends, interpreted, device)
+    print("\n".join(lines))
+    return 0
+
+
+def write(stem: Path, meta: dict, rows: list[dict], backends, interpreted: bool, device: torch.device) -> list[str]:
+    """``stem``.json and .md of the rows measured so far; returns the Markdown's lines."""
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    lines = [f"# Accuracy against the float64 reference, {device.type.upper()} ({device_name}, {date})", "",
-             f"`{meta['command']}`: N = {args.n}, D = {args.d}, worst of 3 seeds; relative error ‖out − ref‖/‖ref‖ "
+    lines = [f"# Accuracy against the float64 reference, {device.type.upper()} ({meta['device']}, {meta['date']})", "",
+             f"`{meta['command']}`: N = {meta['n']}, D = {meta['d']}, worst of 3 seeds; relative error ‖out − ref‖/‖ref‖ "
              "of the loss / of the student's gradient, the float64 reference on the same rounded inputs. "
              "`reference` rows: the eager PyTorch losses in the inputs' dtype (float32 for half inputs). "
              "DESIGN §4 tolerances: float32 1e-5, float16/bfloat16 inputs 1e-2. "
              f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}." if device.type == "cuda" else ".")]
     if interpreted and any(backend == "triton" for backend, _, _ in backends):
-        lines[-1] += (f" `triton` rows: its kernels under Triton's interpreter on the CPU, N = {args.interpreter_n}, "
+        lines[-1] += (f" `triton` rows: its kernels under Triton's interpreter on the CPU, N = {meta['interpreter_n']}, "
                       "bfloat16 through the interpreter's repaired dot (benchmarks/triton_interpreter_repairs.py); "
                       "exact exponentials where a GPU uses fast ones: the algorithm's accuracy, not a GPU's "
                       "measurement).")
@@ -136,8 +145,7 @@ def main(argv=None) -> int:
                          for d in DTYPES]
                 lines.append(f"| {name} | {backend} | " + " | ".join(cells) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return 0
+    return lines
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def _serve(conn, spec: Spec) -> None:
         fn = cases.loss_fn(spec.loss, spec.backend)
     except Exception as exc:  # a peer that does not import: every request answers why
         fn, setup_error = None, f"error: {type(exc).__name__}: {exc}"
-    warm: set[str] = set()  # modes this process has run: eager backends need no second warm-up
+    warm: set[str] = set()  # modes this process has run: eager CPU backends need no second warm-up
     tunings = None
     if spec.backend.startswith("triton") and device.type == "cuda":
         from benchmarks import autotune_log
@@ -94,8 +94,12 @@ def _answer(request, fn, spec, device, dtype, warm, cases, measure, tunings) -> 
         return {"status": "ok", **measure.errors(fn, student, teacher, ref_loss, ref_grad)}
     modes = request[3]
     inputs = [cases.make_inputs(n, d, seed=seed, dtype=dtype, device=device) for seed in range(ROTATING_SETS)]
-    # torch.compile specializes on shapes: every new N compiles again, so it always warms up.
-    warm_up = modes if spec.backend == "compile" else [mode for mode in modes if mode not in warm]
+    # torch.compile specializes on shapes: every new N compiles again. On a GPU, Triton's autotuner
+    # (ours and the peers') tunes again per size key, timing each config with a 256 MiB scratch
+    # buffer, and cuBLAS picks its kernels per shape: inside the measured run, that would count in
+    # its time and peak memory. Those always warm up; an eager CPU backend once per mode.
+    per_size = spec.backend == "compile" or device.type == "cuda"
+    warm_up = modes if per_size else [mode for mode in modes if mode not in warm]
     timings = measure.measure_case(fn, inputs, device, min_time=spec.min_time, min_repeats=spec.min_repeats,
                                    max_repeats=spec.max_repeats, modes=modes, warm_up=warm_up)
     warm.update(modes)

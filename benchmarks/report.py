@@ -101,7 +101,8 @@ def environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         # Timings on a shared machine are only as good as its quiet: say how busy it was.
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        "git_commit": _git("rev-parse", "HEAD"),
+        # A GPU machine gets the working tree without .git: benchmarks/gpu/run.sh passes the commit.
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("MMKD_GIT_COMMIT"),
         "git_dirty": bool(status) if status is not None else None,
     }
 

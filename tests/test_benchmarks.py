@@ -198,6 +198,26 @@ def test_accuracy_table_has_every_backend_within_tolerance(tmp_path):
     assert table.count("| structure kl | triton |") == 2 and "—" in table
 
 
+def test_accuracy_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
+    """A run stopped at a time limit (the GPU call's accuracy step) keeps the rows it measured."""
+    from benchmarks import accuracy
+
+    measured = []
+
+    def measure(*args):
+        if len(measured) == 3:
+            raise KeyboardInterrupt("the step's time limit")
+        measured.append(args)
+        return 1e-7, 2e-7
+
+    monkeypatch.setattr(accuracy, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.main(["--n", "40", "--d", "16", "--interpreter-n", "0", "--out", str(tmp_path)])
+    (result,) = tmp_path.glob("accuracy-cpu-*.json")
+    assert len(json.loads(result.read_text())["rows"]) == 3
+    assert result.with_suffix(".md").read_text().count("1.0e-07 / 2.0e-07") == 3
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--backends", ","], "--backends: an empty list"),
     (["--losses", "contrastive,cosine"], "--losses: unknown name 'cosine'"),
@@ -220,3 +240,28 @@ def test_repeated_names_run_once():
     args = run.parse_args(["--device", "cpu", "--losses", "contrastive,contrastive,structure-kl",
                            "--backends", "reference,chunked,reference"])
     assert args.losses == ["contrastive", "structure-kl"] and args.backends == ["reference", "chunked"]
+
+
+@pytest.mark.parametrize("backend, device, second_warm_up", [
+    ("native", "cpu", []),  # eager on the CPU: warm once per mode
+    ("compile", "cpu", ["fwd_bwd"]),  # compiles again for a new shape
+    ("triton", "cuda", ["fwd_bwd"]),  # autotunes again per size key
+    ("memeff", "cuda", ["fwd_bwd"]),  # a peer's Triton autotuner, cuBLAS heuristics
+])
+def test_what_tunes_per_size_warms_up_at_every_size(backend, device, second_warm_up):
+    """A warm-up skipped at a new N left Triton's autotuning (and its 256 MiB scratch buffer) inside
+    the measured run on a GPU, in its time and peak memory."""
+    from types import SimpleNamespace
+
+    from benchmarks import isolate
+
+    asked = []
+    fake_cases = SimpleNamespace(make_inputs=lambda *args, **kwargs: None)
+    fake_measure = SimpleNamespace(measure_case=lambda fn, inputs, device, modes, warm_up, **kw: asked.append(warm_up)
+                                   or {})
+    spec = isolate.Spec("contrastive", backend, device, "float32", 0.1, 1, 1)
+    warm = set()
+    for n in (64, 128):
+        isolate._answer(("measure", n, 32, ["fwd_bwd"]), None, spec, torch.device(device), torch.float32, warm,
+                        fake_cases, fake_measure, None)
+    assert asked == [["fwd_bwd"], second_warm_up]

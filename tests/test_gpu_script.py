@@ -30,6 +30,7 @@ case "$1 ${2:-}" in
     for arg in "$@"; do [ "${prev:-}" = "--out" ] && out=$arg; prev=$arg; done
     echo "# bench autotune=$TRITON_PRINT_AUTOTUNING extension=$(built) blocks=${MMKD_GRAM_BLOCK_ELEMENTS:-} args: $*" \
       > "$out/cuda-x.md"
+    case "$out" in *"${FAKE_HANGING_PART:-no part}") sleep 60 ;; esac
     sleep "${FAKE_BENCH_SECONDS:-0}"; exit 0 ;;
 esac
 echo "fake python3: unexpected $*" >&2
@@ -64,24 +65,54 @@ def test_every_step_brings_its_files_back(dry):
     done, out = dry()  # no steps: the whole plan, as a GPU session runs it
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["build.log", "pytest.log", "accuracy.md", "goals.md", "contrastive.md", "symmetric.md", "structure.md",
+        ["pytest.log", "accuracy.md", "goals.md", "contrastive.md", "symmetric.md", "structure.md", "ext.tgz",
          "gpu-run.tgz"])  # 8: all that the device tool returns
-    assert "autotune=1" in (out / "structure.md").read_text()
+    table = (out / "structure.md").read_text()
+    assert "autotune=1" in table and "--suffix -structure " in table  # its files named for their part
+    with tarfile.open(out / "ext.tgz") as archive:
+        assert archive.getnames() == ["ext", "ext/_C.cpython-312-x86_64-linux-gnu.so"]
     with tarfile.open(out / "gpu-run.tgz") as archive:
         names = archive.getnames()
-    assert "./ext/_C.cpython-312-x86_64-linux-gnu.so" in names
-    assert {"./env.txt", "./contrastive/cuda-x.md", "./symmetric/cuda-x.md", "./structure/cuda-x.md"} <= set(names)
+    assert {"./env.txt", "./build.log", "./contrastive/cuda-x.md", "./symmetric/cuda-x.md",
+            "./structure/cuda-x.md"} <= set(names)
+    assert not [name for name in names if "ext" in name.split("/")]  # it comes back in ext.tgz alone
+
+
+def test_a_call_killed_at_its_limit_still_brings_back_its_finished_steps(dry, tmp_path):
+    """The device kills the whole command at its limit, the EXIT trap with it: every finished step has
+    been packed already."""
+    import signal
+    import time
+
+    run_in = tmp_path / "repo"
+    call = subprocess.Popen(["bash", "benchmarks/gpu/run.sh", "contrastive", "symmetric"], cwd=run_in,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+                                 "OUT": str(tmp_path / "out"), "MMKD_GPU_WORK": str(tmp_path / "work"),
+                                 "MMKD_GIT_COMMIT": "0123abc", "FAKE_HANGING_PART": "work/symmetric"})
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "work" / "symmetric" / "cuda-x.md").exists():  # the second step hangs
+        assert time.monotonic() < deadline and call.poll() is None
+        time.sleep(0.1)
+    time.sleep(0.5)
+    os.killpg(call.pid, signal.SIGKILL)
+    call.wait()
+    with tarfile.open(tmp_path / "out" / "gpu-run.tgz") as archive:
+        assert "./contrastive/cuda-x.md" in archive.getnames()
+        assert "git commit: 0123abc" in archive.extractfile("./env.txt").read().decode()
 
 
 def test_the_goals_tables_come_back_in_one_file(dry):
     done, out = dry("goals")
     assert done.returncode == 0, done.stdout + done.stderr
     tables = (out / "goals.md").read_text().splitlines()
-    assert len(tables) == 4
-    assert "--sizes 65536 --dims 768" in tables[0] and "inf-cl" in tables[0] and "blocks= " in tables[0]
-    assert "structure-pearson --sizes 32768" in tables[1] and "reference" in tables[1]
-    assert "blocks=2097152" in tables[2] and "blocks=4194304" in tables[3]
-    assert all("--backends triton-gram " in table for table in tables[2:])
+    assert len(tables) == 5
+    assert "--losses contrastive --sizes 65536 --dims 768" in tables[0] and "inf-cl" in tables[0]
+    assert "--losses contrastive-symmetric --sizes 65536" in tables[1] and "memeff" in tables[1]
+    assert all("blocks= " in table for table in tables[:2])
+    assert "structure-pearson --sizes 32768" in tables[2] and "reference" in tables[2]
+    assert "blocks=2097152" in tables[3] and "blocks=4194304" in tables[4]
+    assert all("--backends triton-gram " in table for table in tables[3:])
 
 
 def test_the_build_runs_beside_the_goals_and_the_tests_wait_for_it(dry):

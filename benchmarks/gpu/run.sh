@@ -4,19 +4,20 @@
 # included, and no machine starts with under 4 minutes left: that is ONE call of at most 600 s.
 # So one call runs everything, most wanted first, each step cut to what is left:
 #
-#   bash benchmarks/gpu/run.sh          # = build goals test accuracy bench   (timeout_s=600)
+#   MMKD_GIT_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu/run.sh   # timeout_s=600
+#       = build goals test accuracy bench; the commit goes into the results (no .git travels)
 #
 # Steps, in the order given, each under its own time limit cut to what is left of the call's
 # MMKD_GPU_BUDGET_S (570 s: the device's 600, less the copies back; a step with under 30 s left
 # is skipped and says so), so that the call always ends itself and the files come back:
 #   build     mmkd_kernels._C with its CUDA kernels, IN THE BACKGROUND (nice, 8 jobs) from the start
 #             of the call; the first step that runs the extension (every step but goals) waits for
-#             it. Skipped when the extension has its CUDA kernels already. The built .so goes into
-#             gpu-run.tgz (ext/)
-#   goals     the issues' goal cells first: contrastive and symmetric at N = M = 65536, D = 768
-#             (triton, memeff, inf-cl), structure pearson at N = 32768, D = 384 (triton-gram,
-#             reference, then triton-gram in 2x and 4x larger float64 blocks); each with its
-#             accuracy at N = 4096 and the bf16 mm rate of the same run
+#             it. Skipped when the extension has its CUDA kernels already. The built .so, without
+#             its debug information, comes back in ext.tgz
+#   goals     the issues' goal cells first: contrastive at N = M = 65536, D = 768 (triton, memeff,
+#             inf-cl), then symmetric (triton, memeff) under a limit of its own, structure pearson
+#             at N = 32768, D = 384 (triton-gram, reference, then triton-gram in 2x and 4x larger
+#             float64 blocks); each with its accuracy at N = 4096 and the bf16 mm rate of the run
 #   test      the library's tests whose targets are on CUDA (compiled Triton, native CUDA, bf16), the
 #             Triton config paths and the sm_90a compile check; -v so that a cut run still shows
 #             each test's verdict, --maxfail=20, and a per-test timeout where pytest-timeout is there
@@ -30,11 +31,12 @@
 #   symmetric    the symmetric loss (150 s)
 #   structure    structure pearson and kl at N = 4K..128K, D = 384 (120 s)
 #
-# Files back (the device tool returns at most 8): build.log, pytest.log, accuracy.md, goals.md and
-# the sweeps' tables (contrastive.md, symmetric.md, structure.md), and gpu-run.tgz with everything
-# (env.txt, JSON, PNG, logs, the extension). The bench parts' files share one name (the device and
-# the date): copy each into benchmarks/results/ with its part's name added
-# (cuda-<device>-<date>-contrastive.json, ...) and commit them.
+# Files back (the device tool returns at most 8): pytest.log, accuracy.md, goals.md and the sweeps'
+# tables (contrastive.md, symmetric.md, structure.md), ext.tgz (the extension), and gpu-run.tgz with
+# everything else (env.txt, JSON, PNG, logs). gpu-run.tgz is packed again after every step, so that a
+# call killed at its limit still brings back what its finished steps wrote. Each benchmark's files
+# are named <device>-<date>-<part> (nvidia-h100-80gb-hbm3-2026-12-08-goals-contrastive.json, ...):
+# commit them into benchmarks/results/ under those names.
 set -uo pipefail
 START=$SECONDS
 BUDGET=${MMKD_GPU_BUDGET_S:-570}
@@ -46,7 +48,13 @@ DTYPE=${MMKD_BENCH_DTYPE:-bfloat16}
 rm -rf "$WORK"  # a warm machine's last call must not pass its files off as this one's
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-trap 'tar czf "$OUT/gpu-run.tgz" -C "$WORK" . 2>/dev/null; cp "$WORK"/{build.log,pytest.log} "$OUT"/ 2>/dev/null; ls -l "$OUT"' EXIT
+# pack: everything of $WORK but the extension into $OUT/gpu-run.tgz (built beside, then moved in, so
+# that a kill while packing leaves the last whole archive), and the tests' log beside it.
+pack() {
+  tar czf "$WORK.tgz" -C "$WORK" --exclude=./ext . 2>/dev/null && mv -f "$WORK.tgz" "$OUT/gpu-run.tgz"
+  if [ -f "$WORK/pytest.log" ]; then cp "$WORK/pytest.log" "$OUT/"; fi
+}
+trap 'pack; ls -l "$OUT"' EXIT
 
 for step in $STEPS; do
   case "$step" in
@@ -59,9 +67,6 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-{ nvidia-smi; python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
-  > "$WORK/env.txt" 2>&1
-tail -n 1 "$WORK/env.txt"
 
 # limit WANT: the seconds a step may take, WANT or what is left of the budget (less 15 s for the
 # copies back) if that is less; 0 when under 30 s are left.
@@ -89,7 +94,7 @@ bench_run() {
   mkdir -p "$WORK/$name"
   # TRITON_PRINT_AUTOTUNING: the config each Triton kernel chose per shape, into the log.
   TRITON_PRINT_AUTOTUNING=1 run_step "$name" "$seconds" python3 -m benchmarks.run --device cuda --dtype "$DTYPE" --time-budget 12 \
-    --out "$WORK/$name" "$@" > "$WORK/bench-$name.log" 2>&1
+    --out "$WORK/$name" --suffix "-$name" "$@" > "$WORK/bench-$name.log" 2>&1
   local status=$?
   echo "$name bench exit $status ($(tail -n 1 "$WORK/bench-$name.log"))"
   if ls "$WORK/$name"/*.md >/dev/null 2>&1; then
@@ -113,12 +118,18 @@ build_status=0
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
   export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
 fi
+{ echo "git commit: ${MMKD_GIT_COMMIT:-unknown (pass MMKD_GIT_COMMIT)}"; echo "CUDA_HOME: ${CUDA_HOME:-unset}"
+  nvcc --version 2>&1 | tail -n 2; nvidia-smi
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$WORK/env.txt" 2>&1
+tail -n 1 "$WORK/env.txt"
 build() {
   if has_cuda_kernels; then echo "build: _C already has its CUDA kernels"; return 0; fi
   ( time MMKD_BUILD_CUDA=1 MAX_JOBS=8 run_step build 300 nice -n 19 python3 setup.py -q build_ext --inplace ) 2>&1
   local status=$?
   # Without its debug information, the extension fits the files that come back.
-  mkdir -p "$WORK/ext" && cp mmkd_kernels/_C*.so "$WORK/ext/" 2>/dev/null && strip --strip-debug "$WORK"/ext/*.so
+  mkdir -p "$WORK/ext" && cp mmkd_kernels/_C*.so "$WORK/ext/" 2>/dev/null && strip --strip-debug "$WORK"/ext/*.so \
+    && tar czf "$OUT/ext.tgz" -C "$WORK" ext
   return $status
 }
 wait_build() {
@@ -135,9 +146,12 @@ for step in $STEPS; do
   case "$step" in
     build) build > "$WORK/build.log" 2>&1 & BUILD_PID=$! ; echo "build: started in the background" ;;
     goals)
-      TABLE=goals bench_run goals-contrastive 200 --losses contrastive,contrastive-symmetric --sizes 65536 --dims 768 \
+      TABLE=goals bench_run goals-contrastive 120 --losses contrastive --sizes 65536 --dims 768 \
         --backends triton,memeff,inf-cl --error-n 4096
       status=$?
+      # Its own limit, so that a slow first series cannot take the symmetric goal's time.
+      TABLE=goals bench_run goals-symmetric 80 --losses contrastive-symmetric --sizes 65536 --dims 768 \
+        --backends triton,memeff --error-n 4096 || status=1
       TABLE=goals bench_run goals-structure 90 --losses structure-pearson --sizes 32768 --dims 384 \
         --backends triton-gram,reference --error-n 4096 || status=1
       # The gram algorithm again in 2x and 4x larger float64 blocks: a few dozen launches per block,
@@ -189,6 +203,7 @@ for step in $STEPS; do
         --backends triton-gram,triton,reference,native-gram,native,chunked-gram,chunked,compile
       ;;
   esac || failed+=("$step")
+  pack
 done
 wait_build
 # The call's exit status says whether every step passed; the steps' own lines above say which did not.
