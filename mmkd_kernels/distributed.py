@@ -16,6 +16,8 @@ exactly ∇L; the mean over ranks of the returned values is L.
   computed against all columns.
 """
 
+import zlib
+
 import torch
 import torch.distributed as dist
 
@@ -38,6 +40,38 @@ def row_counts(group, *local: int) -> torch.Tensor:
     gathered = [torch.empty_like(counts) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, counts, group=group)
     return torch.stack(gathered).cpu()
+
+
+def gather_layout(group, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """(W, 2) int64 on the CPU: every rank's (student rows, teacher rows), in rank order.
+
+    In the same collective, the ranks compare what their collectives will exchange: the widths, the
+    dtypes, and which inputs need gradients (a rank whose inputs need none runs no collective in
+    backward, and the others would wait for it). A difference is a ValueError on every rank, instead
+    of a crash, a hang, or (statistics of equal size but other widths) a wrong loss.
+    """
+    grad = torch.is_grad_enabled()
+    layout = row_counts(group, student.shape[0], teacher.shape[0], student.shape[1], teacher.shape[1],
+                        zlib.crc32(str(student.dtype).encode()), zlib.crc32(str(teacher.dtype).encode()),
+                        int(grad and student.requires_grad), int(grad and teacher.requires_grad))
+    agreed = (("student's width D", 2), ("teacher's width D", 3))
+    for what, column in agreed:
+        values = layout[:, column].tolist()
+        if len(set(values)) > 1:
+            raise ValueError(f"process_group: every rank must pass the same {what}, got {values} on ranks 0..{len(values) - 1}")
+    for name, x, column in (("student", student, 4), ("teacher", teacher, 5)):
+        if len(set(layout[:, column].tolist())) > 1:
+            raise ValueError(f"process_group: every rank must pass {name} in the same dtype; this rank's is {x.dtype} "
+                             "and another rank's differs")
+    for name, column in (("student", 6), ("teacher", 7)):
+        values = [bool(v) for v in layout[:, column].tolist()]
+        if len(set(values)) > 1:
+            raise ValueError(
+                f"process_group: {name} must need gradients on every rank or on none (requires_grad with grad mode "
+                f"on), got {values} on ranks 0..{len(values) - 1}; a rank without rows too: pass it a (0, D) slice "
+                "of the model's output, or an empty tensor with requires_grad_()"
+            )
+    return layout[:, :2]
 
 
 class _AllGather(torch.autograd.Function):
@@ -98,7 +132,7 @@ def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
 def contrastive_loss(q, k, targets, symmetric, reduction, group, local):
     """Local rows against every rank's teacher rows. ``local(q, k, targets, symmetric)`` is the
     one-process loss: per-row losses for reduction "none", else their sum."""
-    counts = row_counts(group, q.shape[0], k.shape[0])
+    counts = gather_layout(group, q, k)
     world, rank = counts.shape[0], dist.get_rank(group)
     n_counts, m_counts = counts[:, 0].tolist(), counts[:, 1].tolist()
     n_total = sum(n_counts)

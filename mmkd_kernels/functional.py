@@ -54,9 +54,10 @@ def _resolve(backend, student, teacher) -> str:
 def _check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
-    if not (temperature > 0 and math.isfinite(temperature)):
+    # Comparisons, not math.isfinite, which torch.compile(dynamic=True) cannot trace.
+    if not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if not math.isfinite(1.0 / temperature):
+    if not 1.0 / temperature < math.inf:
         raise ValueError(f"temperature must be a number whose reciprocal (the logits' scale) is finite, got {temperature}")
     return float(temperature)
 
@@ -90,7 +91,7 @@ def _check_targets(targets, n: int, m: int, device: torch.device) -> torch.Tenso
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= m:
             raise ValueError(f"targets must lie in [0, {m}) (teacher rows), got values in [{low}, {high}]")
-    return targets.long()
+    return targets.long().contiguous()  # the fused kernels read it as one row of int64s
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def structure_loss(
     if kind == "kl" and algorithm == "gram":
         raise ValueError("algorithm='gram' exists for kind='mse' and kind='pearson' only; kind='kl' needs 'tile'")
     name = _resolve(backend, student, teacher)
-    counts = None if process_group is None else distributed.row_counts(process_group, student.shape[0])[:, 0].tolist()
+    counts = None if process_group is None else distributed.gather_layout(process_group, student, teacher)[:, 0].tolist()
     n_total = student.shape[0] if counts is None else sum(counts)
     if n_total < MIN_ROWS[kind]:
         raise ValueError(f"kind={kind!r} needs at least {MIN_ROWS[kind]} rows in the batch, got N={n_total}")

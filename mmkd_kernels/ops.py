@@ -117,6 +117,17 @@ def _grad_or_zeros(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
 
+def _refuse_a_graph(namespace: str) -> None:
+    """A backward that builds a graph (create_graph=True, grad mode on) needs the backward's own
+    derivative, which the fused ops do not have: say so, instead of a gradient of zero or an error
+    about an op's missing formula."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{namespace}: these losses' fused kernels have no second derivative (backward with "
+            "create_graph=True); use backend='reference' to differentiate twice"
+        )
+
+
 def _register_autograd(namespace: str) -> None:
     ops = getattr(torch.ops, namespace)
 
@@ -126,6 +137,7 @@ def _register_autograd(namespace: str) -> None:
         ctx.save_for_backward(q, k, targets, row_lse, col_lse, row_loss, col_loss)
 
     def contrastive_backward(ctx, grad_row, grad_col, _grad_row_lse, _grad_col_lse):
+        _refuse_a_graph(namespace)
         q, k, targets, row_lse, col_lse, row_loss, col_loss = ctx.saved_tensors
         need_q, need_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dq, dk = ops.contrastive_backward(
@@ -142,15 +154,10 @@ def _register_autograd(namespace: str) -> None:
     def with_grad_backward(ctx, grad, _grad_da, _grad_db):
         """The gradients were computed in the forward: scale them by the scalar's grad_output.
 
-        They are numbers, not a graph, so a backward that builds a graph (create_graph=True, grad
-        mode on) is refused: its gradient would carry a second derivative of zero. (Only refusing a
-        second backward through the result would miss a loss summed with other terms, whose
-        gradient has a graph through them.)"""
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                f"{namespace}: these losses compute their gradients inside the forward and have no second "
-                "derivative (backward with create_graph=True); use backend='reference' to differentiate twice"
-            )
+        They are numbers, not a graph, so a backward that builds a graph is refused: its gradient
+        would carry a second derivative of zero. (Only refusing a second backward through the result
+        would miss a loss summed with other terms, whose gradient has a graph through them.)"""
+        _refuse_a_graph(namespace)
         grads = [
             (g * grad).to(dtype) if computed else None
             for g, dtype, computed in zip(ctx.saved_tensors, ctx.dtypes, ctx.computed)

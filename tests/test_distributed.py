@@ -102,9 +102,52 @@ def _run_rank(rank, rendezvous, results, n_local, m_local):
         out["no rows"] = None
     except ValueError as error:
         out["no rows"] = str(error)
+    for name, call in _disagreements(rank).items():
+        try:
+            call()
+            out[name] = None
+        except ValueError as error:
+            out[name] = str(error)
     results[rank] = out
     dist.barrier()  # as tests/train/test_ddp.py: no rank tears down while the other is in a collective
     dist.destroy_process_group()
+
+
+def _disagreements(rank):
+    """Ranks that differ in what their collectives exchange. Before, these crashed the process
+    (gloo: "size doesn't match"), would have hung, or (gram statistics of one size, (2, 3) against
+    (3, 2)) returned a loss from mixed-up statistics."""
+    group = dist.group.WORLD
+
+    def rows(n, d, dtype=torch.float64, grad=True):
+        return torch.randn(n, d, dtype=dtype, generator=torch.Generator().manual_seed(rank)).requires_grad_(grad)
+
+    widths = (2, 3) if rank == 0 else (3, 2)
+    return {
+        "contrastive width": lambda: mk.contrastive_loss(rows(4, 8 - rank), rows(4, 8 - rank), process_group=group),
+        "gram widths": lambda: mk.structure_loss(rows(4, widths[0]), rows(4, widths[1]), kind="mse", algorithm="gram",
+                                                 backend="chunked", process_group=group),
+        "dtype": lambda: mk.contrastive_loss(rows(4, 8, torch.float32 if rank else torch.float64), rows(4, 8),
+                                             process_group=group),
+        "gradients": lambda: mk.structure_loss(rows(0 if rank else 4, 8, grad=rank == 0), rows(0 if rank else 4, 8),
+                                               kind="kl", process_group=group),
+    }
+
+
+DISAGREEMENTS = {
+    "contrastive width": "every rank must pass the same student's width D, got [8, 7] on ranks 0..1",
+    "gram widths": "every rank must pass the same student's width D, got [2, 3] on ranks 0..1",
+    "dtype": "every rank must pass student in the same dtype; this rank's is torch.float",
+    "gradients": "student must need gradients on every rank or on none (requires_grad with grad mode on), got "
+                 "[True, False] on ranks 0..1",
+}
+
+
+@pytest.mark.parametrize("name", list(DISAGREEMENTS))
+def test_ranks_that_disagree_get_one_error_each(layout, name):
+    _, _, rank_results = layout
+    for r in range(WORLD):
+        assert rank_results[r][name] is not None and DISAGREEMENTS[name] in rank_results[r][name], rank_results[r][name]
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))

@@ -341,6 +341,7 @@ def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric:
     sums are atomic adds in varying order: ``torch.use_deterministic_algorithms`` turns this off);
     otherwise from a second pass over z by columns."""
     q, k = common_dtype(q, k)
+    targets = targets.contiguous()  # the kernels index it as one row of int64s
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
     one_pass = (symmetric and normalize and abs(scale) <= _ONE_PASS_MAX_SCALE
                 and not torch.are_deterministic_algorithms_enabled())
@@ -360,7 +361,7 @@ def _term(lse, grad, targets, loss):
     """A direction's arguments of ``_grad_kernel``: p − 1 at a target is expm1(−ℓ), exact where
     p = e^{−ℓ} rounds to 1."""
     grad = grad.float().contiguous()
-    return lse, grad, targets, (grad * torch.expm1(-loss.float())).contiguous()
+    return lse.float().contiguous(), grad, targets.contiguous(), (grad * torch.expm1(-loss.float())).contiguous()
 
 
 def contrastive_backward(grad_row, grad_col, q, k, targets, row_lse, col_lse, row_loss, col_loss,
@@ -386,6 +387,7 @@ def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, 
     statistics' own pass; dk, a sum over rows that needs every row's final statistics, from a
     second pass."""
     q, k = common_dtype(q, k)
+    targets = targets.contiguous()  # the kernels index it as one row of int64s
     inv_q, inv_k = inverse_norms(q, normalize), inverse_norms(k, normalize)
     dq, dk = q.new_empty(0, dtype=torch.float32), k.new_empty(0, dtype=torch.float32)
     if need_q:
