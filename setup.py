@@ -7,7 +7,7 @@ The package metadata lives in pyproject.toml. Build switches (environment variab
 | MMKD_BUILD_NATIVE   | 1        | 0: build no extension (mmkd_kernels.native then builds it on first use) |
 | MMKD_BUILD_CUDA     | auto     | 1: build the CUDA kernels too (or stop with the reason); 0: CPU only; auto: when torch has CUDA and the CUDA toolkit (nvcc, headers) is found (native_build.cuda_choice) |
 | MMKD_CPU_ARCH       | native   | the -march of the CPU kernels (e.g. x86-64-v3 for a portable build)  |
-| MMKD_CUDA_ARCH      | 9.0      | TORCH_CUDA_ARCH_LIST of the CUDA kernels (9.0 = H100)                |
+| MMKD_CUDA_ARCH      | (GPU)    | TORCH_CUDA_ARCH_LIST of the CUDA kernels; unset: the present GPU's (sm_80+), else 9.0+PTX (H100, and PTX for newer GPUs) |
 | MAX_JOBS            | (cores)  | parallel compile jobs (torch.utils.cpp_extension)                   |
 | MMKD_SANITIZE       | (unset)  | address: build with AddressSanitizer (run with libasan in LD_PRELOAD) |
 """
@@ -47,7 +47,8 @@ def _extensions():
     if note is not None:
         print(f"mmkd-kernels: {note}", file=sys.stderr)
     if with_cuda:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = build.cuda_arch()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = build.cuda_arch(
+            torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
         ext = CUDAExtension("mmkd_kernels._C", build.sources(with_cuda=True, relative=True),
                             extra_compile_args={"cxx": build.cxx_flags(), "nvcc": build.nvcc_flags()},
                             extra_link_args=build.link_flags())

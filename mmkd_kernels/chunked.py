@@ -62,6 +62,13 @@ def _row_statistics(z, targets):
     return row_max + torch.log(denominator), loss, e, other, denominator
 
 
+def _check_targets(targets, m: int) -> None:
+    """Targets index z's columns, where −1 would wrap to the last one: an op called directly with
+    one outside [0, M) fails (the public losses check theirs before). An assert in the stream, so that
+    a GPU is not stopped to read the values."""
+    torch._assert_async(((targets >= 0) & (targets < m)).all(), f"targets must lie in [0, {m}) (teacher rows)")
+
+
 def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric: bool):
     """q: (N, D), k: (M, D), targets: (N,) int64; z = scale · q̂ k̂ᵀ.
 
@@ -69,6 +76,7 @@ def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric:
     accumulation dtype. With ``symmetric`` the column statistics are merged online across row
     blocks, so one pass over z serves both directions; column j's positive is row j.
     """
+    _check_targets(targets, k.shape[0])
     acc = accumulation_dtype(q, k)
     qn, _ = _prepare(q, normalize, acc)
     kn, _ = _prepare(k, normalize, acc)
@@ -110,6 +118,7 @@ def contrastive_backward(
     dq̂ = scale · dz k̂, dk̂ = scale · dzᵀ q̂: 6·N·M·D FLOPs with both. Returns (dq, dk) in the
     inputs' dtypes, or an empty (0,) tensor for an input that needs no gradient.
     """
+    _check_targets(targets, k.shape[0])
     acc = accumulation_dtype(q, k)
     qn, q_norms = _prepare(q, normalize, acc)
     kn, k_norms = _prepare(k, normalize, acc)
@@ -152,6 +161,7 @@ def contrastive_forward_with_grad(q, k, targets, scale: float, normalize: bool, 
     −Σ_{j≠t} p_j, summed without the target. Returns (loss_sum (), dq, dk) in the accumulation
     dtype, (0,) for an input that needs no gradient.
     """
+    _check_targets(targets, k.shape[0])
     acc = accumulation_dtype(q, k)
     qn, q_norms = _prepare(q, normalize, acc)
     kn, k_norms = _prepare(k, normalize, acc)

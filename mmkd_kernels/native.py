@@ -31,7 +31,8 @@ def _jit_build() -> None:
     # torch reads the architectures from the environment: set for this build only, then restored.
     previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if with_cuda:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch()
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch(
+            torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
     try:
         load(name=f"mmkd_native_{torch.__version__.replace('.', '_').replace('+', '_')}",
              sources=sources(with_cuda), extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(),

@@ -44,11 +44,17 @@ def sanitizer_flags() -> list[str]:
     return ["-O1", "-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if switch else []
 
 
-def cuda_arch() -> str:
-    """The TORCH_CUDA_ARCH_LIST the CUDA kernels are built for: MMKD_CUDA_ARCH, default 9.0 (H100).
-    It replaces a TORCH_CUDA_ARCH_LIST already in the environment (a GPU image may set one for many
-    architectures, which would multiply the build's time); to build for others, set MMKD_CUDA_ARCH."""
-    return os.environ.get("MMKD_CUDA_ARCH", "9.0")
+def cuda_arch(capability: tuple[int, int] | None = None) -> str:
+    """The TORCH_CUDA_ARCH_LIST the CUDA kernels are built for: MMKD_CUDA_ARCH; else the present GPU's
+    ``capability`` (major, minor) where it is sm_80 or newer (the kernels' bfloat16 tensor cores);
+    else 9.0+PTX: H100 code, and PTX that a newer GPU's driver compiles for itself (sm_90 code alone
+    runs on no other major version). It replaces a TORCH_CUDA_ARCH_LIST already in the environment (a
+    GPU image may set one for many architectures, which would multiply the build's time)."""
+    if "MMKD_CUDA_ARCH" in os.environ:
+        return os.environ["MMKD_CUDA_ARCH"]
+    if capability is not None and capability[0] >= 8:
+        return f"{capability[0]}.{capability[1]}"
+    return "9.0+PTX"
 
 
 def nvcc_flags() -> list[str]:

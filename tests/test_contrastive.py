@@ -254,3 +254,36 @@ def test_symmetric_across_row_blocks(target, noise):
     q64 = k64 + noise * torch.randn(1100, 16, generator=gen, dtype=torch.float64)
     q, k = leaf(q64.float().to(target.device)), leaf(k64.float().to(target.device))
     _check(target, q, k, temperature=0.05, symmetric=True)
+
+
+# chunked on a GPU asserts in the stream: a device-side assert that would end the process's CUDA use.
+@pytest.mark.parametrize("target", [t for t in TARGETS if not (t.backend == "chunked" and t.device == "cuda")], ids=str)
+@pytest.mark.parametrize("bad", [-1, 29], ids=["minus-one", "past-the-end"])
+def test_a_direct_op_call_with_a_target_outside_the_teacher_rows_fails_or_gives_nan(target, bad):
+    """The public losses check targets; the ops called directly must not turn one outside [0, M) into
+    a finite loss (chunked wrapped −1 to the last column) or into a read outside the teacher (the Triton
+    and CUDA kernels read its row): they raise (chunked, native on the CPU) or give that row NaN."""
+    from mmkd_kernels import backends
+
+    ops = getattr(torch.ops, backends.NAMESPACES[target.backend])
+    q, k = randn(17, 24, seed=31, device=target.device), randn(29, 24, seed=32, device=target.device)
+    good = torch.arange(17, device=target.device)
+    targets = good.clone()
+    targets[5] = bad
+    calls = {
+        "forward": lambda t: ops.contrastive_forward(q, k, t, 10.0, True, False)[0],
+        "forward with grad": lambda t: ops.contrastive_forward_with_grad(q, k, t, 10.0, True, True, False)[1],
+        "forward with grad, running max": lambda t: ops.contrastive_forward_with_grad(q, k, t, 100.0, True, True,
+                                                                                       False)[1],
+    }
+    others = torch.arange(17, device=target.device) != 5
+    for name, call in calls.items():
+        try:
+            out = call(targets)
+        except RuntimeError as error:
+            assert target.backend in ("chunked", "native") and target.device == "cpu", name
+            assert "targets must lie in [0, 29)" in str(error), name
+            continue
+        want = call(good)
+        assert out[5].isnan().all(), name
+        assert torch.equal(out[others], want[others]), name

@@ -536,6 +536,28 @@ def test_nan_propagates(launchers):
         assert structure_tile_forward(launchers, q, k, kind, 1.0, True, 0, 20)[3].isnan()
 
 
+@pytest.mark.parametrize("bad", [-1, 29], ids=["minus-one", "past-the-end"])
+def test_a_target_outside_the_teacher_rows_gives_nan_not_a_stray_read(launchers, monkeypatch, bad):
+    """The kernels index the teacher by target (lse_grad_kernel reads inv_b and B at it): one outside
+    [0, M), from a direct call of the op, read before or past B. Its row's loss and gradient are NaN
+    now, the other rows unchanged; every buffer fenced (GUARD) at its end, then its start."""
+    q, k = randn(17, 24, seed=31), randn(29, 24, seed=32)
+    good = torch.arange(17)
+    targets = good.clone()
+    targets[5] = bad
+    others = good != 5
+    for side in ("end", "start"):
+        monkeypatch.setattr(sys.modules[__name__], "GUARD", side)
+        for scale in (10.0, 100.0):  # the fixed shift's gradient kernel, and the rows' pass then the gradient
+            loss, dq, _ = contrastive_forward_with_grad(launchers, q, k, targets, scale, True, True, False)
+            _, want_dq, _ = contrastive_forward_with_grad(launchers, q, k, good, scale, True, True, False)
+            row_loss = contrastive_forward(launchers, q, k, targets, scale, True, False)[0]
+            want_loss = contrastive_forward(launchers, q, k, good, scale, True, False)[0]
+            assert loss.isnan() and row_loss[5].isnan() and torch.equal(row_loss[others], want_loss[others])
+            if scale <= FIXED_SHIFT_MAX:  # one kernel: loss and gradient of the row from the same pass
+                assert dq[5].isnan().all() and torch.equal(dq[others], want_dq[others])
+
+
 def test_launchers_refuse_bad_arguments_and_skip_empty_work(launchers):
     lib, invalid = launchers, 1  # cudaErrorInvalidValue
     none = [None] * 5

@@ -102,8 +102,9 @@ def test_build_cuda_switch_is_one_decision_for_setup_and_the_jit_build(monkeypat
 
 
 def test_the_jit_build_takes_mmkd_cuda_arch_for_its_own_build(monkeypatch):
-    """MMKD_CUDA_ARCH (default 9.0) replaces an inherited TORCH_CUDA_ARCH_LIST for the build (an
-    image's list of many architectures would multiply its time), and the process's is restored."""
+    """MMKD_CUDA_ARCH (default: the GPU's, else 9.0+PTX) replaces an inherited TORCH_CUDA_ARCH_LIST for
+    the build (an image's list of many architectures would multiply its time), and the process's is
+    restored."""
     import os
 
     from torch.utils import cpp_extension
@@ -114,8 +115,13 @@ def test_the_jit_build_takes_mmkd_cuda_arch_for_its_own_build(monkeypatch):
                         lambda **kw: seen.update(arch=os.environ.get("TORCH_CUDA_ARCH_LIST"), sources=kw["sources"]))
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0 8.0 8.6 9.0")
     monkeypatch.delenv("MMKD_CUDA_ARCH", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     native._jit_build()
-    assert seen["arch"] == "9.0" and any(name.endswith(".cu") for name in seen["sources"])
+    assert seen["arch"] == "9.0+PTX" and any(name.endswith(".cu") for name in seen["sources"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 6))
+    native._jit_build()
+    assert seen["arch"] == "8.6"  # the GPU it will run on
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "7.0 8.0 8.6 9.0"
     monkeypatch.setenv("MMKD_CUDA_ARCH", "8.0")
     native._jit_build()
@@ -232,3 +238,13 @@ def test_kl_of_a_student_equal_to_its_teacher_is_exactly_zero(n):
     assert loss.item() == 0
     assert ds.abs().max().item() == 0 and dt.abs().max().item() == 0
     assert torch.ops.mmkd_native.structure_tile_forward(x, x.clone(), "kl", 20.0, True, 0, n).abs().max().item() == 0
+
+
+def test_the_cuda_architectures_follow_the_gpu_or_fall_back_to_h100_with_ptx(monkeypatch):
+    """sm_90 code alone runs on no other major version: without PTX, a newer GPU had no kernel image."""
+    monkeypatch.delenv("MMKD_CUDA_ARCH", raising=False)
+    assert native_build.cuda_arch() == "9.0+PTX"
+    assert native_build.cuda_arch((9, 0)) == "9.0" and native_build.cuda_arch((12, 0)) == "12.0"
+    assert native_build.cuda_arch((7, 5)) == "9.0+PTX"  # older than the kernels' sm_80: no build for it
+    monkeypatch.setenv("MMKD_CUDA_ARCH", "8.0;9.0")
+    assert native_build.cuda_arch((8, 6)) == "8.0;9.0"

@@ -218,3 +218,35 @@ def test_int64_offsets_where_an_element_lies_2_31_past_the_first():
     assert needs_int64_offsets(view((2**16, 2**15 + 1), (1, 2**16)))  # transposed: the column stride
     assert not needs_int64_offsets(view((0, 2**16), (2**16, 1)), view((3, 4), (4, 1)))  # empty: nothing read
     assert needs_int64_offsets(view((3, 4), (4, 1)), view((65, 64), (2**25, 1)))  # any of them
+
+
+def test_every_launch_runs_on_its_inputs_gpu(monkeypatch):
+    """Triton launches on the current device: each op sets its first input's GPU as current for the
+    launch (recorded here with a stand-in for torch.cuda.device), and leaves a CPU input alone."""
+    import contextlib
+
+    from mmkd_kernels import triton as triton_backend
+
+    entered = []
+
+    @contextlib.contextmanager
+    def device(where):
+        entered.append(where)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    seen = []
+    launch = triton_backend.on_the_inputs_device(lambda first, *args, **kwargs: seen.append((first, args, kwargs)))
+
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+    first = OnSecondGpu()
+    launch(first, 2, scale=3.0)
+    assert entered == [torch.device("cuda", 1)] and seen == [(first, (2,), {"scale": 3.0})]
+    launch(torch.zeros(1), 4)
+    assert entered == [torch.device("cuda", 1)] and len(seen) == 2
+    from mmkd_kernels import ops
+
+    assert set(triton_backend.IMPLS) == set(ops.SCHEMAS)  # every op goes through it
+    assert all(getattr(impl, "__wrapped__", None) is not None for impl in triton_backend.IMPLS.values())

@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
       if (a < n_a) {
         const RowEnd row = end_row(row_max[r], target_logit[r], row_other[r]);
         lse[a] = row.lse;
-        loss[a] = row.loss;
+        loss[a] = target[r] >= 0 && target[r] < n_b ? row.loss : NAN;  // no target: a direct call's bad one
       }
     }
   }
@@ -274,18 +274,22 @@ __global__ void __launch_bounds__(kThreads)
       const int i = warp * kRowsPerWarp + r;
       const int64_t a = a0 + i;
       float row_factor = 0.0f, target_factor = 0.0f;
+      // A target outside [0, n_b) (a direct call of the op; the public losses check theirs) gives its
+      // row a NaN loss and gradient, and no read outside B: the reads take row 0 instead.
+      const bool has_target = target[r] >= 0 && target[r] < n_b;
       if (a < n_a) {
         const RowEnd row = end_row(shift, target_logit[r], row_other[r]);
+        const float row_loss = has_target ? row.loss : NAN;
         if (blockIdx.y == 0) {
           lse[a] = row.lse;
-          loss[a] = row.loss;
+          loss[a] = row_loss;
         }
         row_factor = scale / row.total;
-        target_factor = scale * expm1f(-row.loss) * inv_b[target[r]];
+        target_factor = scale * expm1f(-row_loss) * inv_b[has_target ? target[r] : 0];
       }
       s_row_factor[i] = row_factor;
       s_target_factor[i] = target_factor;
-      s_target[i] = a < n_a ? target[r] : 0;
+      s_target[i] = a < n_a && has_target ? target[r] : 0;
     }
   }
   __syncthreads();  // the factors are visible, and no thread reads Z any more: store_out may stage in it

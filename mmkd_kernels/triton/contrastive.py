@@ -37,9 +37,9 @@ import triton.language as tl
 from .tiles import (accumulate_chunks, as_index, autotuned, column_tile, common_dtype, configs, input_grad,
                     inverse_norms, needs_int64_offsets, precision, size_key, span_grid, store_chunk, store_chunks)
 
-# Configs for an H100 (block sizes, warps, stages); no half-precision one spills registers there
-# (benchmarks/triton_sm90.py, results/triton-sm90-*.md); the autotuner times them per D, octave of
-# the streamed length and dtype.
+# Configs for an H100 (block sizes, warps, stages); no bfloat16 one spills registers there, and three
+# float16 ones at most 32 bytes, whose gradient products take TF32 (benchmarks/triton_sm90.py,
+# results/triton-sm90-*.md); the autotuner times them per D, octave of the streamed length and dtype.
 _STATS = ("BLOCK_A", "BLOCK_B", "BLOCK_D")
 _STATS_HALF = configs([(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
                        (64, 128, 64, 4, 4), (128, 64, 32, 4, 4)], _STATS)
@@ -121,7 +121,9 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n
             row_other += tl.sum(tl.where(is_target, 0.0, weights), axis=1)
             diagonal = offs_a[:, None] == offs_b[None, :]
             column_terms = tl.where(mask_a[:, None] & ~diagonal, weights, 0.0)
-            tl.atomic_add(COL_OTHER + offs_b, tl.sum(column_terms, axis=0), mask=mask_b)
+            # relaxed: a sum whose order does not matter, read only after the launch; the default
+            # acq_rel orders every add against the program's other memory accesses, for nothing.
+            tl.atomic_add(COL_OTHER + offs_b, tl.sum(column_terms, axis=0), mask=mask_b, sem="relaxed")
             # The diagonal of this tile, where the row block holds column b's target row.
             holds_target = mask_b & (offs_b >= row0) & (offs_b < row0 + BLOCK_A) & (offs_b < n_a)
             tl.store(COL_TARGET + offs_b, tl.sum(tl.where(diagonal, z, 0.0), axis=0), mask=holds_target)
@@ -133,7 +135,8 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n
     shifted_target = target_logit - row_max
     target_weight = tl.exp(shifted_target)
     tl.store(LSE + offs_a, row_max + tl.log(target_weight + row_other), mask=mask_a)
-    tl.store(LOSS + offs_a, _loss_from_weights(target_weight, row_other, shifted_target), mask=mask_a)
+    loss = _loss_from_weights(target_weight, row_other, shifted_target)
+    tl.store(LOSS + offs_a, tl.where((target >= 0) & (target < n_b), loss, float("nan")), mask=mask_a)
 
 
 @triton.jit
@@ -203,7 +206,11 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
     shifted_target = target_logit - row_max
     target_weight = tl.exp(shifted_target)
     total = target_weight + row_other
-    loss = _loss_from_weights(target_weight, row_other, shifted_target)
+    # A target outside [0, n_b) (a direct call of the op; the public losses check theirs) gives its row
+    # a NaN loss and gradient, and no read outside B: the reads below take row 0 instead.
+    has_target = (target >= 0) & (target < n_b)
+    loss = tl.where(has_target, _loss_from_weights(target_weight, row_other, shifted_target), float("nan"))
+    target = tl.where(has_target, target, 0)
     first_span = tl.program_id(1) == 0
     tl.store(LSE + offs_a, row_max + tl.log(total), mask=mask_a & first_span)
     tl.store(LOSS + offs_a, loss, mask=mask_a & first_span)
