@@ -58,7 +58,8 @@ def gather_layout(group, student: torch.Tensor, teacher: torch.Tensor) -> torch.
     for what, column in agreed:
         values = layout[:, column].tolist()
         if len(set(values)) > 1:
-            raise ValueError(f"process_group: every rank must pass the same {what}, got {values} on ranks 0..{len(values) - 1}")
+            raise ValueError(f"process_group: every rank must pass the same {what}, got {values} on ranks "
+                             f"0..{len(values) - 1}")
     for name, x, column in (("student", student, 4), ("teacher", teacher, 5)):
         if len(set(layout[:, column].tolist())) > 1:
             raise ValueError(f"process_group: every rank must pass {name} in the same dtype; this rank's is {x.dtype} "

@@ -259,7 +259,9 @@ def structure_loss(
     if kind == "kl" and algorithm == "gram":
         raise ValueError("algorithm='gram' exists for kind='mse' and kind='pearson' only; kind='kl' needs 'tile'")
     name = _resolve(backend, student, teacher)
-    counts = None if process_group is None else distributed.gather_layout(process_group, student, teacher)[:, 0].tolist()
+    counts = None
+    if process_group is not None:
+        counts = distributed.gather_layout(process_group, student, teacher)[:, 0].tolist()
     n_total = student.shape[0] if counts is None else sum(counts)
     if n_total < MIN_ROWS[kind]:
         raise ValueError(f"kind={kind!r} needs at least {MIN_ROWS[kind]} rows in the batch, got N={n_total}")

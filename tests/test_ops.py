@@ -91,7 +91,8 @@ def test_torch_compile_dynamic_shapes(target):
     torch._dynamo.reset()  # the other targets' graphs of this code object count towards its recompile limit
     compiled = torch.compile(objective, fullgraph=True, dynamic=True, backend="aot_eager")
     for n in (7, 11, 30):
-        student, teacher = leaf(randn(n, 16, seed=n, device=target.device)), randn(n, 16, seed=n + 1, device=target.device)
+        student = leaf(randn(n, 16, seed=n, device=target.device))
+        teacher = randn(n, 16, seed=n + 1, device=target.device)
         eager = objective(student, teacher)
         (eager_grad,) = torch.autograd.grad(eager, student)
         out = compiled(student, teacher)
@@ -122,7 +123,8 @@ def test_a_second_derivative_is_refused_not_zero(target):
         "structure kl": lambda: mk.structure_loss(q, k, kind="kl", backend=target.backend),
         "structure pearson (gram)": lambda: mk.structure_loss(q, k, algorithm="gram", backend=target.backend),
         # the per-row path: its backward op recomputes the tiles (it raised an unclear error before)
-        "contrastive, reduction none": lambda: mk.contrastive_loss(q, k, reduction="none", backend=target.backend).sum(),
+        "contrastive, reduction none": lambda: mk.contrastive_loss(q, k, reduction="none",
+                                                                   backend=target.backend).sum(),
         "contrastive, symmetric": lambda: mk.contrastive_loss(q, k, symmetric=True, backend=target.backend),
     }
     for name, loss in losses.items():

@@ -35,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
                    "fast_align writes them) and replaces the word level's aligner for its pair; LANG defaults "
                    "to the file name before its first dot")
     d.add_argument("--languages", default=None,
-                   help=f"languages to train on, comma-separated (django default: {DEFAULT_LANGUAGES}; files: all but --eval-languages)")
+                   help=f"languages to train on, comma-separated (django default: {DEFAULT_LANGUAGES}; "
+                        "files: all but --eval-languages)")
     d.add_argument("--eval-languages", default=None,
                    help=f"more languages to evaluate, not trained on (django default: {DEFAULT_EVAL_LANGUAGES})")
     d.add_argument("--eval-size", type=int, default=200, help="held-out pairs per language (0: no evaluation)")
