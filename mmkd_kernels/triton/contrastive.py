@@ -38,7 +38,7 @@ from .tiles import (accumulate_chunks, as_index, autotuned, column_tile, common_
                     inverse_norms, needs_int64_offsets, precision, size_key, span_grid, store_chunk, store_chunks)
 
 # Configs for an H100 (block sizes, warps, stages); no bfloat16 one spills registers there, and three
-# float16 ones at most 32 bytes, whose gradient products take TF32 (benchmarks/triton_sm90.py,
+# float16 ones at most 36 bytes, whose gradient products take TF32 (benchmarks/triton_sm90.py,
 # results/triton-sm90-*.md); the autotuner times them per D, octave of the streamed length and dtype.
 _STATS = ("BLOCK_A", "BLOCK_B", "BLOCK_D")
 _STATS_HALF = configs([(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
