@@ -17,7 +17,8 @@
 #   goals     the issues' goal cells first: contrastive at N = M = 65536, D = 768 (triton, memeff,
 #             inf-cl), then symmetric (triton, memeff) under a limit of its own, structure pearson
 #             at N = 32768, D = 384 (triton-gram, reference, then triton-gram in 2x and 4x larger
-#             float64 blocks); each with its accuracy at N = 4096 and the bf16 mm rate of the run
+#             float64 blocks); each with its accuracy at N = 4096 and the bf16 mm rate of the run;
+#             then each goal of issue 4 judged from them (benchmarks/gpu/goals.py), into goals.md
 #   test      the library's tests whose targets are on CUDA (compiled Triton, native CUDA, bf16), the
 #             Triton config paths and the sm_90a compile check; -v so that a cut run still shows
 #             each test's verdict, --maxfail=20, and a per-test timeout where pytest-timeout is there
@@ -160,6 +161,11 @@ for step in $STEPS; do
         MMKD_GRAM_BLOCK_ELEMENTS=$elements TABLE=goals bench_run "goals-structure-$elements" 45 \
           --losses structure-pearson --sizes 32768 --dims 384 --backends triton-gram --error-n 4096 || status=1
       done
+      # Issue 4's goals judged from those runs (benchmarks/gpu/goals.py), under their tables.
+      if ls "$WORK"/goals-*/*.json >/dev/null 2>&1; then
+        python3 -m benchmarks.gpu.goals "$WORK"/goals-*/*.json > "$WORK/goals-verdict.md" || status=1
+        tee -a "$OUT/goals.md" < "$WORK/goals-verdict.md"
+      fi
       [ "$status" -eq 0 ]
       ;;
     test)
