@@ -265,3 +265,27 @@ def test_what_tunes_per_size_warms_up_at_every_size(backend, device, second_warm
         isolate._answer(("measure", n, 32, ["fwd_bwd"]), None, spec, torch.device(device), torch.float32, warm,
                         fake_cases, fake_measure, None)
     assert asked == [["fwd_bwd"], second_warm_up]
+
+
+def test_compile_and_autotune_time_do_not_count_against_the_time_budget(monkeypatch):
+    """A size whose request took 60 s (a GPU's autotuning, torch.compile) but whose runs took 2 s
+    leaves the next size to the runs' prediction (8 s < 12 s): before, every larger size was skipped."""
+    from types import SimpleNamespace
+
+    from benchmarks import run
+
+    clock = iter([0.0, 60.0, 100.0, 102.0])  # start and end of each size's request
+    monkeypatch.setattr(run, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    runner = run.Runner(SimpleNamespace(sizes=[1024, 2048, 4096], time_budget=12.0, dtype="float32"),
+                        torch.device("cpu"), {})
+    monkeypatch.setattr(runner, "_fill", lambda row, answer, count, n, d: row.update(
+        fwd_ms=500.0, fwd_bwd_ms=500.0, fwd_bwd_peak_extra_mib=1.0, pct_ceiling_fwd_bwd=50.0))
+
+    def ask(request, timeout):  # timed runs of 0.5 s + 0.5 s at N = 1024, four times that at 2048
+        spent = 0.5 * (request[1] // 1024) ** 2
+        return {"status": "ok", "fwd": {"spent_s": spent}, "fwd_bwd": {"spent_s": spent}}
+
+    runner._sizes(SimpleNamespace(ask=ask), run.Series("contrastive", "triton", 384), "x")
+    assert [row["status"] for row in runner.rows][:2] == ["ok", "ok"]
+    # the runs at 2048 (2 + 2 + 1 s) predict 20 s at 4096
+    assert runner.rows[2]["status"].startswith("skipped: over time budget (predicted 20 s from N=2048")
