@@ -185,7 +185,8 @@ def time_cpu(step: Callable[[], object], device: torch.device, *, min_time: floa
 
 def time_cuda(step: Callable[[], object], device: torch.device, *, min_time: float, min_repeats: int,
               max_repeats: int) -> Timing:
-    """``triton.testing.do_bench`` median (CUDA events when triton is missing); memory from one run."""
+    """``triton.testing.do_bench``'s runs and their median (CUDA events when triton is missing); memory
+    from one run."""
     with PeakMemory(device) as memory:
         start = time.perf_counter()
         step()
@@ -196,10 +197,15 @@ def time_cuda(step: Callable[[], object], device: torch.device, *, min_time: flo
     except ImportError:
         do_bench = None
     if do_bench is not None:
-        # do_bench repeats for ``rep`` ms: ask for at least min_repeats runs of this one's length.
-        rep = max(min_time * 1e3, min_repeats * estimate_ms, 1.0)
-        median = float(do_bench(step, warmup=25, rep=int(rep), return_mode="median"))
-        return Timing(median, max(int(rep / max(median, 1e-3)), 1), [median], memory.extra_mib)
+        # do_bench repeats for ``rep`` ms by its own estimate of a run, which includes its L2 flush:
+        # one run more than min_repeats of this one's length, so that a slow case still gets them.
+        rep = max(min_time * 1e3, (min_repeats + 1) * estimate_ms, 1.0)
+        times = sorted(float(t) for t in do_bench(step, warmup=25, rep=int(rep), return_mode="all"))
+        # A fast kernel runs thousands of times: the JSON keeps max_repeats of them, evenly over the
+        # sorted runs (the fastest and the slowest among them).
+        kept = [times[round(i * (len(times) - 1) / (max_repeats - 1))] for i in range(max_repeats)] \
+            if len(times) > max_repeats > 1 else times
+        return Timing(statistics.median(times), len(times), kept, memory.extra_mib)
     times = []
     while len(times) < max_repeats and (len(times) < min_repeats or sum(times) < min_time * 1e3):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -289,3 +289,38 @@ def test_compile_and_autotune_time_do_not_count_against_the_time_budget(monkeypa
     assert [row["status"] for row in runner.rows][:2] == ["ok", "ok"]
     # the runs at 2048 (2 + 2 + 1 s) predict 20 s at 4096
     assert runner.rows[2]["status"].startswith("skipped: over time budget (predicted 20 s from N=2048")
+
+
+def test_cuda_timings_keep_every_run(monkeypatch):
+    """time_cuda keeps do_bench's runs (their number and spread reach the JSON), not one median
+    with a repeat count made up from the time asked for."""
+    import triton.testing
+
+    asked = {}
+
+    class NoMemory:
+        extra_mib = 5.0
+
+        def __init__(self, device):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def do_bench(fn, warmup, rep, return_mode):
+        asked.update(rep=rep, mode=return_mode)
+        return [3.0, 1.0, 2.0]
+
+    monkeypatch.setattr(measure, "PeakMemory", NoMemory)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    timing = measure.time_cuda(lambda: None, torch.device("cuda"), min_time=0.2, min_repeats=3, max_repeats=50)
+    assert (timing.median_ms, timing.repeats, timing.all_ms, timing.peak_extra_mib) == (2.0, 3, [1.0, 2.0, 3.0], 5.0)
+    assert asked == {"rep": 200, "mode": "all"}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda *args, **kwargs: [float(t) for t in range(1000, 0, -1)])
+    timing = measure.time_cuda(lambda: None, torch.device("cuda"), min_time=0.2, min_repeats=3, max_repeats=5)
+    assert (timing.median_ms, timing.repeats) == (500.5, 1000)  # all the runs
+    assert timing.all_ms == [1.0, 251.0, 501.0, 750.0, 1000.0]  # 5 of them kept, evenly
