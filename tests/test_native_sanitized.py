@@ -30,12 +30,15 @@ def _libasan() -> str | None:
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
+LIBASAN = _libasan() if sys.platform.startswith("linux") else None
+# Marks the tests that run the sanitized build: a condition known at collection, said in the report.
+needs_libasan = pytest.mark.skipif(LIBASAN is None,
+                                   reason="needs Linux and a C++ compiler with AddressSanitizer (libasan)")
+
+
 @pytest.fixture(scope="module")
 def sanitized(tmp_path_factory):
     """(the sanitized extension's path, the environment that runs it)."""
-    libasan = _libasan()
-    if not sys.platform.startswith("linux") or libasan is None:
-        pytest.skip("needs Linux and a C++ compiler with AddressSanitizer (libasan)")
     out = tmp_path_factory.mktemp("sanitized")
     env = dict(os.environ, MMKD_SANITIZE="address", MMKD_BUILD_CUDA="0")
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(out / "lib"),
@@ -45,7 +48,7 @@ def sanitized(tmp_path_factory):
     (library,) = (out / "lib" / "mmkd_kernels").glob("_C*.so")
     # detect_leaks: CPython and torch keep memory until exit by design; that is not ours to report.
     run_env = {k: v for k, v in os.environ.items() if k != "MMKD_SANITIZE"}
-    run_env.update(LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=99",
+    run_env.update(LD_PRELOAD=LIBASAN, ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:exitcode=99",
                    PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
     return library, run_env
 
@@ -112,6 +115,7 @@ print("checked", checked)
 """
 
 
+@needs_libasan
 def test_cpu_kernels_stay_within_their_buffers(sanitized):
     library, env = sanitized
     run = subprocess.run([sys.executable, "-c", _CASES, str(library)], env=env, capture_output=True, text=True,
@@ -135,6 +139,7 @@ def test_the_switch_is_address_or_unset(monkeypatch):
         native_build.cxx_flags()
 
 
+@needs_libasan
 def test_the_sanitizer_is_live_in_that_process(sanitized):
     """The same environment reports a read past a malloc'd buffer (through memcpy, which the
     runtime intercepts) and fails the process: a clean run above means something."""
