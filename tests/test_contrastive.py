@@ -287,3 +287,42 @@ def test_a_direct_op_call_with_a_target_outside_the_teacher_rows_fails_or_gives_
         want = call(good)
         assert out[5].isnan().all(), name
         assert torch.equal(out[others], want[others]), name
+
+
+@pytest.mark.parametrize("target,dtype", [
+    (t, dtype) for t in TARGETS if t.backend == "triton"
+    for dtype in (torch.float32, torch.float16, torch.bfloat16) if runs(t, dtype, 0)
+], ids=str)
+@pytest.mark.parametrize("splits", ["2", "3", "7"])
+def test_columns_split_across_programs(monkeypatch, target, dtype, splits):
+    """Triton splits the streamed columns where few row blocks would leave a GPU idle (a rank's local
+    rows against every rank's teacher rows), and merges the splits' statistics and gradients.
+    Forced here (MMKD_TRITON_COLUMN_SPLITS), with splits that cut tiles in two (100 of 300
+    columns against 64-wide tiles) and targets on both sides of a cut: every kernel, under the
+    fixed shift and under a running max, both directions, the symmetric loss's one pass and its
+    two, and a target outside the teacher in a direct op call (NaN, as with one split)."""
+    monkeypatch.setenv("MMKD_TRITON_COLUMN_SPLITS", splits)
+    n, m, d = 37, 300, 24
+    device = target.device
+    q = leaf(randn(n, d, seed=41, dtype=dtype, device=device))
+    k = leaf(randn(m, d, seed=42, dtype=dtype, device=device))
+    targets = torch.tensor([0, 63, 64, 99, 100, 101, 127, 128, 199, 200, 299] * 4)[:n].to(device)
+    temperature = 0.1 if dtype != torch.float16 else 0.5
+    _check(target, q, k.detach(), targets=targets, temperature=temperature)  # the frozen teacher: one fused pass
+    _check(target, q, k, targets=targets, temperature=temperature)
+    _check(target, q, k, targets=targets, temperature=0.005 if dtype != torch.float16 else 0.02)  # a running max
+    _check(target, q, k, targets=targets, reduction="none", temperature=temperature,
+           grad_output=torch.linspace(0.5, 1.5, n, device=device))
+    kq = leaf(randn(n, d, seed=43, dtype=dtype, device=device))
+    _check(target, q, kq, symmetric=True, temperature=0.05)
+    if target.device == "cpu":  # the one-pass symmetric loss, as users run it (test_symmetric_as_users_run_it)
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+        _check(target, q, kq, symmetric=True, temperature=0.05)
+    ops = torch.ops.mmkd_triton
+    bad = targets.clone()
+    bad[5] = m
+    for scale in (10.0, 100.0):
+        loss = ops.contrastive_forward(q.detach(), k.detach(), bad, scale, True, False)[0]
+        dq = ops.contrastive_forward_with_grad(q.detach(), k.detach(), bad, scale, True, True, False)[1]
+        assert loss[5].isnan() and loss[torch.arange(n, device=device) != 5].isfinite().all()
+        assert dq[5].isnan().all() and dq[torch.arange(n, device=device) != 5].isfinite().all()

@@ -30,8 +30,8 @@ case "$1 ${2:-}" in
   "-m benchmarks.accuracy") mkdir -p "${@: -1}"; echo "# accuracy" > "${@: -1}/accuracy-cuda-x.md"; exit 0 ;;
   "-m benchmarks.run")
     for arg in "$@"; do [ "${prev:-}" = "--out" ] && out=$arg; prev=$arg; done
-    echo "# bench autotune=$TRITON_PRINT_AUTOTUNING extension=$(built) blocks=${MMKD_GRAM_BLOCK_ELEMENTS:-} args: $*" \
-      > "$out/cuda-x.md"
+    echo "# bench autotune=$TRITON_PRINT_AUTOTUNING extension=$(built) blocks=${MMKD_GRAM_BLOCK_ELEMENTS:-}" \
+      "splits=${MMKD_TRITON_COLUMN_SPLITS:-} args: $*" > "$out/cuda-x.md"
     echo "{}" > "$out/cuda-x.json"
     case "$out" in *"${FAKE_HANGING_PART:-no part}") sleep 60 ;; esac
     sleep "${FAKE_BENCH_SECONDS:-0}"; exit 0 ;;
@@ -72,6 +72,9 @@ def test_every_step_brings_its_files_back(dry):
          "gpu-run.tgz"])  # 8: all that the device tool returns
     table = (out / "structure.md").read_text()
     assert "autotune=1" in table and "--suffix -structure " in table  # its files named for their part
+    sweep, unsplit = (out / "contrastive.md").read_text().splitlines()
+    assert "splits= " in sweep and "--suffix -contrastive " in sweep  # the sweep: columns split where it pays
+    assert "splits=1 " in unsplit and "--sizes 4096 --dims 384,768 --backends triton" in unsplit
     with tarfile.open(out / "ext.tgz") as archive:
         assert archive.getnames() == ["ext", "ext/_C.cpython-312-x86_64-linux-gnu.so"]
     with tarfile.open(out / "gpu-run.tgz") as archive:
@@ -130,11 +133,13 @@ def test_the_build_runs_beside_the_goals_and_the_tests_wait_for_it(dry):
 
 def test_a_spent_budget_skips_the_remaining_parts(dry):
     # 48 s: the first part gets 33 s (the budget less 15 for the copies), takes 5, and then fewer than
-    # 30 s are left: the other parts are skipped, and the call ends itself long before the budget.
+    # 30 s are left: the other parts are skipped (the contrastive step's unsplit cells too, so that
+    # step counts as cut), and the call ends itself long before the budget.
     done, out = dry("contrastive", "symmetric", "structure", MMKD_GPU_BUDGET_S="48", FAKE_BENCH_SECONDS="5")
     assert done.returncode == 1, done.stderr
-    assert "steps that failed or ran out of time: symmetric structure" in done.stdout
+    assert "steps that failed or ran out of time: contrastive symmetric structure" in done.stdout
     assert "contrastive bench exit 0" in done.stdout
+    assert "contrastive-unsplit bench exit 124 (contrastive-unsplit: skipped" in done.stdout
     assert "symmetric bench exit 124 (symmetric: skipped, the call's budget is spent)" in done.stdout
     assert "structure: skipped" in done.stdout
     assert (out / "contrastive.md").exists() and not (out / "symmetric.md").exists()

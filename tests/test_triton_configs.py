@@ -125,7 +125,7 @@ def test_gpu_autotuning_plumbing(autotune):
                          cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["lse"]["keys"] == ["d", "n_key", "COLUMNS"]
+    assert out["lse"]["keys"] == ["d", "n_key", "COLUMNS", "SPLIT"]
     assert out["grad"]["keys"] == ["d", "n_key", "HAS_A_TERM", "HAS_B_TERM"]
     assert out["rows"]["keys"] == ["ds", "dt", "n_key", "KIND", "CENTRED"]
     for name in ("lse", "grad", "rows"):
@@ -250,3 +250,36 @@ def test_every_launch_runs_on_its_inputs_gpu(monkeypatch):
 
     assert set(triton_backend.IMPLS) == set(ops.SCHEMAS)  # every op goes through it
     assert all(getattr(impl, "__wrapped__", None) is not None for impl in triton_backend.IMPLS.values())
+
+
+def test_columns_are_split_only_where_the_row_blocks_leave_the_gpu_idle(monkeypatch):
+    """The launchers' choice of column splits (tiles.column_split), on an H100's 132 multiprocessors
+    (a stand-in: no GPU is asked): one split where the row blocks fill a wave, else about two
+    programs per multiprocessor with every split at least MIN_SPLIT_COLUMNS long and cut at a
+    multiple of 128 columns; one split on a CPU; MMKD_TRITON_COLUMN_SPLITS overrides, and a bad value
+    is an error that names it."""
+    from mmkd_kernels.triton import tiles
+
+    monkeypatch.delenv("MMKD_TRITON_COLUMN_SPLITS", raising=False)
+    monkeypatch.setattr(tiles, "_multiprocessors", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    assert tiles.column_split(65536, 65536, gpu) == (65536, 1)  # 1024 row blocks
+    assert tiles.column_split(65536, 65536, gpu, 768) == (65536, 1)
+    columns, splits = tiles.column_split(65536, 512, gpu)  # a rank's 512 rows: 8 row blocks
+    assert splits * 8 >= 2 * 132 * 0.9 and columns >= tiles.MIN_SPLIT_COLUMNS and columns % 128 == 0
+    assert columns * splits >= 65536 > columns * (splits - 1)
+    columns, splits = tiles.column_split(65536, 512, gpu, 768)  # and 2 spans of D
+    assert 2 * 132 <= splits * 16 <= 2 * 132 + 16 * 2
+    assert tiles.column_split(1500, 512, gpu) == (1500, 1)  # too few columns for two splits
+    assert tiles.column_split(65536, 512, torch.device("cpu")) == (65536, 1)
+    monkeypatch.setenv("MMKD_TRITON_COLUMN_SPLITS", "3")
+    assert tiles.column_split(300, 37, torch.device("cpu")) == (100, 3)
+    assert tiles.column_split(1000, 37, gpu) == (384, 3)  # 334 rounded up to whole 128-column tiles
+    assert tiles.column_split(2, 37, gpu) == (1, 2)  # never an empty split
+    assert tiles.column_split(0, 37, gpu) == (0, 1)
+    monkeypatch.setenv("MMKD_TRITON_COLUMN_SPLITS", "1")
+    assert tiles.column_split(65536, 512, gpu) == (65536, 1)
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv("MMKD_TRITON_COLUMN_SPLITS", bad)
+        with pytest.raises(ValueError, match="MMKD_TRITON_COLUMN_SPLITS must be a positive integer"):
+            tiles.column_split(300, 37, torch.device("cpu"))

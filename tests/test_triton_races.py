@@ -90,11 +90,15 @@ def _contrastive_case(monkeypatch, name, seed, n=N, d=D):
 
 
 @pytest.mark.parametrize("name", list(CONTRASTIVE_CASES))
-def test_contrastive_kernels_do_not_race(monkeypatch, name):
+@pytest.mark.parametrize("splits", ["1", "3"])
+def test_contrastive_kernels_do_not_race(monkeypatch, name, splits):
+    """Each kernel, with its columns in one split and in three (each split's partial outputs its own)."""
+    monkeypatch.setenv("MMKD_TRITON_COLUMN_SPLITS", splits)
     call, kernels = _contrastive_case(monkeypatch, name, seed=len(name))
     with recording_races() as launches:
         call()
     _race_free(launches, kernels)
+    assert all(launch.grid[1 if launch.kernel == "_lse_kernel" else 2] == int(splits) for launch in launches)
 
 
 # kind, scale, normalize: kl takes its centred form for cosine similarities at a bounded scale.

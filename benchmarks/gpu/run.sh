@@ -28,7 +28,8 @@
 #             into the results (the JSON's "autotune", the table's last section:
 #             benchmarks/autotune_log.py), to prune the configs
 #   contrastive  the one-direction loss, N = 4K..256K, D = 384 and 768: ours, the peers memeff and
-#                Inf-CL, then the other backends (270 s)
+#                Inf-CL, then the other backends (270 s); then Triton at N = 4K with its columns in
+#                one split (MMKD_TRITON_COLUMN_SPLITS=1), against the sweep's split ones (45 s)
 #   symmetric    the symmetric loss (150 s)
 #   structure    structure pearson and kl at N = 4K..128K, D = 384 (120 s)
 #
@@ -197,6 +198,12 @@ for step in $STEPS; do
       wait_build
       bench_run contrastive 270 --losses contrastive --dims 384,768 \
         --backends triton,memeff,inf-cl,reference,native,chunked,compile,mnrl
+      status=$?
+      # At N = 4096 the Triton kernels' row blocks fill less than one wave of an H100, so they split
+      # their columns (mmkd_kernels/triton/tiles.py, column_split); the same cells unsplit, to compare.
+      MMKD_TRITON_COLUMN_SPLITS=1 TABLE=contrastive bench_run contrastive-unsplit 45 --losses contrastive \
+        --sizes 4096 --dims 384,768 --backends triton || status=1
+      [ "$status" -eq 0 ]
       ;;
     symmetric)
       wait_build

@@ -34,8 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (accumulate_chunks, as_index, autotuned, column_tile, common_dtype, configs, input_grad,
-                    inverse_norms, needs_int64_offsets, precision, size_key, span_grid, store_chunk, store_chunks)
+from .tiles import (accumulate_chunks, as_index, autotuned, column_split, column_tile, common_dtype, configs,
+                    input_grad, inverse_norms, needs_int64_offsets, precision, size_key, span_grid, store_chunk,
+                    store_chunks)
 
 # Configs for an H100 (block sizes, warps, stages); no bfloat16 one spills registers there, and three
 # float16 ones at most 36 bytes, whose gradient products take TF32 (benchmarks/triton_sm90.py,
@@ -53,10 +54,10 @@ _GRAD_HALF = configs([(64, 64, 64, 128, 3, 8, 2), (64, 64, 64, 128, 3, 8, 3), (6
                       (32, 32, 64, 256, 3, 8, 2)], _GRAD)
 _GRAD_FLOAT32 = configs([(64, 64, 32, 64, 1, 8, 2), (64, 64, 32, 64, 1, 4, 2), (64, 64, 16, 64, 1, 4, 2)], _GRAD)
 _INTERPRETER = dict(BLOCK_A=64, BLOCK_B=64, BLOCK_D=64)
-# Tuned per D, octave of the streamed length, dtype (Triton adds it) and kernel variant: a variant
+# Tuned per D, octave of the streamed length (a split's), dtype (Triton adds it) and kernel variant: a variant
 # does other work per tile (atomics, a second term), so its best config may differ. Each kernel is
 # keyed on the names it has (tiles.autotuned).
-_KEY = ["d", "n_key", "COLUMNS", "FIXED_SHIFT", "HAS_A_TERM", "HAS_B_TERM"]
+_KEY = ["d", "n_key", "COLUMNS", "FIXED_SHIFT", "SPLIT", "HAS_A_TERM", "HAS_B_TERM"]
 
 
 @triton.jit
@@ -82,13 +83,24 @@ def _loss_from_weights(target_weight, row_other, shifted_target):
                     tl.log(target_weight + row_other) - shifted_target)
 
 
+@triton.jit
+def _store_split_statistics(PARTS, split, splits, row_max, row_other, target_logit, offs_a, mask_a, n_a):
+    """PARTS[:, split, a] = (row_max, row_other, target_logit) of the rows' split of the columns,
+    PARTS being (3, splits, n_a) float32."""
+    part = PARTS + split * n_a + offs_a
+    plane = splits * n_a
+    tl.store(part, row_max, mask=mask_a)
+    tl.store(part + plane, row_other, mask=mask_a)
+    tl.store(part + 2 * plane, target_logit, mask=mask_a)
+
+
 # COL_OTHER takes atomic adds: zeroed before each of the autotuner's runs.
 @autotuned(_STATS_HALF, _STATS_FLOAT32, triton.Config(_INTERPRETER), _KEY, "A", reset_to_zero=("COL_OTHER",))
 @triton.jit
-def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n_a, n_b, d,
-                stride_a, stride_ad, stride_b, stride_bd, scale, shift, n_key,
-                COLUMNS: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, PARTS, COL_OTHER, COL_TARGET, n_a, n_b, d,
+                stride_a, stride_ad, stride_b, stride_bd, scale, shift, split_columns, n_key,
+                COLUMNS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """Per row a: LSE[a] = logsumexp_b z_ab and LOSS[a] = LSE[a] − z_{a, TARGETS[a]}, the latter
     as log1p(other / a_t) while the target's weight a_t = e^{z_t − max} dominates the others'.
 
@@ -98,8 +110,15 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n
     every row block at once, so the shift is fixed instead: the caller passes an upper bound of z
     (|scale| for normalized rows) and uses this only where e^{−2|scale|} stays a normal float. The
     rows then take the same shift: one exponential per element serves both sums, and no tile
-    computes a row max."""
+    computes a row max.
+
+    Program (i, s) streams the s-th ``split_columns`` columns (all of them where there is one
+    split). With SPLIT it stores its split's statistics instead, PARTS[:, s, a] = (max,
+    Σ_{b≠t} e^{z_ab − max}, z_at or 0 where the target lies in another split), which the launcher
+    merges (``_merged_rows``)."""
     row0 = tl.program_id(0) * BLOCK_A
+    b_start = tl.program_id(1) * split_columns
+    b_end = tl.minimum(b_start + split_columns, n_b)
     offs_a = row0 + tl.arange(0, BLOCK_A)
     mask_a = offs_a < n_a
     inv_a = tl.load(INV_A + offs_a, mask=mask_a, other=0.0)
@@ -109,12 +128,13 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n
     target_logit = tl.zeros((BLOCK_A,), dtype=tl.float32)
     if COLUMNS:
         row_max = tl.full((BLOCK_A,), shift, dtype=tl.float32)
-    for b0 in range(0, n_b, BLOCK_B):
-        offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad,
+    for b0 in range(b_start, b_end, BLOCK_B):
+        offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, b_end, d, stride_a, stride_ad,
                                                stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION,
                                                INT64_OFFSETS)
         z = tl.where(mask_b[None, :], z, float("-inf"))
-        is_target = offs_b[None, :] == target[:, None]
+        # masked too: a tile may reach past its split's end into the next split, where the target may lie
+        is_target = (offs_b[None, :] == target[:, None]) & mask_b[None, :]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         if COLUMNS:
             weights = tl.exp(z - shift)  # 0 past n_b
@@ -132,11 +152,15 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, COL_OTHER, COL_TARGET, n
             others = tl.where(is_target, 0.0, tl.exp(z - new_max[:, None]))
             row_other = row_other * tl.exp(row_max - new_max) + tl.sum(others, axis=1)
             row_max = new_max
-    shifted_target = target_logit - row_max
-    target_weight = tl.exp(shifted_target)
-    tl.store(LSE + offs_a, row_max + tl.log(target_weight + row_other), mask=mask_a)
-    loss = _loss_from_weights(target_weight, row_other, shifted_target)
-    tl.store(LOSS + offs_a, tl.where((target >= 0) & (target < n_b), loss, float("nan")), mask=mask_a)
+    if SPLIT:
+        _store_split_statistics(PARTS, tl.program_id(1), tl.num_programs(1), row_max, row_other, target_logit, offs_a,
+                                mask_a, n_a)
+    else:
+        shifted_target = target_logit - row_max
+        target_weight = tl.exp(shifted_target)
+        tl.store(LSE + offs_a, row_max + tl.log(target_weight + row_other), mask=mask_a)
+        loss = _loss_from_weights(target_weight, row_other, shifted_target)
+        tl.store(LOSS + offs_a, tl.where((target >= 0) & (target < n_b), loss, float("nan")), mask=mask_a)
 
 
 @triton.jit
@@ -152,9 +176,9 @@ def _store_grad_chunk(DA, acc, total, target_coef, B, target, offs_a, mask_a, of
 
 @autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "A")
 @triton.jit
-def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
-                     stride_a, stride_ad, stride_b, stride_bd, scale, shift, n_key,
-                     FIXED_SHIFT: tl.constexpr,
+def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, PARTS, DA, n_a, n_b, d,
+                     stride_a, stride_ad, stride_b, stride_bd, scale, shift, split_columns, n_key,
+                     FIXED_SHIFT: tl.constexpr, SPLIT: tl.constexpr,
                      BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                      CHUNKS: tl.constexpr, PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """``_lse_kernel``'s LSE and LOSS (stored by the programs of the first D span) and, for this
@@ -164,12 +188,17 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
 
     FIXED_SHIFT (every z ≤ ``shift``, as normalized rows give with shift = |scale|): the sums are
     taken as Σ e^{z − shift}, so no tile computes a row max and no accumulator is rescaled (a
-    multiply of every accumulator element per column tile otherwise)."""
+    multiply of every accumulator element per column tile otherwise).
+
+    Program (i, j, s) streams the s-th ``split_columns`` columns. With SPLIT it stores its split's
+    statistics (``_lse_kernel``'s PARTS, from the first span) and its accumulators as they are,
+    DA[s, a, span] = Σ_{b≠t in the split} e^{z_ab − its max} inv_b B_b, which ``_merged_rows_grad``
+    merges and finishes (the division by the total, the target's term) in the launcher."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
+    b_start = tl.program_id(2) * split_columns
+    b_end = tl.minimum(b_start + split_columns, n_b)
     span = tl.program_id(1) * (CHUNKS * BLOCK_DO)
     offs_do0 = span + tl.arange(0, BLOCK_DO)
-    offs_do1 = offs_do0 + BLOCK_DO
-    offs_do2 = offs_do1 + BLOCK_DO
     mask_a = offs_a < n_a
     inv_a = tl.load(INV_A + offs_a, mask=mask_a, other=0.0)
     target = tl.load(TARGETS + offs_a, mask=mask_a, other=-1)
@@ -182,12 +211,13 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
     acc2 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     if FIXED_SHIFT:
         row_max = tl.full((BLOCK_A,), shift, dtype=tl.float32)
-    for b0 in range(0, n_b, BLOCK_B):
-        offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad,
+    for b0 in range(b_start, b_end, BLOCK_B):
+        offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, b_end, d, stride_a, stride_ad,
                                                stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION,
                                                INT64_OFFSETS)
         z = tl.where(mask_b[None, :], z, float("-inf"))
-        is_target = offs_b[None, :] == target[:, None]
+        # masked too: a tile may reach past its split's end into the next split, where the target may lie
+        is_target = (offs_b[None, :] == target[:, None]) & mask_b[None, :]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         if FIXED_SHIFT:
             others = tl.where(is_target, 0.0, tl.exp(z - shift))
@@ -203,6 +233,35 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
         acc0, acc1, acc2 = accumulate_chunks(acc0, acc1, acc2, others * inv_b[None, :], B, offs_b, mask_b,
                                              offs_do0, d, stride_b, stride_bd, BLOCK_DO, CHUNKS, PRECISION,
                                              INT64_OFFSETS)
+    if SPLIT:
+        _store_split_grad(PARTS, DA, row_max, row_other, target_logit, acc0, acc1, acc2, offs_a, mask_a, offs_do0,
+                          n_a, d, BLOCK_DO, CHUNKS, INT64_OFFSETS)
+    else:
+        _store_rows_grad(B, INV_B, LSE, LOSS, DA, row_max, row_other, target_logit, target, acc0, acc1, acc2, offs_a,
+                         mask_a, offs_do0, n_b, d, stride_b, stride_bd, scale, BLOCK_DO, CHUNKS, INT64_OFFSETS)
+
+
+@triton.jit
+def _store_split_grad(PARTS, DA, row_max, row_other, target_logit, acc0, acc1, acc2, offs_a, mask_a, offs_do0, n_a, d,
+                      BLOCK_DO: tl.constexpr, CHUNKS: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+    """A SPLIT ``_lse_grad_kernel`` program's output: its split's statistics (first span only) into
+    PARTS (3, splits, n_a) and its accumulators into DA (splits, n_a, d), program axes (i, j, s)."""
+    split = tl.program_id(2)
+    if tl.program_id(1) == 0:
+        _store_split_statistics(PARTS, split, tl.num_programs(2), row_max, row_other, target_logit, offs_a, mask_a,
+                                n_a)
+    store_chunks(DA + as_index(split, INT64_OFFSETS) * n_a * d, acc0, acc1, acc2, offs_a, mask_a, offs_do0, d,
+                 BLOCK_DO, CHUNKS, INT64_OFFSETS)
+
+
+@triton.jit
+def _store_rows_grad(B, INV_B, LSE, LOSS, DA, row_max, row_other, target_logit, target, acc0, acc1, acc2, offs_a,
+                     mask_a, offs_do0, n_b, d, stride_b, stride_bd, scale, BLOCK_DO: tl.constexpr,
+                     CHUNKS: tl.constexpr, INT64_OFFSETS: tl.constexpr):
+    """A one-split ``_lse_grad_kernel`` program's output: LSE and LOSS (first span only) and its
+    span of DA = scale · (acc / total + expm1(−loss) inv_t B_t)."""
+    offs_do1 = offs_do0 + BLOCK_DO
+    offs_do2 = offs_do1 + BLOCK_DO
     shifted_target = target_logit - row_max
     target_weight = tl.exp(shifted_target)
     total = target_weight + row_other
@@ -228,15 +287,21 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, DA, n_a, n_b, d,
 @autotuned(_GRAD_HALF, _GRAD_FLOAT32, triton.Config(dict(_INTERPRETER, BLOCK_DO=64, CHUNKS=2)), _KEY, "A")
 @triton.jit
 def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_B, DA, n_a, n_b, d,
-                 stride_a, stride_ad, stride_b, stride_bd, scale, n_key,
+                 stride_a, stride_ad, stride_b, stride_bd, scale, split_columns, n_key,
                  HAS_A_TERM: tl.constexpr, HAS_B_TERM: tl.constexpr,
                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                  CHUNKS: tl.constexpr, PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """DA[a, this program's span of D (CHUNKS chunks of BLOCK_DO)] = scale · Σ_b dz_ab · inv_b[b] · B_b, with
     dz_ab = G_A[a] (exp(z_ab − LSE_A[a]) − [b = T_A[a]]) + G_B[b] (exp(z_ab − LSE_B[b]) − [a = T_B[b]]),
-    where a target's term is TG_A[a] (TG_B[b]) = G·expm1(−ℓ) instead."""
+    where a target's term is TG_A[a] (TG_B[b]) = G·expm1(−ℓ) instead.
+
+    Program (i, j, s) sums over the s-th ``split_columns`` columns into DA[s] (DA being
+    (splits, n_a, d)), whose sum over s the launcher takes where there are several."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_do0 = tl.program_id(1) * (CHUNKS * BLOCK_DO) + tl.arange(0, BLOCK_DO)
+    split = tl.program_id(2)
+    b_start = split * split_columns
+    b_end = tl.minimum(b_start + split_columns, n_b)
     mask_a = offs_a < n_a
     inv_a = tl.load(INV_A + offs_a, mask=mask_a, other=0.0)
     if HAS_A_TERM:
@@ -247,8 +312,8 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_
     acc0 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_A, BLOCK_DO), dtype=tl.float32)
-    for b0 in range(0, n_b, BLOCK_B):
-        offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, n_b, d, stride_a, stride_ad,
+    for b0 in range(b_start, b_end, BLOCK_B):
+        offs_b, mask_b, inv_b, z = column_tile(A, B, INV_B, offs_a, mask_a, inv_a, b0, b_end, d, stride_a, stride_ad,
                                                stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION,
                                                INT64_OFFSETS)
         dz = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
@@ -265,7 +330,8 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_
         dz = tl.where(mask_a[:, None] & mask_b[None, :], dz * (inv_b * scale)[None, :], 0.0)
         acc0, acc1, acc2 = accumulate_chunks(acc0, acc1, acc2, dz, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd,
                                              BLOCK_DO, CHUNKS, PRECISION, INT64_OFFSETS)
-    store_chunks(DA, acc0, acc1, acc2, offs_a, mask_a, offs_do0, d, BLOCK_DO, CHUNKS, INT64_OFFSETS)
+    store_chunks(DA + as_index(split, INT64_OFFSETS) * n_a * d, acc0, acc1, acc2, offs_a, mask_a, offs_do0, d,
+                 BLOCK_DO, CHUNKS, INT64_OFFSETS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,16 +347,22 @@ def _row_lse(a, b, inv_a, inv_b, targets, scale, columns_shift=None):
     """(lse (n_a,), loss (n_a,)) of z = scale·Â B̂ᵀ read by rows of A; with ``columns_shift`` (an
     upper bound of z) also (col_other, col_target) of ``_lse_kernel``'s COLUMNS, else Nones."""
     n_a, d = a.shape
+    n_b = b.shape[0]
+    split_columns, splits = column_split(n_b, n_a, a.device)
     lse = torch.empty(n_a, device=a.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     columns = columns_shift is not None
-    # Without COLUMNS the kernel never reads these: lse stands in (a real pointer, unlike an empty tensor's).
-    col_other = torch.zeros(b.shape[0], device=a.device, dtype=torch.float32) if columns else lse
+    # Buffers a kernel variant never reads: lse stands in (a real pointer, unlike an empty tensor's).
+    parts = torch.empty(3, splits, n_a, device=a.device, dtype=torch.float32) if splits > 1 else lse
+    col_other = torch.zeros(n_b, device=a.device, dtype=torch.float32) if columns else lse
     col_target = torch.empty_like(col_other) if columns else lse
-    grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]),)  # noqa: E731
-    _lse_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, col_other, col_target, n_a, b.shape[0], d,
-                      *_strides(a, b), scale, float(columns_shift or 0.0), size_key(b.shape[0]),
-                      COLUMNS=columns, PRECISION=precision(a), INT64_OFFSETS=needs_int64_offsets(a, b))
+    grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]), splits)  # noqa: E731
+    _lse_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, parts, col_other, col_target, n_a, n_b, d,
+                      *_strides(a, b), scale, float(columns_shift or 0.0), split_columns, size_key(split_columns),
+                      COLUMNS=columns, SPLIT=splits > 1, PRECISION=precision(a),
+                      INT64_OFFSETS=needs_int64_offsets(a, b))
+    if splits > 1:
+        lse, loss, _, _ = _merged_rows(parts, targets, n_b)
     return lse, loss, (col_other if columns else None), (col_target if columns else None)
 
 
@@ -298,30 +370,55 @@ def _row_lse_grad(a, b, inv_a, inv_b, targets, scale, shift=None):
     """(lse, loss, dÂ (n_a, D) float32 of Σ loss) in one pass over z = scale·Â B̂ᵀ by rows of A;
     with ``shift`` (an upper bound of z) under that fixed shift instead of a running max."""
     n_a, d = a.shape
+    n_b = b.shape[0]
+    split_columns, splits = column_split(n_b, n_a, a.device, d)
     lse = torch.empty(n_a, device=a.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
-    da = torch.empty(n_a, d, device=a.device, dtype=torch.float32)
-    grid = span_grid(n_a, d)
-    _lse_grad_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, da, n_a, b.shape[0], d, *_strides(a, b), scale,
-                           float(shift or 0.0), size_key(b.shape[0]), FIXED_SHIFT=shift is not None,
-                           PRECISION=precision(a), INT64_OFFSETS=needs_int64_offsets(a, b, da))
-    return lse, loss, da
+    da = torch.empty(splits, n_a, d, device=a.device, dtype=torch.float32)
+    parts = torch.empty(3, splits, n_a, device=a.device, dtype=torch.float32) if splits > 1 else lse
+    _lse_grad_kernel[span_grid(n_a, d, splits)](
+        a, b, inv_a, inv_b, targets, lse, loss, parts, da, n_a, n_b, d, *_strides(a, b), scale, float(shift or 0.0),
+        split_columns, size_key(split_columns), FIXED_SHIFT=shift is not None, SPLIT=splits > 1,
+        PRECISION=precision(a), INT64_OFFSETS=needs_int64_offsets(a, b, da))
+    if splits == 1:
+        return lse, loss, da[0]
+    lse, loss, weights, total = _merged_rows(parts, targets, n_b)
+    # dÂ = scale · (Σ_s e^{max_s − max} acc_s / total + expm1(−loss) inv_t B̂_t), as _store_rows_grad;
+    # elementwise in float32 (a matmul could take TF32 where the user allows it).
+    acc = da.mul_(weights.unsqueeze(-1)).sum(0)
+    target = torch.where((targets >= 0) & (targets < n_b), targets, 0)
+    target_coef = torch.expm1(-loss) * inv_b[target]
+    return lse, loss, (acc / total.unsqueeze(-1) + target_coef.unsqueeze(-1) * b[target].float()) * scale
+
+
+def _merged_rows(parts, targets, n_b):
+    """(lse, loss, weights (splits, n_a), total) of rows whose columns were split, from each split's
+    (max, Σ_{b≠t} e^{z_ab − max}, z_at or 0) in ``parts`` (3, splits, n_a): weights = e^{max_s − max}
+    rescale a split's sums to the row's max, total = Σ_b e^{z_ab − max}. A target outside [0, n_b)
+    gives NaN, as in the kernels."""
+    part_max, part_other, part_target = parts.unbind(0)
+    row_max = part_max.amax(0)
+    weights = torch.exp(part_max - row_max)
+    lse, loss, total = _lse_and_loss(row_max, (part_other * weights).sum(0), part_target.sum(0))
+    loss = torch.where((targets >= 0) & (targets < n_b), loss, float("nan"))
+    return lse, loss, weights, total
 
 
 def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
     """dÂ (n_a, D) float32 for the rows of A; a_term / b_term = (lse, g, targets, g·expm1(−loss))
     or None."""
     n_a, d = a.shape
-    da = torch.empty(n_a, d, device=a.device, dtype=torch.float32)
+    n_b = b.shape[0]
+    split_columns, splits = column_split(n_b, n_a, a.device, d)
+    da = torch.empty(splits, n_a, d, device=a.device, dtype=torch.float32)
     dummy = inv_a  # never read when its term is off (constexpr)
     lse_a, g_a, t_a, tg_a = a_term if a_term is not None else (dummy,) * 4
     lse_b, g_b, t_b, tg_b = b_term if b_term is not None else (dummy,) * 4
-    grid = span_grid(n_a, d)
-    _grad_kernel[grid](a, b, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, da, n_a, b.shape[0], d,
-                       *_strides(a, b), scale, size_key(b.shape[0]),
-                       HAS_A_TERM=a_term is not None, HAS_B_TERM=b_term is not None, PRECISION=precision(a),
-                       INT64_OFFSETS=needs_int64_offsets(a, b, da))
-    return da
+    _grad_kernel[span_grid(n_a, d, splits)](
+        a, b, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, da, n_a, n_b, d, *_strides(a, b), scale,
+        split_columns, size_key(split_columns), HAS_A_TERM=a_term is not None, HAS_B_TERM=b_term is not None,
+        PRECISION=precision(a), INT64_OFFSETS=needs_int64_offsets(a, b, da))
+    return da[0] if splits == 1 else da.sum(0)
 
 
 # Below this, e^{−2|scale|} (the smallest term under the fixed shift) is a normal float32 with
@@ -330,15 +427,16 @@ def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
 _ONE_PASS_MAX_SCALE = 40.0
 
 
-def _column_statistics(col_other, col_target, shift):
-    """(col_lse, col_loss) from the fixed-shift sums of ``_lse_kernel``'s COLUMNS, in the same
-    log1p form as the rows' (the target's weight against the others')."""
-    shifted_target = col_target - shift
+def _lse_and_loss(row_max, other, target_logit):
+    """(lse, loss, total) from a row's max, Σ_{b≠t} e^{z_b − max} and z_t, in the kernels' log1p form
+    (the target's weight against the others'); total = Σ_b e^{z_b − max}."""
+    shifted_target = target_logit - row_max
     target_weight = torch.exp(shifted_target)
-    dominant = target_weight >= col_other
-    loss = torch.where(dominant, torch.log1p(col_other / torch.where(dominant, target_weight, 1.0)),
-                       torch.log(target_weight + col_other) - shifted_target)
-    return shift + torch.log(target_weight + col_other), loss
+    total = target_weight + other
+    dominant = target_weight >= other
+    loss = torch.where(dominant, torch.log1p(other / torch.where(dominant, target_weight, 1.0)),
+                       torch.log(total) - shifted_target)
+    return row_max + torch.log(total), loss, total
 
 
 def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric: bool):
@@ -357,7 +455,7 @@ def contrastive_forward(q, k, targets, scale: float, normalize: bool, symmetric:
     if not symmetric:
         return row_loss, row_lse.new_empty(0), row_lse, row_lse.new_empty(0)
     if one_pass:
-        col_lse, col_loss = _column_statistics(col_other, col_target, shift)
+        col_lse, col_loss, _ = _lse_and_loss(shift, col_other, col_target)
     else:
         own = torch.arange(k.shape[0], device=q.device)
         col_lse, col_loss, _, _ = _row_lse(k, q, inv_k, inv_q, own, scale)

@@ -2,6 +2,7 @@
 indices, autotuning, and the host-side normalization (inverse norms in, the normalization's backward
 as an N×D epilogue out)."""
 
+import functools
 import os
 
 import torch
@@ -62,9 +63,62 @@ def _untimed(kernel_call, quantiles=None):
     return [0.0, 0.0, 0.0] if quantiles else 0.0
 
 
-def span_grid(rows: int, d: int):
-    """The launch grid of a gradient kernel: (blocks of BLOCK_A rows, spans of CHUNKS × BLOCK_DO of D)."""
-    return lambda meta: (triton.cdiv(rows, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]))
+def span_grid(rows: int, d: int, splits: int = 1):
+    """The launch grid of a gradient kernel: (blocks of BLOCK_A rows, spans of CHUNKS × BLOCK_DO of D,
+    splits of the streamed columns)."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_A"]), triton.cdiv(d, meta["BLOCK_DO"] * meta["CHUNKS"]),
+                         splits)
+
+
+COLUMN_SPLITS_VARIABLE = "MMKD_TRITON_COLUMN_SPLITS"
+# A split streams at least this many columns, so that its partial output (a row's statistics, and
+# for a gradient kernel its D accumulators) stays well under 1/1000 of its work: a tile's flops per
+# byte written (≈ columns) above an H100's balance (≈ 300).
+MIN_SPLIT_COLUMNS = 1024
+# Splits are cut at multiples of this, the widest BLOCK_B, so that every tile but the last is whole.
+_SPLIT_ALIGN = 128
+_ESTIMATED_BLOCK_ROWS = 64
+_ESTIMATED_SPAN = 384
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def column_split(n_b: int, rows: int, device: torch.device, d: int | None = None) -> tuple[int, int]:
+    """(columns per split, splits) of the n_b columns that a kernel streams for each block of its
+    ``rows``, and with ``d`` for each span of D too (a gradient kernel's grid).
+
+    A program streams every column for its block of rows: a few rows against many columns (a rank's
+    local rows against every rank's gathered teacher rows) would leave most of an H100's 132
+    multiprocessors idle. Where a kernel's programs (estimated for the usual 64-row blocks and
+    384-wide spans) fill less than one wave, the columns are split, flash-decoding style, into about
+    two programs per multiprocessor, each split at least MIN_SPLIT_COLUMNS long; the launchers merge
+    the splits' partial outputs. ``MMKD_TRITON_COLUMN_SPLITS`` sets the number instead (1: never
+    split; the tests under the interpreter, and the benchmarks' comparison). On a CPU (the
+    interpreter), one split."""
+    text = os.environ.get(COLUMN_SPLITS_VARIABLE)
+    if text is not None:
+        try:
+            splits = int(text)
+        except ValueError:
+            splits = 0
+        if splits < 1:
+            raise ValueError(f"{COLUMN_SPLITS_VARIABLE} must be a positive integer (splits of the streamed "
+                             f"columns; unset: chosen to fill the GPU), got {text!r}")
+    elif device.type != "cuda":
+        splits = 1
+    else:
+        sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+        programs = triton.cdiv(rows, _ESTIMATED_BLOCK_ROWS) * (triton.cdiv(d, _ESTIMATED_SPAN) if d else 1)
+        splits = 1 if programs >= sms else min(triton.cdiv(2 * sms, programs), n_b // MIN_SPLIT_COLUMNS)
+    if splits <= 1 or n_b == 0:
+        return n_b, 1
+    columns = triton.cdiv(n_b, splits)
+    if columns >= _SPLIT_ALIGN:
+        columns = triton.cdiv(columns, _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return columns, triton.cdiv(n_b, columns)
 
 
 def size_key(n: int) -> int:
