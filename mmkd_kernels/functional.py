@@ -299,7 +299,7 @@ def segment_mean(hidden: torch.Tensor, segment_ids: torch.Tensor, *, num_segment
         raise ValueError(f"segment_ids must be on hidden's device {hidden.device}, got {segment_ids.device}")
     ids = segment_ids.reshape(-1).long()
     if num_segments is None:
-        num_segments = int(ids.max()) + 1 if ids.numel() else 0
+        num_segments = max(int(ids.max()) + 1, 0) if ids.numel() else 0  # every id negative (-100): none
     if isinstance(num_segments, bool) or not isinstance(num_segments, int) or num_segments < 0:
         raise ValueError(f"num_segments must be an int >= 0, got {num_segments!r}")
     if not torch.compiler.is_compiling() and ids.numel() and int(ids.max()) >= num_segments:

@@ -71,10 +71,12 @@ def test_compiles_with_a_given_count():
 
 
 @pytest.mark.parametrize("num_segments", [None, 0, 2])
-def test_a_batch_without_words(num_segments):
-    """Every row ignored (a batch with no aligned word): empty or all-zero words, zero gradient."""
+@pytest.mark.parametrize("ignored", [-1, -100])
+def test_a_batch_without_words(num_segments, ignored):
+    """Every row ignored (a batch with no aligned word; -100 is Hugging Face's ignore id): empty or
+    all-zero words, zero gradient."""
     hidden = leaf(randn(5, 3, seed=6))
-    out = mk.segment_mean(hidden, torch.full((5,), -1), num_segments=num_segments)
+    out = mk.segment_mean(hidden, torch.full((5,), ignored), num_segments=num_segments)
     assert out.shape == (num_segments or 0, 3) and not out.any()
     (out.sum() + 0 * hidden.sum()).backward()
     assert not hidden.grad.any()
