@@ -268,3 +268,20 @@ def test_gram_and_tile_agree_at_large_n(large_n_reference, target, kind):
         out = mk.structure_loss(s.to(target.device), t.to(target.device), kind=kind, algorithm=algorithm,
                                 backend=target.backend)
         assert rel_err(out, ref) <= 1e-5, f"{target} {algorithm}: {rel_err(out, ref):.2e}"
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+@pytest.mark.parametrize("rows,teacher_rows", [((-2, 2), 10), ((5, 6), 10), ((0, -1), 10), ((0, 10), 13)],
+                         ids=["negative-start", "past-n", "negative-count", "teacher-of-other-n"])
+def test_a_direct_tile_op_call_with_rows_outside_the_inputs_is_refused(target, rows, teacher_rows):
+    """The public losses pass rows within N and a teacher of N rows; a direct call of a tile op may
+    pass others, which the kernels would read and write outside their tensors for (native's CPU op
+    freed an invalid pointer for row_start = -2). Every backend refuses them, naming the rows."""
+    from mmkd_kernels import backends
+
+    ops = getattr(torch.ops, backends.NAMESPACES[target.backend])
+    s, t = randn(10, 4, seed=51, device=target.device), randn(teacher_rows, 3, seed=52, device=target.device)
+    for call in (lambda: ops.structure_tile_forward(s, t, "mse", 1.0, True, *rows),
+                 lambda: ops.structure_tile_forward_with_grad(s, t, "mse", 1.0, True, *rows, True, True)):
+        with pytest.raises((ValueError, RuntimeError), match=r"rows|same number of rows"):
+            call()

@@ -450,6 +450,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tile_pass(const at::Tensor& s, co
                                                          int64_t row_start, int64_t row_count, bool with_grad,
                                                          bool need_s, bool need_t) {
   const Kind kind = parse_kind(kind_name);
+  // The public losses never pass other rows; a direct call of the op may, and a row outside [0, N)
+  // would index outside the inputs and the gradients (a negative one wrote before the buffer).
+  TORCH_CHECK(s.dim() == 2 && t.dim() == 2 && s.size(0) == t.size(0),
+              "s and t must be (N, D) matrices with the same number of rows, got ", s.sizes(), " and ", t.sizes());
+  TORCH_CHECK(row_start >= 0 && row_count >= 0 && row_start + row_count <= s.size(0),
+              "rows [row_start, row_start + row_count) must lie in [0, ", s.size(0), "), got row_start=", row_start,
+              " row_count=", row_count);
   const auto acc = accumulation_dtype(s, t);
   const Normalized x = normalize_rows(s, acc, normalize), y = normalize_rows(t, acc, normalize);
   const int64_t n = x.rows.size(0);
