@@ -4,7 +4,7 @@ The package metadata lives in pyproject.toml. Build switches (environment variab
 
 | variable            | default  | effect                                                              |
 |---------------------|----------|---------------------------------------------------------------------|
-| MMKD_BUILD_NATIVE   | 1        | 0: build no extension (mmkd_kernels.native then builds it on first use) |
+| MMKD_BUILD_NATIVE   | 1        | 0: build no extension (from a source checkout, mmkd_kernels.native builds it on first use) |
 | MMKD_BUILD_CUDA     | auto     | 1: build the CUDA kernels too (or stop with the reason); 0: CPU only; auto: when torch has CUDA and the CUDA toolkit (nvcc, headers) is found (native_build.cuda_choice) |
 | MMKD_CPU_ARCH       | native   | the -march of the CPU kernels (e.g. x86-64-v3 for a portable build)  |
 | MMKD_CUDA_ARCH      | (GPU)    | TORCH_CUDA_ARCH_LIST of the CUDA kernels; unset: the present GPU's (sm_80+), else 9.0+PTX (H100, and PTX for newer GPUs) |
