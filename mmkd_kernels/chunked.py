@@ -295,9 +295,12 @@ class _Tile:
     def _pearson(self):
         cs, ct = self._centered()
         var_s, var_t = cs.pow(2).sum(dim=1), ct.pow(2).sum(dim=1)
-        product = var_s * var_t
-        denom = product.clamp_min(EPS**2).sqrt()  # max(sqrt(v), eps) without sqrt's slope at 0
-        return cs, ct, var_s, var_t, product > EPS**2, (cs * ct).sum(dim=1) / denom, denom
+        # max(√var_s·√var_t, eps): each root first, since var_s·var_t overflows float32 for variances
+        # past 1.8e19 (unnormalized rows of 3e4) and the loss read 1 with no gradient.
+        denom = var_s.sqrt() * var_t.sqrt()
+        unclamped = denom > EPS
+        denom = denom.clamp_min(EPS)
+        return cs, ct, var_s, var_t, unclamped, (cs * ct).sum(dim=1) / denom, denom
 
     def _kl_logs(self, scale):
         """log P (teacher) and log Q (student) over j ≠ i; the diagonal is −inf in both."""

@@ -98,8 +98,9 @@ def structure_rows(
         ct = gt - gt.mean(dim=1, keepdim=True)
         cov = (cs * ct).sum(dim=1)
         var_s, var_t = cs.pow(2).sum(dim=1), ct.pow(2).sum(dim=1)
-        # sqrt(max(v, eps²)) = max(sqrt(v), eps), without sqrt's infinite slope at 0.
-        r = cov / (var_s * var_t).clamp_min(EPS**2).sqrt()
+        # sqrt(max(v, eps²)) = max(sqrt(v), eps), without sqrt's infinite slope at 0; the product in
+        # float64, where float32's would overflow (variances past 1.8e19: unnormalized rows of 3e4).
+        r = cov / (var_s.double() * var_t.double()).clamp_min(EPS**2).sqrt().to(cov.dtype)
         return 1 - r
     if kind == "kl":
         log_p = torch.log_softmax(gt / temperature, dim=1)

@@ -526,6 +526,16 @@ def test_structure_unnormalized_one_side(launchers, kind):
         assert fused[1].numel() == (s.numel() if need_s else 0) and fused[2].numel() == (t.numel() if need_t else 0)
 
 
+def test_pearson_of_large_unnormalized_rows(launchers):
+    """Variances of 1e21 (rows of 3e4, unnormalized), whose product overflows float: the kernels take
+    √var_s·√var_t (with var_s·var_t, r read 0, the loss 1 and the gradient 0)."""
+    s, t = randn(40, 16, seed=61) * 3e4, randn(40, 12, seed=62) * 3e4
+    fused = structure_tile_forward_with_grad(launchers, s, t, "pearson", 1.0, False, 0, 40, True, True)
+    fused_ref = chunked.structure_tile_forward_with_grad(s.double(), t.double(), "pearson", 1.0, False, 0, 40, True,
+                                                         True)
+    _compare(fused, fused_ref, ("loss_sum", "ds", "dt"), torch.float32)
+
+
 def test_nan_propagates(launchers):
     q, k = randn(20, 9, seed=9), randn(20, 9, seed=10)
     q[3, 4] = float("nan")

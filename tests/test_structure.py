@@ -285,3 +285,14 @@ def test_a_direct_tile_op_call_with_rows_outside_the_inputs_is_refused(target, r
                  lambda: ops.structure_tile_forward_with_grad(s, t, "mse", 1.0, True, *rows, True, True)):
         with pytest.raises((ValueError, RuntimeError), match=r"rows|same number of rows"):
             call()
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+@pytest.mark.parametrize("algorithm", ["tile", "gram"])
+def test_pearson_of_large_unnormalized_rows(target, algorithm):
+    """Rows of 3e4 without normalization: similarities of 1e10, variances of 1e21, whose product
+    overflows float32. The tile kernels took √(var_s·var_t) and read r = 0: a loss of exactly 1 and
+    no gradient, where the truth is 1.05. The denominator is now √var_s·√var_t."""
+    s = leaf(randn(40, 16, seed=61, device=target.device) * 3e4)
+    t = leaf(randn(40, 12, seed=62, device=target.device) * 3e4)
+    _check(target, s, t, kind="pearson", algorithm=algorithm, normalize=False)

@@ -73,12 +73,14 @@ struct RowMath {
         blocked_sum(0, n, [t, mean_t](int64_t j) { return (t[j] - mean_t) * (t[j] - mean_t); }));
     const scalar_t cov = static_cast<scalar_t>(
         blocked_sum(0, n, [s, t, mean_s, mean_t](int64_t j) { return (s[j] - mean_s) * (t[j] - mean_t); }));
-    const scalar_t product = var_s * var_t, eps2 = scalar_t(kEps * kEps);
-    const scalar_t denom = std::sqrt(product > eps2 ? product : eps2);
+    // max(√var_s·√var_t, eps): each root first, since var_s·var_t overflows float32 for
+    // variances past 1.8e19 (unnormalized rows of 3e4).
+    const scalar_t root = std::sqrt(var_s) * std::sqrt(var_t), eps = scalar_t(kEps);
+    const scalar_t denom = root > eps ? root : eps;
     const scalar_t r = cov / denom;
     if (grad_s || grad_t) {
       const scalar_t g_r = -1;  // loss = 1 − r
-      const bool unclamped = product > eps2;
+      const bool unclamped = root > eps;
       const scalar_t inv_d = g_r / denom;
       const scalar_t coef_s = unclamped ? g_r * r / var_s : 0, coef_t = unclamped ? g_r * r / var_t : 0;
 #pragma omp simd

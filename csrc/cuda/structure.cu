@@ -38,7 +38,9 @@ namespace {
 
 using namespace mmkd_tiles;
 
-constexpr float kEps2 = 1e-16f;  // reference.EPS²: the pearson denominator is sqrt(max(var_s·var_t, eps²))
+// reference.EPS: the pearson denominator is max(√var_s·√var_t, eps), each root first, since
+// var_s·var_t overflows float for variances past 1.8e19 (unnormalized rows of 3e4).
+constexpr float kEps = 1e-8f;
 
 // φ(x) = e^x − 1 − x to a few ulps of φ: its Taylor series Σ_{k=2..10} x^k / k! where |x| < 1/2
 // (e^x − 1 − x would cancel there), the difference elsewhere (where it is ≥ 0.1 and e^x's own
@@ -232,7 +234,7 @@ __global__ void __launch_bounds__(kThreads)
       if constexpr (KIND == MMKD_MSE) {
         row_loss = r0[r] / static_cast<float>(n - 1);
       } else if constexpr (KIND == MMKD_PEARSON) {
-        row_loss = 1.0f - r4[r] / sqrtf(fmaxf(r2[r] * r3[r], kEps2));
+        row_loss = 1.0f - r4[r] / fmaxf(sqrtf(r2[r]) * sqrtf(r3[r]), kEps);
         s[0] = r0[r];
         s[1] = r1[r];
         s[2] = r2[r];
@@ -267,15 +269,15 @@ __device__ void coefficients(const float* st, float g, int64_t n, float scale, b
   } else if constexpr (KIND == MMKD_PEARSON) {
     // loss_i = 1 − r_i: k0 mean_s, k1 mean_t, k2 g_r / denom, k3 the coefficient of the own side.
     const float var_s = st[2], var_t = st[3], cov = st[4];
-    const float product = var_s * var_t;
-    const float denom = sqrtf(fmaxf(product, kEps2));
+    const float root = sqrtf(var_s) * sqrtf(var_t);
+    const float denom = fmaxf(root, kEps);
     const float r = cov / denom;
     const float g_r = -g;
     const float var_own = student ? var_s : var_t;
     k[0] = st[0];
     k[1] = st[1];
     k[2] = g_r / denom;
-    k[3] = product > kEps2 ? g_r * r / var_own : 0.0f;
+    k[3] = root > kEps ? g_r * r / var_own : 0.0f;
   } else {
     // k0 lse_t, k1 lse_s (centred: μ), k2 the row's KL, k3 g · scale.
     k[0] = st[0];

@@ -36,7 +36,8 @@ from .tiles import (accumulate_chunks, autotuned, common_dtype, configs, input_g
 
 KIND_CODES = {"mse": 0, "pearson": 1, "kl": 2}
 N_STATS = 5  # per-row statistics saved for the gradient (see _rows_kernel)
-# 1e-16 in the kernels is reference.EPS²: the pearson denominator is sqrt(max(var_s·var_t, eps²)).
+# 1e-8 in the kernels is reference.EPS: the pearson denominator is max(√var_s·√var_t, eps), each root
+# first, since var_s·var_t overflows float32 for variances past 1.8e19 (unnormalized rows of 3e4).
 
 # Configs for an H100 (block sizes, warps, stages); no half-precision one spills registers there
 # (benchmarks/triton_sm90.py, results/triton-sm90-*.md); every kernel holds two similarity tiles
@@ -202,7 +203,7 @@ def _rows_kernel(S, T, INV_S, INV_T, LOSS, STATS, n, row_start, row_count, ds, d
         zero = tl.zeros_like(r0)
         s0, s1, s2, s3, s4 = zero, zero, zero, zero, zero
     elif KIND == 1:
-        loss = 1.0 - r4 / tl.sqrt(tl.maximum(r2 * r3, 1e-16))
+        loss = 1.0 - r4 / tl.maximum(tl.sqrt(r2) * tl.sqrt(r3), 1e-8)
         s0, s1, s2, s3, s4 = r0, r1, r2, r3, r4
     elif CENTRED:
         loss = _log1p(r2 / r0)
@@ -240,11 +241,11 @@ def _d_from_tiles(gs, gt, valid, STATS, G, offs_a, mask_a, n, row_start, scale,
         var_s = tl.load(base + 2, mask=mask_a, other=1.0)
         var_t = tl.load(base + 3, mask=mask_a, other=1.0)
         cov = tl.load(base + 4, mask=mask_a, other=0.0)
-        product = var_s * var_t
-        denom = tl.sqrt(tl.maximum(product, 1e-16))
+        root = tl.sqrt(var_s) * tl.sqrt(var_t)
+        denom = tl.maximum(root, 1e-8)
         r = cov / denom
         g_r = -g  # loss_i = 1 − r_i
-        unclamped = product > 1e-16
+        unclamped = root > 1e-8
         cs = tl.where(valid, gs - mean_s[:, None], 0.0)
         ct = tl.where(valid, gt - mean_t[:, None], 0.0)
         if SIDE == 0:
