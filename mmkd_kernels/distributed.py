@@ -42,18 +42,43 @@ def row_counts(group, *local: int) -> torch.Tensor:
     return torch.stack(gathered).cpu()
 
 
-def gather_layout(group, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def gather_layout(group, student: torch.Tensor | None, teacher: torch.Tensor | None, settings: str = "",
+                  error: Exception | None = None) -> torch.Tensor:
     """(W, 2) int64 on the CPU: every rank's (student rows, teacher rows), in rank order.
 
     In the same collective, the ranks compare what their collectives will exchange: the widths, the
     dtypes, and which inputs need gradients (a rank whose inputs need none runs no collective in
     backward, and the others would wait for it). A difference is a ValueError on every rank, instead
-    of a crash, a hang, or (statistics of equal size but other widths) a wrong loss.
+    of a crash, a hang, or (statistics of equal size but other widths) a wrong loss. They also
+    compare ``settings`` (the loss's other arguments, which must agree: a temperature that differs
+    mixes two losses, an algorithm that differs runs other collectives).
+
+    ``error``: this rank's arguments failed their checks (the inputs are then not read). Every rank
+    joins this collective before its first other one, so a rank's bad arguments are raised on every
+    rank, its own error there and a ValueError naming it on the others, where the others would
+    otherwise wait in a collective until the group's timeout.
     """
     grad = torch.is_grad_enabled()
-    layout = row_counts(group, student.shape[0], teacher.shape[0], student.shape[1], teacher.shape[1],
-                        zlib.crc32(str(student.dtype).encode()), zlib.crc32(str(teacher.dtype).encode()),
-                        int(grad and student.requires_grad), int(grad and teacher.requires_grad))
+    if error is None:
+        values = (student.shape[0], teacher.shape[0], student.shape[1], teacher.shape[1],
+                  zlib.crc32(str(student.dtype).encode()), zlib.crc32(str(teacher.dtype).encode()),
+                  int(grad and student.requires_grad), int(grad and teacher.requires_grad))
+    else:
+        values = (0,) * 8
+    layout = row_counts(group, *values, int(error is not None), zlib.crc32(settings.encode()))
+    failed = [rank for rank, flag in enumerate(layout[:, 8].tolist()) if flag]
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"process_group: the arguments of rank(s) {failed} failed their checks (their error says "
+                         "how); every rank raises")
+    if len(set(layout[:, 9].tolist())) > 1:
+        raise ValueError(f"process_group: every rank must pass the same settings; this rank's are {settings}, and "
+                         "another rank's differ")
     agreed = (("student's width D", 2), ("teacher's width D", 3))
     for what, column in agreed:
         values = layout[:, column].tolist()
@@ -130,10 +155,11 @@ def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
     return x
 
 
-def contrastive_loss(q, k, targets, symmetric, reduction, group, local):
+def contrastive_loss(q, k, targets, symmetric, reduction, group, local, settings):
     """Local rows against every rank's teacher rows. ``local(q, k, targets, symmetric)`` is the
-    one-process loss: per-row losses for reduction "none", else their sum."""
-    counts = gather_layout(group, q, k)
+    one-process loss: per-row losses for reduction "none", else their sum; ``settings`` as in
+    ``gather_layout``."""
+    counts = gather_layout(group, q, k, settings)
     world, rank = counts.shape[0], dist.get_rank(group)
     n_counts, m_counts = counts[:, 0].tolist(), counts[:, 1].tolist()
     n_total = sum(n_counts)

@@ -62,6 +62,20 @@ def _check_temperature(temperature) -> float:
     return float(temperature)
 
 
+def _raise_on_every_rank(process_group, error: Exception) -> None:
+    """With ``process_group``, a rank's failed argument check must not leave the other ranks waiting
+    in the first collective: this rank joins it as failed (distributed.gather_layout) and every rank
+    raises. Without a process group, or without torch.distributed, it returns: the caller raises."""
+    if process_group is not None and distributed.is_initialized():
+        distributed.gather_layout(process_group, None, None, error=error)
+
+
+def _check_flag(name: str, value) -> None:
+    """A switch must be a bool: the reference read the string "no" as true, the ops' schemas refused it."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -145,23 +159,33 @@ def contrastive_loss(
     With ``process_group``, each rank passes its local rows (N and M may differ from rank to rank);
     the teacher rows of every rank are the columns, and the returned value is scaled so that the mean
     of it over ranks is the global-batch loss and DDP's gradient averaging gives its gradient.
+    ``targets`` are then local: indices into this rank's own teacher rows (offset to the gathered
+    columns inside). With ``reduction="none"`` the per-row losses are returned as they are, unscaled.
+    Every rank must pass the same settings (temperature, symmetric, normalize, reduction); one rank's
+    invalid arguments raise on every rank, not in the others' next collective.
     """
-    _check_pair(student, teacher, process_group)
-    if student.shape[1] != teacher.shape[1]:
-        raise ValueError(
-            f"student and teacher must have the same width D, got student {tuple(student.shape)} "
-            f"and teacher {tuple(teacher.shape)}"
-        )
-    temperature = _check_temperature(temperature)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    n, m = student.shape[0], teacher.shape[0]
-    if symmetric:
-        if targets is not None:
-            raise ValueError("symmetric=True pairs row i with column i: targets must be None")
-        if m != n:
-            raise ValueError(f"symmetric=True needs as many teacher rows as student rows, got N={n} and M={m}")
-    targets = _check_targets(targets, n, m, student.device)
-    name = _resolve(backend, student, teacher)
+    try:
+        _check_pair(student, teacher, process_group)
+        if student.shape[1] != teacher.shape[1]:
+            raise ValueError(
+                f"student and teacher must have the same width D, got student {tuple(student.shape)} "
+                f"and teacher {tuple(teacher.shape)}"
+            )
+        temperature = _check_temperature(temperature)
+        _check_flag("symmetric", symmetric)
+        _check_flag("normalize", normalize)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        n, m = student.shape[0], teacher.shape[0]
+        if symmetric:
+            if targets is not None:
+                raise ValueError("symmetric=True pairs row i with column i: targets must be None")
+            if m != n:
+                raise ValueError(f"symmetric=True needs as many teacher rows as student rows, got N={n} and M={m}")
+        targets = _check_targets(targets, n, m, student.device)
+        name = _resolve(backend, student, teacher)
+    except (ValueError, TypeError) as error:
+        _raise_on_every_rank(process_group, error)
+        raise
 
     def local(q, k, targets, symmetric):
         if reduction == "none":
@@ -169,7 +193,9 @@ def contrastive_loss(
         return contrastive_sum(q, k, targets, temperature, symmetric, normalize, name)
 
     if process_group is not None:
-        return distributed.contrastive_loss(student, teacher, targets, symmetric, reduction, process_group, local)
+        settings = f"temperature={temperature}, symmetric={symmetric}, normalize={normalize}, reduction={reduction!r}"
+        return distributed.contrastive_loss(student, teacher, targets, symmetric, reduction, process_group, local,
+                                            settings)
     value = local(student, teacher, targets, symmetric)
     return value / n if reduction == "mean" else value
 
@@ -247,21 +273,27 @@ def structure_loss(
     With ``process_group``, each rank passes its local rows (N may differ from rank to rank) and gets
     the loss of the global batch, scaled as in ``contrastive_loss``.
     """
-    _check_pair(student, teacher, process_group)
-    if student.shape[0] != teacher.shape[0]:
-        raise ValueError(
-            f"student and teacher must have the same number of rows N, got student {tuple(student.shape)} "
-            f"and teacher {tuple(teacher.shape)}"
-        )
-    _check_choice("kind", kind, KINDS)
-    _check_choice("algorithm", algorithm, ALGORITHMS)
-    temperature = _check_temperature(temperature)
-    if kind == "kl" and algorithm == "gram":
-        raise ValueError("algorithm='gram' exists for kind='mse' and kind='pearson' only; kind='kl' needs 'tile'")
-    name = _resolve(backend, student, teacher)
+    try:
+        _check_pair(student, teacher, process_group)
+        if student.shape[0] != teacher.shape[0]:
+            raise ValueError(
+                f"student and teacher must have the same number of rows N, got student {tuple(student.shape)} "
+                f"and teacher {tuple(teacher.shape)}"
+            )
+        _check_choice("kind", kind, KINDS)
+        _check_choice("algorithm", algorithm, ALGORITHMS)
+        _check_flag("normalize", normalize)
+        temperature = _check_temperature(temperature)
+        if kind == "kl" and algorithm == "gram":
+            raise ValueError("algorithm='gram' exists for kind='mse' and kind='pearson' only; kind='kl' needs 'tile'")
+        name = _resolve(backend, student, teacher)
+    except (ValueError, TypeError) as error:
+        _raise_on_every_rank(process_group, error)
+        raise
     counts = None
     if process_group is not None:
-        counts = distributed.gather_layout(process_group, student, teacher)[:, 0].tolist()
+        settings = f"kind={kind!r}, temperature={temperature}, normalize={normalize}, algorithm={algorithm!r}"
+        counts = distributed.gather_layout(process_group, student, teacher, settings)[:, 0].tolist()
     n_total = student.shape[0] if counts is None else sum(counts)
     if n_total < MIN_ROWS[kind]:
         raise ValueError(f"kind={kind!r} needs at least {MIN_ROWS[kind]} rows in the batch, got N={n_total}")

@@ -3,14 +3,17 @@
 import torch
 
 from . import backends
-from .functional import ALGORITHMS, KINDS, REDUCTIONS, _check_choice, _check_temperature, contrastive_loss, structure_loss
+from .functional import (ALGORITHMS, KINDS, REDUCTIONS, _check_choice, _check_flag, _check_temperature,
+                         contrastive_loss, structure_loss)
 
 
-def _check_settings(temperature, backend, **choices) -> None:
+def _check_settings(temperature, backend, flags, **choices) -> None:
     """The arguments that need no tensor, checked at construction as the functional losses check
     them, so that a wrong one fails where it was written rather than at the first forward."""
     _check_temperature(temperature)
     _check_choice("backend", backend, ("auto", *backends.BACKENDS))
+    for name, value in flags.items():
+        _check_flag(name, value)
     for name, (value, allowed) in choices.items():
         _check_choice(name, value, allowed)
 
@@ -24,7 +27,8 @@ class ContrastiveLoss(torch.nn.Module):
     def __init__(self, *, temperature=0.05, symmetric=False, normalize=True, reduction="mean",
                  backend="auto", process_group=None):
         super().__init__()
-        _check_settings(temperature, backend, reduction=(reduction, REDUCTIONS))
+        _check_settings(temperature, backend, dict(symmetric=symmetric, normalize=normalize),
+                        reduction=(reduction, REDUCTIONS))
         self.temperature, self.symmetric, self.normalize = temperature, symmetric, normalize
         self.reduction, self.backend, self.process_group = reduction, backend, process_group
 
@@ -49,7 +53,8 @@ class StructureLoss(torch.nn.Module):
     def __init__(self, *, kind="pearson", temperature=1.0, normalize=True, algorithm="auto",
                  backend="auto", process_group=None):
         super().__init__()
-        _check_settings(temperature, backend, kind=(kind, KINDS), algorithm=(algorithm, ALGORITHMS))
+        _check_settings(temperature, backend, dict(normalize=normalize), kind=(kind, KINDS),
+                        algorithm=(algorithm, ALGORITHMS))
         self.kind, self.temperature, self.normalize = kind, temperature, normalize
         self.algorithm, self.backend, self.process_group = algorithm, backend, process_group
 

@@ -131,6 +131,18 @@ def _disagreements(rank):
                                              process_group=group),
         "gradients": lambda: mk.structure_loss(rows(0 if rank else 4, 8, grad=rank == 0), rows(0 if rank else 4, 8),
                                                kind="kl", process_group=group),
+        # One rank's own arguments fail their checks: before, it raised and the other waited in the
+        # first collective until the group's timeout (30 minutes for gloo).
+        "targets on one rank": lambda: mk.contrastive_loss(rows(4, 8), rows(4, 8), process_group=group,
+                                                           targets=torch.tensor([0, 1, 2, 3 + 6 * rank])),
+        "symmetric on one rank": lambda: mk.contrastive_loss(rows(4, 8), rows(4 + rank, 8), symmetric=True,
+                                                             process_group=group),
+        "structure rows on one rank": lambda: mk.structure_loss(rows(4, 8), rows(4 + rank, 8), process_group=group),
+        # Settings that differ: a mixed loss, or (the algorithm) other collectives on each rank.
+        "temperature": lambda: mk.contrastive_loss(rows(4, 8), rows(4, 8), temperature=0.05 * (1 + rank),
+                                                   process_group=group),
+        "algorithm": lambda: mk.structure_loss(rows(4, 8), rows(4, 8), algorithm="gram" if rank else "tile",
+                                               process_group=group),
     }
 
 
@@ -140,14 +152,24 @@ DISAGREEMENTS = {
     "dtype": "every rank must pass student in the same dtype; this rank's is torch.float",
     "gradients": "student must need gradients on every rank or on none (requires_grad with grad mode on), got "
                  "[True, False] on ranks 0..1",
+    # (rank 0's error, rank 1's): rank 1's own, and on rank 0 one that names rank 1
+    "targets on one rank": ("the arguments of rank(s) [1] failed their checks", "targets must lie in [0, 4)"),
+    "symmetric on one rank": ("the arguments of rank(s) [1] failed their checks",
+                              "symmetric=True needs as many teacher rows as student rows, got N=4 and M=5"),
+    "structure rows on one rank": ("the arguments of rank(s) [1] failed their checks",
+                                   "student and teacher must have the same number of rows N"),
+    "temperature": "every rank must pass the same settings; this rank's are temperature=0.",
+    "algorithm": "every rank must pass the same settings; this rank's are kind='pearson', temperature=1.0",
 }
 
 
 @pytest.mark.parametrize("name", list(DISAGREEMENTS))
 def test_ranks_that_disagree_get_one_error_each(layout, name):
     _, _, rank_results = layout
+    want = DISAGREEMENTS[name]
     for r in range(WORLD):
-        assert rank_results[r][name] is not None and DISAGREEMENTS[name] in rank_results[r][name], rank_results[r][name]
+        expected = want[r] if isinstance(want, tuple) else want
+        assert rank_results[r][name] is not None and expected in rank_results[r][name], rank_results[r][name]
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
