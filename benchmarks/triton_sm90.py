@@ -57,9 +57,10 @@ def _kernels():
     kinds = [dict(KIND=code, CENTRED=False) for code in structure.KIND_CODES.values()]
     kinds.append(dict(KIND=structure.KIND_CODES["kl"], CENTRED=True))
     kernels = [
-        ("contrastive._lse_kernel", contrastive._lse_kernel, [dict(COLUMNS=False), dict(COLUMNS=True)]),
+        ("contrastive._lse_kernel", contrastive._lse_kernel,
+         [dict(COLUMNS=c, SPLIT=s) for s in (False, True) for c in (False, True)]),
         ("contrastive._lse_grad_kernel", contrastive._lse_grad_kernel,
-         [dict(FIXED_SHIFT=False), dict(FIXED_SHIFT=True)]),
+         [dict(FIXED_SHIFT=f, SPLIT=s) for s in (False, True) for f in (False, True)]),
         ("contrastive._grad_kernel", contrastive._grad_kernel,
          [dict(HAS_A_TERM=a, HAS_B_TERM=b) for a, b in ((True, False), (False, True), (True, True))]),
         ("structure._rows_kernel", structure._rows_kernel, kinds),
