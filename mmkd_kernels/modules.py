@@ -1,5 +1,7 @@
 """``nn.Module`` wrappers of the losses, for models that hold their criterion as a submodule."""
 
+import copy
+
 import torch
 
 from . import backends
@@ -18,7 +20,20 @@ def _check_settings(temperature, backend, flags, **choices) -> None:
         _check_choice(name, value, allowed)
 
 
-class ContrastiveLoss(torch.nn.Module):
+class _SharesItsGroup(torch.nn.Module):
+    """A copy (``copy.deepcopy``: an EMA or teacher copy of the model holding the loss) shares the
+    process group: a group is the process's handle on its ranks, which cannot be copied."""
+
+    def __deepcopy__(self, memo):
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+
+class ContrastiveLoss(_SharesItsGroup):
     """``contrastive_loss`` with its keyword arguments fixed at construction.
 
     ``forward(student, teacher, targets=None)``; see ``mmkd_kernels.contrastive_loss``.
@@ -44,7 +59,7 @@ class ContrastiveLoss(torch.nn.Module):
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
-class StructureLoss(torch.nn.Module):
+class StructureLoss(_SharesItsGroup):
     """``structure_loss`` with its keyword arguments fixed at construction.
 
     ``forward(student, teacher)``; see ``mmkd_kernels.structure_loss``.
