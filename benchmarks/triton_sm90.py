@@ -62,7 +62,8 @@ def _kernels():
         ("contrastive._lse_grad_kernel", contrastive._lse_grad_kernel,
          [dict(FIXED_SHIFT=f, SPLIT=s) for s in (False, True) for f in (False, True)]),
         ("contrastive._grad_kernel", contrastive._grad_kernel,
-         [dict(HAS_A_TERM=a, HAS_B_TERM=b) for a, b in ((True, False), (False, True), (True, True))]),
+         [dict(HAS_A_TERM=a, HAS_B_TERM=b, SPLIT=s) for s in (False, True)
+          for a, b in ((True, False), (False, True), (True, True))]),
         ("structure._rows_kernel", structure._rows_kernel, kinds),
         ("structure._grad_kernel", structure._grad_kernel, [dict(k, SIDE=s) for k in kinds for s in (0, 1)]),
     ]

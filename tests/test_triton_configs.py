@@ -126,7 +126,7 @@ def test_gpu_autotuning_plumbing(autotune):
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["lse"]["keys"] == ["d", "n_key", "COLUMNS", "SPLIT"]
-    assert out["grad"]["keys"] == ["d", "n_key", "HAS_A_TERM", "HAS_B_TERM"]
+    assert out["grad"]["keys"] == ["d", "n_key", "SPLIT", "HAS_A_TERM", "HAS_B_TERM"]
     assert out["rows"]["keys"] == ["ds", "dt", "n_key", "KIND", "CENTRED"]
     for name in ("lse", "grad", "rows"):
         picks = out[name]["picks"]

@@ -84,6 +84,20 @@ def _loss_from_weights(target_weight, row_other, shifted_target):
 
 
 @triton.jit
+def _split_columns(n_b, split_columns, AXIS: tl.constexpr, SPLIT: tl.constexpr):
+    """[b_start, b_end): the columns this program streams, the split of program axis AXIS with SPLIT,
+    else all of them (as plain 0 and n_b, so that the one-split kernels compile as they did before
+    splits: runtime bounds cost the symmetric kernels a few registers, and spills)."""
+    if SPLIT:
+        b_start = tl.program_id(AXIS) * split_columns
+        b_end = tl.minimum(b_start + split_columns, n_b)
+    else:
+        b_start = 0
+        b_end = n_b
+    return b_start, b_end
+
+
+@triton.jit
 def _store_split_statistics(PARTS, split, splits, row_max, row_other, target_logit, offs_a, mask_a, n_a):
     """PARTS[:, split, a] = (row_max, row_other, target_logit) of the rows' split of the columns,
     PARTS being (3, splits, n_a) float32."""
@@ -117,8 +131,7 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, PARTS, COL_OTHER, COL_TA
     Σ_{b≠t} e^{z_ab − max}, z_at or 0 where the target lies in another split), which the launcher
     merges (``_merged_rows``)."""
     row0 = tl.program_id(0) * BLOCK_A
-    b_start = tl.program_id(1) * split_columns
-    b_end = tl.minimum(b_start + split_columns, n_b)
+    b_start, b_end = _split_columns(n_b, split_columns, 1, SPLIT)
     offs_a = row0 + tl.arange(0, BLOCK_A)
     mask_a = offs_a < n_a
     inv_a = tl.load(INV_A + offs_a, mask=mask_a, other=0.0)
@@ -133,8 +146,9 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, PARTS, COL_OTHER, COL_TA
                                                stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION,
                                                INT64_OFFSETS)
         z = tl.where(mask_b[None, :], z, float("-inf"))
-        # masked too: a tile may reach past its split's end into the next split, where the target may lie
-        is_target = (offs_b[None, :] == target[:, None]) & mask_b[None, :]
+        is_target = offs_b[None, :] == target[:, None]
+        if SPLIT:  # a tile may reach past its split's end into the next split, where the target may lie
+            is_target = is_target & mask_b[None, :]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         if COLUMNS:
             weights = tl.exp(z - shift)  # 0 past n_b
@@ -195,8 +209,7 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, PARTS, DA, n_a, n_b
     DA[s, a, span] = Σ_{b≠t in the split} e^{z_ab − its max} inv_b B_b, which ``_merged_rows_grad``
     merges and finishes (the division by the total, the target's term) in the launcher."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
-    b_start = tl.program_id(2) * split_columns
-    b_end = tl.minimum(b_start + split_columns, n_b)
+    b_start, b_end = _split_columns(n_b, split_columns, 2, SPLIT)
     span = tl.program_id(1) * (CHUNKS * BLOCK_DO)
     offs_do0 = span + tl.arange(0, BLOCK_DO)
     mask_a = offs_a < n_a
@@ -216,8 +229,9 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, PARTS, DA, n_a, n_b
                                                stride_b, stride_bd, scale, BLOCK_A, BLOCK_B, BLOCK_D, PRECISION,
                                                INT64_OFFSETS)
         z = tl.where(mask_b[None, :], z, float("-inf"))
-        # masked too: a tile may reach past its split's end into the next split, where the target may lie
-        is_target = (offs_b[None, :] == target[:, None]) & mask_b[None, :]
+        is_target = offs_b[None, :] == target[:, None]
+        if SPLIT:  # a tile may reach past its split's end into the next split, where the target may lie
+            is_target = is_target & mask_b[None, :]
         target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
         if FIXED_SHIFT:
             others = tl.where(is_target, 0.0, tl.exp(z - shift))
@@ -288,20 +302,18 @@ def _store_rows_grad(B, INV_B, LSE, LOSS, DA, row_max, row_other, target_logit, 
 @triton.jit
 def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_B, DA, n_a, n_b, d,
                  stride_a, stride_ad, stride_b, stride_bd, scale, split_columns, n_key,
-                 HAS_A_TERM: tl.constexpr, HAS_B_TERM: tl.constexpr,
+                 HAS_A_TERM: tl.constexpr, HAS_B_TERM: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DO: tl.constexpr,
                  CHUNKS: tl.constexpr, PRECISION: tl.constexpr, INT64_OFFSETS: tl.constexpr):
     """DA[a, this program's span of D (CHUNKS chunks of BLOCK_DO)] = scale · Σ_b dz_ab · inv_b[b] · B_b, with
     dz_ab = G_A[a] (exp(z_ab − LSE_A[a]) − [b = T_A[a]]) + G_B[b] (exp(z_ab − LSE_B[b]) − [a = T_B[b]]),
     where a target's term is TG_A[a] (TG_B[b]) = G·expm1(−ℓ) instead.
 
-    Program (i, j, s) sums over the s-th ``split_columns`` columns into DA[s] (DA being
-    (splits, n_a, d)), whose sum over s the launcher takes where there are several."""
+    With SPLIT, program (i, j, s) sums over the s-th ``split_columns`` columns into DA[s] (DA being
+    (splits, n_a, d)), whose sum over s the launcher takes."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_do0 = tl.program_id(1) * (CHUNKS * BLOCK_DO) + tl.arange(0, BLOCK_DO)
-    split = tl.program_id(2)
-    b_start = split * split_columns
-    b_end = tl.minimum(b_start + split_columns, n_b)
+    b_start, b_end = _split_columns(n_b, split_columns, 2, SPLIT)
     mask_a = offs_a < n_a
     inv_a = tl.load(INV_A + offs_a, mask=mask_a, other=0.0)
     if HAS_A_TERM:
@@ -330,8 +342,9 @@ def _grad_kernel(A, B, INV_A, INV_B, LSE_A, G_A, T_A, TG_A, LSE_B, G_B, T_B, TG_
         dz = tl.where(mask_a[:, None] & mask_b[None, :], dz * (inv_b * scale)[None, :], 0.0)
         acc0, acc1, acc2 = accumulate_chunks(acc0, acc1, acc2, dz, B, offs_b, mask_b, offs_do0, d, stride_b, stride_bd,
                                              BLOCK_DO, CHUNKS, PRECISION, INT64_OFFSETS)
-    store_chunks(DA + as_index(split, INT64_OFFSETS) * n_a * d, acc0, acc1, acc2, offs_a, mask_a, offs_do0, d,
-                 BLOCK_DO, CHUNKS, INT64_OFFSETS)
+    if SPLIT:
+        DA += as_index(tl.program_id(2), INT64_OFFSETS) * n_a * d
+    store_chunks(DA, acc0, acc1, acc2, offs_a, mask_a, offs_do0, d, BLOCK_DO, CHUNKS, INT64_OFFSETS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,7 +430,7 @@ def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
     _grad_kernel[span_grid(n_a, d, splits)](
         a, b, inv_a, inv_b, lse_a, g_a, t_a, tg_a, lse_b, g_b, t_b, tg_b, da, n_a, n_b, d, *_strides(a, b), scale,
         split_columns, size_key(split_columns), HAS_A_TERM=a_term is not None, HAS_B_TERM=b_term is not None,
-        PRECISION=precision(a), INT64_OFFSETS=needs_int64_offsets(a, b, da))
+        SPLIT=splits > 1, PRECISION=precision(a), INT64_OFFSETS=needs_int64_offsets(a, b, da))
     return da[0] if splits == 1 else da.sum(0)
 
 
