@@ -326,3 +326,25 @@ def test_columns_split_across_programs(monkeypatch, target, dtype, splits):
         dq = ops.contrastive_forward_with_grad(q.detach(), k.detach(), bad, scale, True, True, False)[1]
         assert loss[5].isnan() and loss[torch.arange(n, device=device) != 5].isfinite().all()
         assert dq[5].isnan().all() and dq[torch.arange(n, device=device) != 5].isfinite().all()
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if runs(t, torch.float32, 16384 * 16384 * 32)], ids=str)
+def test_symmetric_column_statistics_over_many_rows(target):
+    """A column's statistics of the symmetric loss sum over all N rows. Native's CPU kernel added
+    them one by one in float32, so the small terms fell below the running sum's last digit: its
+    column losses were 1.7e-5 off at N = 16384 (the loss and gradients 1.8e-5 at N = 32768), past
+    float32's 1e-5. The op's column statistics against chunked's in float64 (the reference would
+    hold N² logits)."""
+    from mmkd_kernels import backends
+
+    n, d = 16384, 32
+    gen = torch.Generator().manual_seed(37)
+    k64 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    q64 = k64 + 0.3 * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    q, k = q64.float().to(target.device), k64.float().to(target.device)
+    own = torch.arange(n, device=target.device)
+    ops = getattr(torch.ops, backends.NAMESPACES[target.backend])
+    out = ops.contrastive_forward(q, k, own, 20.0, True, True)
+    ref = torch.ops.mmkd_chunked.contrastive_forward(q.double().cpu(), k.double().cpu(), own.cpu(), 20.0, True, True)
+    for name, a, b in zip(("row loss", "column loss", "row lse", "column lse"), out, ref):
+        assert rel_err(a, b) <= TOLERANCE[torch.float32], f"{name}: {rel_err(a, b):.2e}"

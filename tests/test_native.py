@@ -143,28 +143,48 @@ def test_an_unbuilt_extension_is_looked_for_once(monkeypatch):
     assert first == second and "is not built" in first and imports == ["mmkd_kernels._C"]
 
 
-def test_the_source_distribution_holds_every_source(tmp_path):
-    """setup.py names only the files it compiles; the sdist (which pip builds a wheel from) must
-    carry the headers and the CUDA files too (MANIFEST.in)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import tarfile
+def _contrastive_calls(q, k, t):
+    """Direct calls of the native contrastive ops (forward, forward with gradients, backward)."""
+    ops = torch.ops.mmkd_native
+    n, m = q.shape[0], k.shape[0]
 
-    root = Path(__file__).resolve().parent.parent
-    # A copy without the checkout's egg-info, whose SOURCES.txt would add what an earlier build listed.
-    tree = tmp_path / "tree"
-    shutil.copytree(root, tree, ignore=shutil.ignore_patterns(".*", "*.egg-info", "build", "dist", "*.so",
-                                                              "__pycache__", "results"))
-    done = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=tree,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "MMKD_BUILD_NATIVE": "0"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    (archive,) = tmp_path.glob("*.tar.gz")
-    with tarfile.open(archive) as tar:
-        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    sources = {str(p.relative_to(root)) for p in (root / "csrc").rglob("*") if p.is_file()}
-    assert sources and sources <= packed, sorted(sources - packed)
+    def backward(symmetric, n_vectors=n, m_vectors=m):
+        v, w = torch.ones(n_vectors), torch.ones(m_vectors)
+        return ops.contrastive_backward(v, w, q, k, t, v, w, v, w, 20.0, True, symmetric, True, True)
+
+    return {
+        "forward": lambda: ops.contrastive_forward(q, k, t, 20.0, True, False),
+        "symmetric forward": lambda: ops.contrastive_forward(q, k, t, 20.0, True, True),
+        "forward with grad": lambda: ops.contrastive_forward_with_grad(q, k, t, 20.0, True, True, True),
+        "backward": lambda: backward(False),
+        "symmetric backward": lambda: backward(True),
+        "backward, short vectors": lambda: backward(False, n_vectors=3),
+    }
+
+
+@pytest.mark.parametrize("case", ["targets too short", "symmetric with M != N", "short vectors", "3-D q",
+                                  "integer k", "other widths"])
+def test_a_direct_contrastive_op_call_with_bad_shapes_is_refused(case):
+    """The public loss checks its arguments; the ops called directly must too: the CPU ops read the
+    targets and every per-row vector up to N (and, symmetric, the columns' up to M), so short ones
+    segfaulted or corrupted the heap ("corrupted size vs. prev_size") instead of raising, as the
+    CUDA ops always did."""
+    q, k = torch.randn(300, 8), torch.randn(300, 8)
+    t = torch.arange(300)
+    if case == "targets too short":
+        calls = _contrastive_calls(q, k, torch.arange(10))
+        wanted = ["forward", "forward with grad", "backward"]
+    elif case == "symmetric with M != N":
+        calls = _contrastive_calls(q, torch.randn(3, 8), torch.zeros(300, dtype=torch.long))
+        wanted = ["symmetric forward", "symmetric backward"]
+    elif case == "short vectors":
+        calls, wanted = _contrastive_calls(q, k, t), ["backward, short vectors"]
+    else:
+        q, k = {"3-D q": (q[None], k), "integer k": (q, k.long()), "other widths": (q, torch.randn(300, 7))}[case]
+        calls, wanted = _contrastive_calls(q, k, t), ["forward", "forward with grad", "backward"]
+    for name in wanted:
+        with pytest.raises(RuntimeError, match="must have shape|symmetric needs|must be 2-D|floating point|same width"):
+            calls[name]()
 
 
 def test_unknown_kind_is_refused_by_the_kernel():

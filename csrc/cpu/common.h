@@ -33,16 +33,17 @@ inline at::ScalarType accumulation_dtype(const at::Tensor& a, const at::Tensor& 
                                                                              : at::kFloat;
 }
 
-// Rows per block: a (block × n_cols) tile of about 32 MiB, and never fewer than 256 rows. The
+// Rows per block: a (block × n_cols) tile of about 32 MiB, and never fewer than 256 rows (nor more
+// than the n_rows there are: a few rows against many columns need no 256-row tile). The
 // row count is the inner dimension of the column-side GEMM (dk += Pᵀ Q_b, dx += dGᵀ x̂_b), which
 // MKL runs far below its rate when it is small (native kl tile at N = 16384 went from 11.1 s to
 // 6.44 s: benchmarks/results/cpu-amd-epyc-2026-11-24-n16384.md and the -n16384-kl.md of commit
 // 9c4be31). Extra memory stays O(N):
 // 256·n_cols floats at most beyond the budget.
-inline int64_t row_block(int64_t n_cols, int64_t element_size) {
+inline int64_t row_block(int64_t n_rows, int64_t n_cols, int64_t element_size) {
   const int64_t budget = (int64_t{32} << 20) / element_size;
   const int64_t rows = budget / std::max<int64_t>(n_cols, 1);
-  return std::max<int64_t>(256, std::min<int64_t>(rows, 1024));
+  return std::min(std::max<int64_t>(256, std::min<int64_t>(rows, 1024)), std::max<int64_t>(n_rows, 1));
 }
 
 struct Normalized {

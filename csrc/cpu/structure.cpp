@@ -335,7 +335,7 @@ struct KlStrip {
 constexpr int64_t kUpperTriangleMinRows = 1024;
 
 inline int64_t upper_triangle_block(int64_t n, int64_t element_size) {
-  return std::min(row_block(2 * n, element_size), std::max<int64_t>(256, n / 8));
+  return std::min(row_block(n, 2 * n, element_size), std::max<int64_t>(256, n / 8));
 }
 
 // kl in its centred form over every row, the upper-triangle way (above). Returns the per-row
@@ -413,7 +413,7 @@ void tile_rows(const at::Tensor& x, const at::Tensor& y, Kind kind, bool kl_cent
                int64_t row_start, int64_t row_count, at::Tensor& losses, at::Tensor& dx, at::Tensor& dy) {
   const int64_t n = x.size(0);
   const bool grad_s = dx.defined(), grad_t = dy.defined();
-  const int64_t block = row_block(2 * n, sizeof(scalar_t));
+  const int64_t block = row_block(row_count, 2 * n, sizeof(scalar_t));
   at::Tensor gs_buf = at::empty({block, n}, x.options()), gt_buf = at::empty({block, n}, x.options());
   for (int64_t start = row_start; start < row_start + row_count; start += block) {
     const int64_t rows = std::min(block, row_start + row_count - start);
