@@ -1,4 +1,4 @@
-"""A one-minute tour of the losses: ``python -m benchmarks.demo`` (``make demo``).
+"""A one-minute tour of the losses: ``python -m benchmarks.demo`` (``make demo`` runs the trainer instead).
 
 1. Loss values on random data, reference and chunked side by side, and their relative difference.
 2. The student's gradient, chunked against the float64 reference.
@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -95,7 +96,9 @@ def memory_section() -> str:
     return text
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # No options: the parser answers --help (which ran the whole tour) and refuses unknown arguments.
+    argparse.ArgumentParser(prog="python -m benchmarks.demo", description=__doc__.split("\n\n")[0]).parse_args(argv)
     start = time.perf_counter()
     print("mmkd-kernels: fused MMKD losses that never store an N×N matrix\n")
     print(values_section(), end="\n\n")

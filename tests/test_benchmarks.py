@@ -324,3 +324,14 @@ def test_cuda_timings_keep_every_run(monkeypatch):
     timing = measure.time_cuda(lambda: None, torch.device("cuda"), min_time=0.2, min_repeats=3, max_repeats=5)
     assert (timing.median_ms, timing.repeats) == (500.5, 1000)  # all the runs
     assert timing.all_ms == [1.0, 251.0, 501.0, 750.0, 1000.0]  # 5 of them kept, evenly
+
+
+def test_the_demo_answers_help_without_running():
+    """``--help`` printed nothing and ran the whole tour (minutes); unknown arguments are refused."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.demo", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and "usage: python -m benchmarks.demo" in done.stdout
+    assert "mmkd-kernels:" not in done.stdout  # the tour's first line
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.demo", "--bogus"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
