@@ -172,11 +172,22 @@ def _register_autograd(namespace: str) -> None:
 
 
 def _python_op(name: str, impl):
-    """A Python implementation as its op runs it: with autocast off, and for the tile ops with their
-    rows checked, since a kernel given rows past N (or a teacher of other N) reads past its inputs.
-    The public losses never pass such rows; a direct call of the op may. (Native's ops check theirs
-    in C++.)"""
+    """A Python implementation as its op runs it: with autocast off, and for the structure ops with
+    their rows checked, since a tile kernel given rows past N (or a teacher of other N) reads past
+    its inputs and the gram statistics divide by N − 1. The public losses never pass such rows; a
+    direct call of the op may. (Native's tile ops check theirs in C++.)"""
     impl = without_autocast(impl)
+    if name.startswith("structure_gram"):
+
+        @functools.wraps(impl)
+        def checked_gram(s, t, kind, normalize, *rest):
+            # N − 1 divides the statistics (a ZeroDivisionError at N = 1), and t must hold N rows too.
+            if t.shape[0] != s.shape[0] or s.shape[0] < 2:
+                raise ValueError(f"{name}: s and t must hold the same N >= 2 rows, got s {tuple(s.shape)} and t "
+                                 f"{tuple(t.shape)}")
+            return impl(s, t, kind, normalize, *rest)
+
+        return checked_gram
     if not name.startswith("structure_tile"):
         return impl
 

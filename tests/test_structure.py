@@ -296,3 +296,18 @@ def test_pearson_of_large_unnormalized_rows(target, algorithm):
     s = leaf(randn(40, 16, seed=61, device=target.device) * 3e4)
     t = leaf(randn(40, 12, seed=62, device=target.device) * 3e4)
     _check(target, s, t, kind="pearson", algorithm=algorithm, normalize=False)
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=str)
+@pytest.mark.parametrize("rows", [(1, 1), (5, 6)], ids=["one-row", "teacher-of-other-n"])
+def test_a_direct_gram_op_call_with_rows_it_cannot_take_is_refused(target, rows):
+    """A direct call of a gram op with N = 1 divided by N − 1 (ZeroDivisionError), and one with a
+    teacher of other N mixed up the statistics; both are refused, naming the rows."""
+    from mmkd_kernels import backends
+
+    ops = getattr(torch.ops, backends.NAMESPACES[target.backend])
+    s, t = randn(rows[0], 4, seed=53, device=target.device), randn(rows[1], 3, seed=54, device=target.device)
+    for call in (lambda: ops.structure_gram_forward(s, t, "mse", True),
+                 lambda: ops.structure_gram_forward_with_grad(s, t, "mse", True, True, True)):
+        with pytest.raises((ValueError, RuntimeError), match="same N >= 2 rows"):
+            call()
