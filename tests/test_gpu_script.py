@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,10 +29,11 @@ case "$1 ${2:-}" in
   "-m pytest") echo "args: $*"; echo "extension built: $(built)"; echo "3 passed"; exit 0 ;;
   "-m benchmarks.gpu.goals") echo "# verdict from $(($# - 2)) files"; exit 0 ;;
   "-m benchmarks.accuracy") mkdir -p "${@: -1}"; echo "# accuracy" > "${@: -1}/accuracy-cuda-x.md"; exit 0 ;;
+  "-m benchmarks.gpu.splits") mkdir -p "${@: -1}"; echo "# splits" > "${@: -1}/cuda-x-splits.md"; exit 0 ;;
   "-m benchmarks.run")
     for arg in "$@"; do [ "${prev:-}" = "--out" ] && out=$arg; prev=$arg; done
-    echo "# bench autotune=$TRITON_PRINT_AUTOTUNING extension=$(built) blocks=${MMKD_GRAM_BLOCK_ELEMENTS:-}" \
-      "splits=${MMKD_TRITON_COLUMN_SPLITS:-} args: $*" > "$out/cuda-x.md"
+    echo "# bench autotune=$TRITON_PRINT_AUTOTUNING extension=$(built) blocks=${MMKD_GRAM_BLOCK_ELEMENTS:-} args: $*" \
+      > "$out/cuda-x.md"
     echo "{}" > "$out/cuda-x.json"
     case "$out" in *"${FAKE_HANGING_PART:-no part}") sleep 60 ;; esac
     sleep "${FAKE_BENCH_SECONDS:-0}"; exit 0 ;;
@@ -72,9 +74,7 @@ def test_every_step_brings_its_files_back(dry):
          "gpu-run.tgz"])  # 8: all that the device tool returns
     table = (out / "structure.md").read_text()
     assert "autotune=1" in table and "--suffix -structure " in table  # its files named for their part
-    sweep, unsplit = (out / "contrastive.md").read_text().splitlines()
-    assert "splits= " in sweep and "--suffix -contrastive " in sweep  # the sweep: columns split where it pays
-    assert "splits=1 " in unsplit and "--sizes 4096 --dims 384,768 --backends triton" in unsplit
+    assert "# splits" in (out / "goals.md").read_text()  # the split comparison, under the goals
     with tarfile.open(out / "ext.tgz") as archive:
         assert archive.getnames() == ["ext", "ext/_C.cpython-312-x86_64-linux-gnu.so"]
     with tarfile.open(out / "gpu-run.tgz") as archive:
@@ -133,13 +133,11 @@ def test_the_build_runs_beside_the_goals_and_the_tests_wait_for_it(dry):
 
 def test_a_spent_budget_skips_the_remaining_parts(dry):
     # 48 s: the first part gets 33 s (the budget less 15 for the copies), takes 5, and then fewer than
-    # 30 s are left: the other parts are skipped (the contrastive step's unsplit cells too, so that
-    # step counts as cut), and the call ends itself long before the budget.
+    # 30 s are left: the other parts are skipped, and the call ends itself long before the budget.
     done, out = dry("contrastive", "symmetric", "structure", MMKD_GPU_BUDGET_S="48", FAKE_BENCH_SECONDS="5")
     assert done.returncode == 1, done.stderr
-    assert "steps that failed or ran out of time: contrastive symmetric structure" in done.stdout
+    assert "steps that failed or ran out of time: symmetric structure" in done.stdout
     assert "contrastive bench exit 0" in done.stdout
-    assert "contrastive-unsplit bench exit 124 (contrastive-unsplit: skipped" in done.stdout
     assert "symmetric bench exit 124 (symmetric: skipped, the call's budget is spent)" in done.stdout
     assert "structure: skipped" in done.stdout
     assert (out / "contrastive.md").exists() and not (out / "symmetric.md").exists()
@@ -201,3 +199,20 @@ def test_issue_4s_goals_are_judged_from_the_goal_runs(tmp_path):
     table = goals.markdown(goals.judge(goals.load(paths[:1])))
     assert "| symmetric fwd+bwd time / one direction's (triton) | — | ≤ 1.6× | not measured (symmetric: not in the run) |" \
         in table
+
+
+def test_the_split_comparison_writes_its_table(tmp_path, capsys):
+    """benchmarks.gpu.splits (GPU only, so here with made-up timings): each case's chosen split
+    against one split, the speed-up of the first, its JSON beside; without a GPU it says so."""
+    from benchmarks.gpu import splits
+
+    meta = dict(device_name="NVIDIA H100 80GB HBM3", date="2026-12-08T10:00:00+00:00", command="python -m x",
+                torch="2.11", triton="3.6.0", cuda="13.0", git_commit="abc")
+    rows = [dict(rows=512, cols=65536, d=768, mode="chosen", splits=16, ms=0.5, flops=8 * 512 * 65536 * 768),
+            dict(rows=512, cols=65536, d=768, mode="one split", splits=1, ms=2.0, flops=8 * 512 * 65536 * 768)]
+    path = splits.write(dict(meta=meta, rows=rows), tmp_path)
+    assert path.name == "nvidia-h100-80gb-hbm3-2026-12-08-splits.md" and path.with_suffix(".json").exists()
+    assert "| 512 × 65536 × 768 | 16 | 0.5 ms · 412 TFLOP/s | 2 ms · 103 TFLOP/s | 4.00× |" in path.read_text()
+    if not torch.cuda.is_available():
+        assert splits.main(["--out", str(tmp_path)]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err

@@ -254,23 +254,28 @@ def test_every_launch_runs_on_its_inputs_gpu(monkeypatch):
 
 def test_columns_are_split_only_where_the_row_blocks_leave_the_gpu_idle(monkeypatch):
     """The launchers' choice of column splits (tiles.column_split), on an H100's 132 multiprocessors
-    (a stand-in: no GPU is asked): one split where the row blocks fill a wave, else about two
-    programs per multiprocessor with every split at least MIN_SPLIT_COLUMNS long and cut at a
-    multiple of 128 columns; one split on a CPU; MMKD_TRITON_COLUMN_SPLITS overrides, and a bad value
-    is an error that names it."""
+    (a stand-in: no GPU is asked): one split where the programs fill more than half of them, else
+    about two programs per multiprocessor with every split at least MIN_SPLIT_COLUMNS long and cut
+    at a multiple of 128 columns; one split on a CPU and for no rows; MMKD_TRITON_COLUMN_SPLITS
+    overrides, and a bad value is an error that names it."""
     from mmkd_kernels.triton import tiles
 
     monkeypatch.delenv("MMKD_TRITON_COLUMN_SPLITS", raising=False)
     monkeypatch.setattr(tiles, "_multiprocessors", lambda index: 132)
     gpu = torch.device("cuda", 0)
+    assert tiles.MIN_SPLIT_COLUMNS == 4096
     assert tiles.column_split(65536, 65536, gpu) == (65536, 1)  # 1024 row blocks
     assert tiles.column_split(65536, 65536, gpu, 768) == (65536, 1)
-    columns, splits = tiles.column_split(65536, 512, gpu)  # a rank's 512 rows: 8 row blocks
-    assert splits * 8 >= 2 * 132 * 0.9 and columns >= tiles.MIN_SPLIT_COLUMNS and columns % 128 == 0
-    assert columns * splits >= 65536 > columns * (splits - 1)
-    columns, splits = tiles.column_split(65536, 512, gpu, 768)  # and 2 spans of D
-    assert 2 * 132 <= splits * 16 <= 2 * 132 + 16 * 2
-    assert tiles.column_split(1500, 512, gpu) == (1500, 1)  # too few columns for two splits
+    assert tiles.column_split(4096, 4096, gpu, 768) == (4096, 1)  # the merge would cost what splitting saves
+    # A rank's 512 rows (8 row blocks) against 65536 gathered columns: 33 splits would fill two waves,
+    # 16 keep 4096 columns each.
+    assert tiles.column_split(65536, 512, gpu) == (4096, 16)
+    assert tiles.column_split(65536, 512, gpu, 768) == (4096, 16)  # 2 spans of D: 16 programs per split
+    assert tiles.column_split(65536 * 4, 512, gpu, 768) == (15488, 17)  # cdiv(264, 16), whole 128-column tiles
+    assert tiles.column_split(65536, 512, gpu, 768, half=False) == (65536, 1)  # float32: 12 spans of 64
+    assert tiles.column_split(8192, 4096, gpu) == (4096, 2)  # 64 row blocks: half a wave
+    assert tiles.column_split(4000, 512, gpu) == (4000, 1)  # too few columns for two splits
+    assert tiles.column_split(65536, 0, gpu, 768) == (65536, 1)  # no rows: nothing to fill
     assert tiles.column_split(65536, 512, torch.device("cpu")) == (65536, 1)
     monkeypatch.setenv("MMKD_TRITON_COLUMN_SPLITS", "3")
     assert tiles.column_split(300, 37, torch.device("cpu")) == (100, 3)

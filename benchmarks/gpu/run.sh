@@ -5,7 +5,7 @@
 # So one call runs everything, most wanted first, each step cut to what is left:
 #
 #   MMKD_GIT_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu/run.sh   # timeout_s=600
-#       = build goals test accuracy bench; the commit goes into the results (no .git travels)
+#       = build goals test accuracy splits bench; the commit goes into the results (no .git travels)
 #
 # Steps, in the order given, each under its own time limit cut to what is left of the call's
 # MMKD_GPU_BUDGET_S (570 s: the device's 600, less the copies back; a step with under 30 s left
@@ -23,13 +23,15 @@
 #             Triton config paths and the sm_90a compile check; -v so that a cut run still shows
 #             each test's verdict, --maxfail=20, and a per-test timeout where pytest-timeout is there
 #   accuracy  python -m benchmarks.accuracy --device cuda: every backend and dtype against float64
+#   splits    python -m benchmarks.gpu.splits: Triton with its columns split as the launchers choose
+#             against one split, for a rank's few rows against 64K gathered rows (40 s); its table
+#             is appended to goals.md
 #   bench     the three sweeps below, in this order, with what is left; each part's table is copied
 #             out as soon as it is written, and every Triton config's time per kernel and key goes
 #             into the results (the JSON's "autotune", the table's last section:
 #             benchmarks/autotune_log.py), to prune the configs
 #   contrastive  the one-direction loss, N = 4K..256K, D = 384 and 768: ours, the peers memeff and
-#                Inf-CL, then the other backends (270 s); then Triton at N = 4K with its columns in
-#                one split (MMKD_TRITON_COLUMN_SPLITS=1), against the sweep's split ones (45 s)
+#                Inf-CL, then the other backends (270 s)
 #   symmetric    the symmetric loss (150 s)
 #   structure    structure pearson and kl at N = 4K..128K, D = 384 (120 s)
 #
@@ -44,7 +46,7 @@ START=$SECONDS
 BUDGET=${MMKD_GPU_BUDGET_S:-570}
 OUT=${OUT:-/tmp/mmkd-gpu-out}
 WORK=${MMKD_GPU_WORK:-/tmp/mmkd-gpu-work}
-STEPS=${*:-build goals test accuracy bench}
+STEPS=${*:-build goals test accuracy splits bench}
 STEPS=${STEPS//bench/contrastive symmetric structure}
 DTYPE=${MMKD_BENCH_DTYPE:-bfloat16}
 rm -rf "$WORK"  # a warm machine's last call must not pass its files off as this one's
@@ -60,8 +62,9 @@ trap 'pack; ls -l "$OUT"' EXIT
 
 for step in $STEPS; do
   case "$step" in
-    build|goals|test|accuracy|contrastive|symmetric|structure) ;;
-    *) echo "unknown step '$step' (steps: build goals test accuracy bench contrastive symmetric structure)" >&2; exit 2 ;;
+    build|goals|test|accuracy|splits|contrastive|symmetric|structure) ;;
+    *) echo "unknown step '$step' (steps: build goals test accuracy splits bench contrastive symmetric structure)" >&2
+       exit 2 ;;
   esac
 done
 
@@ -194,16 +197,18 @@ for step in $STEPS; do
       cp "$WORK/accuracy"/*.md "$OUT/accuracy.md" 2>/dev/null && cat "$OUT/accuracy.md"
       [ "$status" -eq 0 ]
       ;;
+    splits)
+      # Triton only: no need to wait for the extension.
+      run_step splits 40 python3 -m benchmarks.gpu.splits --out "$WORK/splits" > "$WORK/splits.log" 2>&1
+      status=$?
+      echo "splits exit $status ($(tail -n 1 "$WORK/splits.log"))"
+      if ls "$WORK/splits"/*.md >/dev/null 2>&1; then cat "$WORK/splits"/*.md | tee -a "$OUT/goals.md"; fi
+      [ "$status" -eq 0 ]
+      ;;
     contrastive)
       wait_build
       bench_run contrastive 270 --losses contrastive --dims 384,768 \
         --backends triton,memeff,inf-cl,reference,native,chunked,compile,mnrl
-      status=$?
-      # At N = 4096 the Triton kernels' row blocks fill less than one wave of an H100, so they split
-      # their columns (mmkd_kernels/triton/tiles.py, column_split); the same cells unsplit, to compare.
-      MMKD_TRITON_COLUMN_SPLITS=1 TABLE=contrastive bench_run contrastive-unsplit 45 --losses contrastive \
-        --sizes 4096 --dims 384,768 --backends triton || status=1
-      [ "$status" -eq 0 ]
       ;;
     symmetric)
       wait_build

@@ -38,9 +38,11 @@ from .tiles import (accumulate_chunks, as_index, autotuned, column_split, column
                     input_grad, inverse_norms, needs_int64_offsets, precision, size_key, span_grid, store_chunk,
                     store_chunks)
 
-# Configs for an H100 (block sizes, warps, stages); no bfloat16 one spills registers there, and three
-# float16 ones at most 36 bytes, whose gradient products take TF32 (benchmarks/triton_sm90.py,
-# results/triton-sm90-*.md); the autotuner times them per D, octave of the streamed length and dtype.
+# Configs for an H100 (block sizes, warps, stages); in the unsplit kernels no bfloat16 one spills
+# registers there, and three float16 ones at most 36 bytes, whose gradient products take TF32; the
+# split variants of the symmetric loss's kernels spill in three configs per half dtype, at most 60
+# bytes (benchmarks/triton_sm90.py, results/triton-sm90-*.md). The autotuner times them per D,
+# octave of the streamed length and dtype.
 _STATS = ("BLOCK_A", "BLOCK_B", "BLOCK_D")
 _STATS_HALF = configs([(64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
                        (64, 128, 64, 4, 4), (128, 64, 32, 4, 4)], _STATS)
@@ -98,11 +100,12 @@ def _split_columns(n_b, split_columns, AXIS: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _store_split_statistics(PARTS, split, splits, row_max, row_other, target_logit, offs_a, mask_a, n_a):
+def _store_split_statistics(PARTS, split, splits, row_max, row_other, target_logit, offs_a, mask_a, n_a,
+                            INT64_OFFSETS: tl.constexpr):
     """PARTS[:, split, a] = (row_max, row_other, target_logit) of the rows' split of the columns,
     PARTS being (3, splits, n_a) float32."""
-    part = PARTS + split * n_a + offs_a
-    plane = splits * n_a
+    part = PARTS + as_index(split, INT64_OFFSETS) * n_a + offs_a
+    plane = as_index(splits, INT64_OFFSETS) * n_a
     tl.store(part, row_max, mask=mask_a)
     tl.store(part + plane, row_other, mask=mask_a)
     tl.store(part + 2 * plane, target_logit, mask=mask_a)
@@ -168,7 +171,7 @@ def _lse_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, PARTS, COL_OTHER, COL_TA
             row_max = new_max
     if SPLIT:
         _store_split_statistics(PARTS, tl.program_id(1), tl.num_programs(1), row_max, row_other, target_logit, offs_a,
-                                mask_a, n_a)
+                                mask_a, n_a, INT64_OFFSETS)
     else:
         shifted_target = target_logit - row_max
         target_weight = tl.exp(shifted_target)
@@ -206,7 +209,7 @@ def _lse_grad_kernel(A, B, INV_A, INV_B, TARGETS, LSE, LOSS, PARTS, DA, n_a, n_b
 
     Program (i, j, s) streams the s-th ``split_columns`` columns. With SPLIT it stores its split's
     statistics (``_lse_kernel``'s PARTS, from the first span) and its accumulators as they are,
-    DA[s, a, span] = Σ_{b≠t in the split} e^{z_ab − its max} inv_b B_b, which ``_merged_rows_grad``
+    DA[s, a, span] = Σ_{b≠t in the split} e^{z_ab − its max} inv_b B_b, which ``_row_lse_grad``
     merges and finishes (the division by the total, the target's term) in the launcher."""
     offs_a = tl.program_id(0) * BLOCK_A + tl.arange(0, BLOCK_A)
     b_start, b_end = _split_columns(n_b, split_columns, 2, SPLIT)
@@ -263,7 +266,7 @@ def _store_split_grad(PARTS, DA, row_max, row_other, target_logit, acc0, acc1, a
     split = tl.program_id(2)
     if tl.program_id(1) == 0:
         _store_split_statistics(PARTS, split, tl.num_programs(2), row_max, row_other, target_logit, offs_a, mask_a,
-                                n_a)
+                                n_a, INT64_OFFSETS)
     store_chunks(DA + as_index(split, INT64_OFFSETS) * n_a * d, acc0, acc1, acc2, offs_a, mask_a, offs_do0, d,
                  BLOCK_DO, CHUNKS, INT64_OFFSETS)
 
@@ -361,7 +364,7 @@ def _row_lse(a, b, inv_a, inv_b, targets, scale, columns_shift=None):
     upper bound of z) also (col_other, col_target) of ``_lse_kernel``'s COLUMNS, else Nones."""
     n_a, d = a.shape
     n_b = b.shape[0]
-    split_columns, splits = column_split(n_b, n_a, a.device)
+    split_columns, splits = column_split(n_b, n_a, a.device, half=a.dtype != torch.float32)
     lse = torch.empty(n_a, device=a.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     columns = columns_shift is not None
@@ -373,7 +376,7 @@ def _row_lse(a, b, inv_a, inv_b, targets, scale, columns_shift=None):
     _lse_kernel[grid](a, b, inv_a, inv_b, targets, lse, loss, parts, col_other, col_target, n_a, n_b, d,
                       *_strides(a, b), scale, float(columns_shift or 0.0), split_columns, size_key(split_columns),
                       COLUMNS=columns, SPLIT=splits > 1, PRECISION=precision(a),
-                      INT64_OFFSETS=needs_int64_offsets(a, b))
+                      INT64_OFFSETS=needs_int64_offsets(a, b, parts))
     if splits > 1:
         lse, loss, _, _ = _merged_rows(parts, targets, n_b)
     return lse, loss, (col_other if columns else None), (col_target if columns else None)
@@ -384,7 +387,7 @@ def _row_lse_grad(a, b, inv_a, inv_b, targets, scale, shift=None):
     with ``shift`` (an upper bound of z) under that fixed shift instead of a running max."""
     n_a, d = a.shape
     n_b = b.shape[0]
-    split_columns, splits = column_split(n_b, n_a, a.device, d)
+    split_columns, splits = column_split(n_b, n_a, a.device, d, half=a.dtype != torch.float32)
     lse = torch.empty(n_a, device=a.device, dtype=torch.float32)
     loss = torch.empty_like(lse)
     da = torch.empty(splits, n_a, d, device=a.device, dtype=torch.float32)
@@ -392,7 +395,7 @@ def _row_lse_grad(a, b, inv_a, inv_b, targets, scale, shift=None):
     _lse_grad_kernel[span_grid(n_a, d, splits)](
         a, b, inv_a, inv_b, targets, lse, loss, parts, da, n_a, n_b, d, *_strides(a, b), scale, float(shift or 0.0),
         split_columns, size_key(split_columns), FIXED_SHIFT=shift is not None, SPLIT=splits > 1,
-        PRECISION=precision(a), INT64_OFFSETS=needs_int64_offsets(a, b, da))
+        PRECISION=precision(a), INT64_OFFSETS=needs_int64_offsets(a, b, da, parts))
     if splits == 1:
         return lse, loss, da[0]
     lse, loss, weights, total = _merged_rows(parts, targets, n_b)
@@ -422,7 +425,7 @@ def _grad_rows(a, b, inv_a, inv_b, a_term, b_term, scale):
     or None."""
     n_a, d = a.shape
     n_b = b.shape[0]
-    split_columns, splits = column_split(n_b, n_a, a.device, d)
+    split_columns, splits = column_split(n_b, n_a, a.device, d, half=a.dtype != torch.float32)
     da = torch.empty(splits, n_a, d, device=a.device, dtype=torch.float32)
     dummy = inv_a  # never read when its term is off (constexpr)
     lse_a, g_a, t_a, tg_a = a_term if a_term is not None else (dummy,) * 4

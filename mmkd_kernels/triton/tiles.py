@@ -71,14 +71,18 @@ def span_grid(rows: int, d: int, splits: int = 1):
 
 
 COLUMN_SPLITS_VARIABLE = "MMKD_TRITON_COLUMN_SPLITS"
-# A split streams at least this many columns, so that its partial output (a row's statistics, and
-# for a gradient kernel its D accumulators) stays well under 1/1000 of its work: a tile's flops per
-# byte written (≈ columns) above an H100's balance (≈ 300).
-MIN_SPLIT_COLUMNS = 1024
+# A split streams at least this many columns. Merging the splits takes about 40 small PyTorch
+# operations (a few µs each, some 150 µs); a program of 64 rows streaming 4096 columns at D = 768
+# is about 8e8 FLOP, some 130 µs of one H100 multiprocessor, so that a split pays for its share of
+# the merge. (A square N = 4096 problem, which the merge would cost as much as it saves, never
+# splits.) Its partial output, a row's statistics and D accumulators, is then 1/4096 of its work.
+MIN_SPLIT_COLUMNS = 4096
 # Splits are cut at multiples of this, the widest BLOCK_B, so that every tile but the last is whole.
 _SPLIT_ALIGN = 128
+# The usual configs: 64-row blocks; spans of D of 384 columns in half precision (three chunks of
+# 128) and of 64 in float32 (one chunk, exact dots take more registers).
 _ESTIMATED_BLOCK_ROWS = 64
-_ESTIMATED_SPAN = 384
+_ESTIMATED_SPAN = {True: 384, False: 64}
 
 
 @functools.cache
@@ -86,18 +90,21 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def column_split(n_b: int, rows: int, device: torch.device, d: int | None = None) -> tuple[int, int]:
+def column_split(n_b: int, rows: int, device: torch.device, d: int | None = None,
+                 half: bool = True) -> tuple[int, int]:
     """(columns per split, splits) of the n_b columns that a kernel streams for each block of its
-    ``rows``, and with ``d`` for each span of D too (a gradient kernel's grid).
+    ``rows``, and with ``d`` for each span of D too (a gradient kernel's grid; ``half``: the
+    inputs' dtype is float16/bfloat16, whose configs take wider spans than float32's).
 
     A program streams every column for its block of rows: a few rows against many columns (a rank's
     local rows against every rank's gathered teacher rows) would leave most of an H100's 132
-    multiprocessors idle. Where a kernel's programs (estimated for the usual 64-row blocks and
-    384-wide spans) fill less than one wave, the columns are split, flash-decoding style, into about
-    two programs per multiprocessor, each split at least MIN_SPLIT_COLUMNS long; the launchers merge
-    the splits' partial outputs. ``MMKD_TRITON_COLUMN_SPLITS`` sets the number instead (1: never
-    split; the tests under the interpreter, and the benchmarks' comparison). On a CPU (the
-    interpreter), one split."""
+    multiprocessors idle. Where a kernel's programs (estimated for the usual configs) fill at most
+    half of them, the columns are split, flash-decoding style, into about two programs per
+    multiprocessor, each split at least MIN_SPLIT_COLUMNS long; the launchers merge the splits'
+    partial outputs. A row's result then depends, in its last bits, on the split count, so on the
+    batch's row count and the GPU's multiprocessors. ``MMKD_TRITON_COLUMN_SPLITS`` sets the number
+    instead (1: never split; the tests under the interpreter, and the benchmarks' comparison). On a
+    CPU (the interpreter), one split."""
     text = os.environ.get(COLUMN_SPLITS_VARIABLE)
     if text is not None:
         try:
@@ -107,12 +114,12 @@ def column_split(n_b: int, rows: int, device: torch.device, d: int | None = None
         if splits < 1:
             raise ValueError(f"{COLUMN_SPLITS_VARIABLE} must be a positive integer (splits of the streamed "
                              f"columns; unset: chosen to fill the GPU), got {text!r}")
-    elif device.type != "cuda":
+    elif device.type != "cuda" or rows == 0:
         splits = 1
     else:
         sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-        programs = triton.cdiv(rows, _ESTIMATED_BLOCK_ROWS) * (triton.cdiv(d, _ESTIMATED_SPAN) if d else 1)
-        splits = 1 if programs >= sms else min(triton.cdiv(2 * sms, programs), n_b // MIN_SPLIT_COLUMNS)
+        programs = triton.cdiv(rows, _ESTIMATED_BLOCK_ROWS) * (triton.cdiv(d, _ESTIMATED_SPAN[half]) if d else 1)
+        splits = 1 if 2 * programs > sms else min(triton.cdiv(2 * sms, programs), n_b // MIN_SPLIT_COLUMNS)
     if splits <= 1 or n_b == 0:
         return n_b, 1
     columns = triton.cdiv(n_b, splits)
