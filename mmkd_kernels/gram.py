@@ -29,10 +29,9 @@ the same number of times, whatever its row count (zero included). ``n_total`` is
 The backward is written out (no autograd), so that ``ops.py`` can register it.
 """
 
-import os
-
 import torch
 
+from . import switches
 from .reference import EPS, accumulation_dtype
 
 WIDE = torch.float64
@@ -45,17 +44,9 @@ def block_elements() -> int:
     """Elements of one (block × D) float64 temporary: BLOCK_ELEMENTS, or the environment's
     MMKD_GRAM_BLOCK_ELEMENTS. Each block costs a few dozen operations, each a kernel launch on a
     GPU, so larger blocks launch fewer kernels for more memory; the GPU benchmark measures both."""
-    text = os.environ.get(BLOCK_ELEMENTS_VARIABLE)
-    if text is None:
-        return BLOCK_ELEMENTS
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"{BLOCK_ELEMENTS_VARIABLE} must be a positive integer (elements of one float64 block "
-                         f"of the gram algorithm, default {BLOCK_ELEMENTS}), got {text!r}")
-    return value
+    value = switches.positive_int(BLOCK_ELEMENTS_VARIABLE,
+                                  f"elements of one float64 block of the gram algorithm, default {BLOCK_ELEMENTS}")
+    return BLOCK_ELEMENTS if value is None else value
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from .. import switches
 from ..normalization import normalize_backward, normalize_forward
 from ..reference import EPS
 
@@ -90,6 +91,16 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _splits_that_fill(n_b: int, rows: int, device: torch.device, d: int | None, half: bool) -> int:
+    """column_split's choice where the environment sets none: about two programs per multiprocessor
+    where they fill at most half of them, each split MIN_SPLIT_COLUMNS long at least; else one."""
+    if device.type != "cuda" or rows == 0:
+        return 1
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    programs = triton.cdiv(rows, _ESTIMATED_BLOCK_ROWS) * (triton.cdiv(d, _ESTIMATED_SPAN[half]) if d else 1)
+    return 1 if 2 * programs > sms else min(triton.cdiv(2 * sms, programs), n_b // MIN_SPLIT_COLUMNS)
+
+
 def column_split(n_b: int, rows: int, device: torch.device, d: int | None = None,
                  half: bool = True) -> tuple[int, int]:
     """(columns per split, splits) of the n_b columns that a kernel streams for each block of its
@@ -105,21 +116,10 @@ def column_split(n_b: int, rows: int, device: torch.device, d: int | None = None
     batch's row count and the GPU's multiprocessors. ``MMKD_TRITON_COLUMN_SPLITS`` sets the number
     instead (1: never split; the tests under the interpreter, and the benchmarks' comparison). On a
     CPU (the interpreter), one split."""
-    text = os.environ.get(COLUMN_SPLITS_VARIABLE)
-    if text is not None:
-        try:
-            splits = int(text)
-        except ValueError:
-            splits = 0
-        if splits < 1:
-            raise ValueError(f"{COLUMN_SPLITS_VARIABLE} must be a positive integer (splits of the streamed "
-                             f"columns; unset: chosen to fill the GPU), got {text!r}")
-    elif device.type != "cuda" or rows == 0:
-        splits = 1
-    else:
-        sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-        programs = triton.cdiv(rows, _ESTIMATED_BLOCK_ROWS) * (triton.cdiv(d, _ESTIMATED_SPAN[half]) if d else 1)
-        splits = 1 if 2 * programs > sms else min(triton.cdiv(2 * sms, programs), n_b // MIN_SPLIT_COLUMNS)
+    splits = switches.positive_int(COLUMN_SPLITS_VARIABLE,
+                                   "splits of the streamed columns; unset: chosen to fill the GPU")
+    if splits is None:
+        splits = _splits_that_fill(n_b, rows, device, d, half)
     if splits <= 1 or n_b == 0:
         return n_b, 1
     columns = triton.cdiv(n_b, splits)
