@@ -72,11 +72,12 @@ def span_grid(rows: int, d: int, splits: int = 1):
 
 
 COLUMN_SPLITS_VARIABLE = "MMKD_TRITON_COLUMN_SPLITS"
-# A split streams at least this many columns. Merging the splits takes about 40 small PyTorch
-# operations (a few µs each, some 150 µs); a program of 64 rows streaming 4096 columns at D = 768
-# is about 8e8 FLOP, some 130 µs of one H100 multiprocessor, so that a split pays for its share of
-# the merge. (A square N = 4096 problem, which the merge would cost as much as it saves, never
-# splits.) Its partial output, a row's statistics and D accumulators, is then 1/4096 of its work.
+# A split streams at least this many columns. By estimate, not yet measured on a GPU
+# (benchmarks/gpu/splits.py will): merging the splits takes about 40 small PyTorch operations, a
+# few µs each; a program of 64 rows streaming 4096 columns at D = 768 is about 8e8 FLOP, some
+# 130 µs of one H100 multiprocessor, so that a split pays for its share of the merge. (A square
+# N = 4096 problem, which the merge might cost as much as it saves, never splits.) Its partial
+# output, a row's statistics and D accumulators, is then 1/4096 of its work.
 MIN_SPLIT_COLUMNS = 4096
 # Splits are cut at multiples of this, the widest BLOCK_B, so that every tile but the last is whole.
 _SPLIT_ALIGN = 128
