@@ -271,7 +271,9 @@ def structure_loss(
     scalar (float64 for float64 inputs).
 
     With ``process_group``, each rank passes its local rows (N may differ from rank to rank) and gets
-    the loss of the global batch, scaled as in ``contrastive_loss``.
+    the loss of the global batch, scaled as in ``contrastive_loss``. Every rank must pass the same
+    settings (kind, temperature, normalize, algorithm); one rank's invalid arguments raise on every
+    rank.
     """
     try:
         _check_pair(student, teacher, process_group)
