@@ -9,11 +9,28 @@
 
 #include "ops.h"
 
+// The SHA-256 of the sources this extension was built from (mmkd_kernels/native_build.py
+// source_digest, passed by the build as -DMMKD_SOURCE_DIGEST). native.py reads it from the file's
+// bytes, after the marker, before loading: an extension built from older sources is never loaded.
+#ifndef MMKD_SOURCE_DIGEST
+#error "build with -DMMKD_SOURCE_DIGEST=<hex> (mmkd_kernels/native_build.py cxx_flags)"
+#endif
+#define MMKD_STRING(x) #x
+#define MMKD_EXPANDED_STRING(x) MMKD_STRING(x)
+static const char kSourceDigest[] = "MMKD_SOURCE_DIGEST:" MMKD_EXPANDED_STRING(MMKD_SOURCE_DIGEST);
+
 extern "C" {
-// Importing mmkd_kernels._C as a Python module runs the registrations below.
+// Importing mmkd_kernels._C as a Python module runs the registrations below. The module's
+// source_digest (the digest alone) keeps the string in the library.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr &&
+      PyModule_AddStringConstant(module, "source_digest", kSourceDigest + sizeof("MMKD_SOURCE_DIGEST:") - 1) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

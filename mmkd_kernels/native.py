@@ -1,13 +1,18 @@
 """The `native` backend: loads mmkd_kernels._C (C++ CPU kernels, CUDA C++ kernels when built
 with CUDA), or builds it just in time from csrc/ with ninja when the package was installed
-without it, and registers the shared fake and autograd functions on its ops.
+without it or it was built from other sources than csrc/ holds now (native_build.source_digest),
+and registers the shared fake and autograd functions on its ops.
 
 The gram algorithm's D×D products are BLAS matmuls whichever backend runs them, so the native
 namespace defines its gram ops from the same code as the chunked backend.
 """
 
 import importlib
+import importlib.util
 import os
+import sys
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -44,6 +49,24 @@ def _jit_build() -> None:
             os.environ["TORCH_CUDA_ARCH_LIST"] = previous
 
 
+def _stale_build() -> str | None:
+    """Why the built mmkd_kernels._C must not be loaded: it was built from other sources than
+    csrc/ holds now (edited since, outside `make`, which rebuilds). None where it is current, where
+    there is no built one, or where there are no sources to compare (an installed wheel)."""
+    from .native_build import CSRC, built_digest, source_digest
+
+    if "mmkd_kernels._C" in sys.modules:  # loaded already (or stood in for by a test's own build)
+        return None
+    spec = importlib.util.find_spec("mmkd_kernels._C")
+    if spec is None or spec.origin is None or not CSRC.is_dir():
+        return None
+    built = built_digest(Path(spec.origin))
+    if built == source_digest():
+        return None
+    return (f"{spec.origin} was built from other sources than {CSRC} holds now (rebuild it: make native, "
+            "or pip install --no-build-isolation -e .)")
+
+
 def load(build: bool) -> str | None:
     """Make torch.ops.mmkd_native usable: import the built extension or, with ``build``, compile
     it now (once per process; cached on disk by torch). Returns None, or why it cannot."""
@@ -51,11 +74,19 @@ def load(build: bool) -> str | None:
         return _state.get("error")
     if not build and "unbuilt" in _state:  # known since import: no import again inside a traced call
         return _state["unbuilt"]
+    stale = _stale_build()
     try:
+        if stale is not None:
+            raise ImportError(stale)
         importlib.import_module("mmkd_kernels._C")
     except ImportError as missing:
         if not build:
-            _state["unbuilt"] = f"backend='native' is not built ({missing}); asking for it by name builds it"
+            if stale is not None:
+                _state["unbuilt"] = (f"backend='native' is out of date: {stale}; asking for it by name builds "
+                                     "the current sources just in time")
+                warnings.warn(_state["unbuilt"], RuntimeWarning, stacklevel=2)
+            else:
+                _state["unbuilt"] = f"backend='native' is not built ({missing}); asking for it by name builds it"
             return _state["unbuilt"]
         try:
             _jit_build()

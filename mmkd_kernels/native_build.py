@@ -1,6 +1,7 @@
 """What builds the native extension, shared by setup.py and the just-in-time build (native.py):
 its sources and compiler flags. Plain Python, no torch import."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -17,6 +18,37 @@ def sources(with_cuda: bool, relative: bool = False) -> list[str]:
     return [f"csrc/{f}" if relative else str(CSRC / f) for f in files]
 
 
+def source_digest(root: Path | None = None) -> str:
+    """SHA-256 (hex) of every file of csrc/ (``root``) that a build compiles or includes: names and
+    bytes, in order. The build writes it into the extension (MMKD_SOURCE_DIGEST) and native.py
+    compares, so that an extension built from older sources is never loaded as if it were current.
+    The CPU emulation of the CUDA kernels (cuda/emulation/), compiled by tests only, is left out."""
+    root = CSRC if root is None else root
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")):
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith("cuda/emulation/"):
+            continue
+        digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+# How the built extension holds its digest: these bytes and 64 hex digits (csrc/bindings.cpp).
+DIGEST_MARKER = b"MMKD_SOURCE_DIGEST:"
+
+
+def built_digest(library: Path) -> str | None:
+    """The source digest written into the built extension at ``library``, or None (built before
+    extensions held one). Read from the file's bytes, without loading it: a loaded extension has
+    registered its ops for the whole process."""
+    data = library.read_bytes()
+    at = data.find(DIGEST_MARKER)
+    if at < 0:
+        return None
+    value = data[at + len(DIGEST_MARKER):at + len(DIGEST_MARKER) + 64]
+    return value.decode("ascii", "replace")
+
+
 def cxx_flags() -> list[str]:
     # -fopenmp: at::parallel_for is a header template whose threads exist only where _OPENMP is
     # defined; without it every epilogue ran on one core (csrc/cpu/common.h refuses such a build).
@@ -26,7 +58,7 @@ def cxx_flags() -> list[str]:
     # without AVX-512's masked operations every loop holding an exponential stayed scalar. Values
     # are unchanged: it only gives up floating-point exception flags, which nothing here reads.
     return ["-O3", "-fopenmp", "-fno-trapping-math", f"-march={os.environ.get('MMKD_CPU_ARCH', 'native')}",
-            "-DMMKD_NATIVE", *sanitizer_flags()]
+            "-DMMKD_NATIVE", f"-DMMKD_SOURCE_DIGEST={source_digest()}", *sanitizer_flags()]
 
 
 def link_flags() -> list[str]:

@@ -143,6 +143,83 @@ def test_an_unbuilt_extension_is_looked_for_once(monkeypatch):
     assert first == second and "is not built" in first and imports == ["mmkd_kernels._C"]
 
 
+def test_the_source_digest_covers_what_the_build_reads(tmp_path):
+    """Names and bytes of every compiled or included file: an edit anywhere but the CUDA emulation
+    (compiled by tests only) gives another digest; a copy elsewhere gives the same one."""
+    import shutil
+
+    copy = tmp_path / "csrc"
+    shutil.copytree(native_build.CSRC, copy)
+    digest = native_build.source_digest(copy)
+    assert digest == native_build.source_digest() and len(digest) == 64
+    (copy / "cuda" / "emulation" / "mma.h").write_text("// edited\n", encoding="utf-8")
+    assert native_build.source_digest(copy) == digest
+    for edited in ("cpu/common.h", "cuda/tiles.cuh", "bindings.cpp"):
+        path = copy / edited
+        original = path.read_bytes()
+        path.write_bytes(original + b" ")
+        assert native_build.source_digest(copy) != digest, edited
+        path.write_bytes(original)
+    (copy / "cpu" / "common.h").rename(copy / "cpu" / "common2.h")
+    assert native_build.source_digest(copy) != digest
+
+
+def test_the_built_extension_holds_the_digest_of_its_sources(tmp_path):
+    """make rebuilds on csrc/ edits; the digest in the library is how a build made otherwise is caught."""
+    import mmkd_kernels._C as extension
+
+    assert native_build.built_digest(Path(extension.__file__)) == native_build.source_digest()
+    assert extension.source_digest == native_build.source_digest()
+    older = tmp_path / "_C.so"
+    older.write_bytes(b"\x7fELF no digest here")
+    assert native_build.built_digest(older) is None
+
+
+_STALE_PROBE = """
+import sys, warnings
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import mmkd_kernels as mk
+from mmkd_kernels import backends, native
+assert mk.__file__.startswith(sys.argv[1]), mk.__file__  # the copy, not the checkout
+assert "mmkd_kernels._C" not in sys.modules
+assert [str(w.message) for w in caught if "out of date" in str(w.message)], [str(w.message) for w in caught]
+print(backends.unavailable_reason("native"))
+import torch
+assert backends.resolve("auto", torch.device("cpu")) == "chunked"
+def build():
+    raise RuntimeError("the just-in-time build ran")
+native._jit_build = build
+try:
+    backends.resolve("native", torch.device("cpu"))
+except ValueError as error:
+    print(error)
+"""
+
+
+def test_an_extension_built_from_older_sources_is_not_loaded(tmp_path):
+    """A copy of the package with its built extension, and csrc/ edited since: the extension is left
+    unloaded (its ops would register for the whole process), a warning and the backend's reason say
+    so, auto takes chunked, and asking for native by name builds the current sources just in time."""
+    import shutil
+
+    import mmkd_kernels._C as extension
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root / "mmkd_kernels", tmp_path / "mmkd_kernels", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(root / "csrc", tmp_path / "csrc")
+    assert Path(extension.__file__).name in {p.name for p in (tmp_path / "mmkd_kernels").iterdir()}
+    with open(tmp_path / "csrc" / "cpu" / "common.h", "a", encoding="utf-8") as header:
+        header.write("// an edit after the build\n")
+    done = subprocess.run([sys.executable, "-c", _STALE_PROBE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reason, built = done.stdout.strip().splitlines()[-2:]
+    assert reason.startswith("backend='native' is out of date: ") and "was built from other sources than" in reason
+    assert "make native" in reason
+    assert built == "backend='native' could not be built just in time: RuntimeError: the just-in-time build ran"
+
+
 def _contrastive_calls(q, k, t):
     """Direct calls of the native contrastive ops (forward, forward with gradients, backward)."""
     ops = torch.ops.mmkd_native
