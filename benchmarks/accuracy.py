@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import mmkd_kernels as mk  # noqa: E402
-from benchmarks import report, triton_interpreter_repairs  # noqa: E402
+from benchmarks import report, result_files, triton_interpreter_repairs  # noqa: E402
 from mmkd_kernels.backends import unavailable_reason  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -98,8 +98,7 @@ def main(argv=None) -> int:
         triton_interpreter_repairs.install()  # its bfloat16 dot multiplies bit patterns otherwise
     backends = _backends(device, args.n, args.interpreter_n if interpreted else args.n, interpreted)
     date = datetime.date.today().isoformat()
-    stem = args.out / f"accuracy-{device.type}-{date}"
-    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / result_files.free_stem(args.out, f"accuracy-{device.type}-{date}", ("json", "md"))
     device_name = report.device_name(device)
     meta = dict(date=date, n=args.n, d=args.d, interpreter_n=args.interpreter_n, torch=torch.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(), device=device_name, regimes=REGIMES,

@@ -47,6 +47,11 @@ def is_symmetric(loss: str) -> bool:
     return loss == "contrastive-symmetric"
 
 
+def materializes(backend: str) -> bool:
+    """Whether the backend holds N×N matrices (its memory grows as N², the others' as N)."""
+    return backend in ("reference", "compile", "mnrl")
+
+
 def algorithm_of(loss: str, backend: str) -> str | None:
     """The structure algorithm a backend runs ("tile" or "gram"), None for the contrastive loss."""
     if kind_of(loss) is None:

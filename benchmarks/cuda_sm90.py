@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import result_files
+
 CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 # The switches torch.utils.cpp_extension gives nvcc (the kernels must not need half operators).
 TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
@@ -115,8 +117,7 @@ def main(argv=None) -> int:
     version = subprocess.run([shutil.which("nvcc"), "--version"], capture_output=True, text=True).stdout
     date = datetime.date.today().isoformat()
     meta = {"arch": args.arch, "date": date, "nvcc": version.strip().splitlines()[-1]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cuda-{args.arch.replace('_', '')}-{date}"
+    stem = args.out / result_files.free_stem(args.out, f"cuda-{args.arch.replace('_', '')}-{date}", ("json", "md"))
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "kernels": rows}, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(rows, meta))
     print(f"wrote {stem}.json and .md", file=sys.stderr)

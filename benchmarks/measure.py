@@ -15,8 +15,8 @@ Peak extra memory is what one call adds on top of its inputs:
 
 That setting is for the memory run only. Under it every large allocation is a fresh mapping whose
 pages fault in on first touch, a cost an ordinary process stops paying once glibc has raised its
-threshold: chunked kl at N = 8192 took 1.66 s timed under it and 908 ms timed as below (native,
-which allocates its buffers once per call, 626 and 598 ms; the -kl-mmap-timing file of
+threshold: chunked kl at N = 8192 took 1.66 s timed under it and 1.08 s timed as below (native,
+which allocates its buffers once per call, 626 and 577 ms; the -kl-mmap-timing file of
 2026-11-25 in benchmarks/results against the same day's run). The timed CPU runs
 therefore switch glibc to the state it reaches once a process has freed a block of 32 MiB or more,
 as every training step does (``heap_reuse``), and back for the next memory run. That state favours

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -217,8 +218,10 @@ def markdown(result: dict, backend_order=()) -> str:
         "only is the loss under no_grad. `-gram` columns run the gram algorithm of the structure loss "
         f"(float64 blocks of {settings.get('gram_block_elements', gram.BLOCK_ELEMENTS)} elements), "
         "the others the tile algorithm (materialized N×N for reference and compile). A backend that "
-        "computes the gradient inside the forward skips the backward's recompute (4·N·M·D instead of "
-        "the counted 6·N·M·D for the contrastive loss) and can show more than 100%.",
+        "computes the gradient inside the forward (chunked and native, for both losses) skips the "
+        "backward's recompute of the similarities (4·N·M·D instead of the counted 6·N·M·D for the "
+        "contrastive loss, and likewise for the structure loss's tile algorithm) and can show more than "
+        "100%.",
         "",
     ]
     rows, errors = result["rows"], result["errors"]
@@ -296,10 +299,11 @@ def plot(result: dict, path: Path, backend_order=()) -> None:
     # Distinct markers too: backends with the same memory (reference and compile) overlap exactly.
     markers = {name: "osD^vPX*<>"[i % 10] for i, name in enumerate(names)}
     dims = sorted({r["d"] for r in result["rows"]})
+    styles = dict(zip(dims, itertools.cycle(("-", "--", ":", "-."))))  # a fifth width reuses a style
     fig, axes = plt.subplots(len(losses), 2, figsize=(12, 3.6 * len(losses)), squeeze=False)
     for row_axes, loss in zip(axes, losses):
         for name in names:
-            for d, style in zip(dims, ("-", "--", ":", "-.")):
+            for d, style in styles.items():
                 points = sorted((r["n"], r["fwd_bwd_ms"], r["fwd_bwd_peak_extra_mib"]) for r in rows
                                 if r["loss"] == loss and r["backend"] == name and r["d"] == d)
                 if not points:
@@ -328,10 +332,14 @@ def plot(result: dict, path: Path, backend_order=()) -> None:
 
 
 def write_all(result: dict, out_dir: Path, stem: str, backend_order=()) -> dict[str, Path]:
-    """The three files; returns their paths."""
+    """The three files (no PNG where no size was measured: an empty figure says nothing); returns
+    their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
     write_json(paths["json"], result)
     paths["md"].write_text(markdown(result, backend_order) + "\n")
-    plot(result, paths["png"], backend_order)
+    if any(row["status"] == "ok" for row in result["rows"]):
+        plot(result, paths["png"], backend_order)
+    else:
+        del paths["png"]
     return paths

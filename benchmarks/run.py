@@ -11,7 +11,8 @@ against DESIGN §5's counts and the matmul ceiling measured in the same run; and
 backend, the relative error of the loss and of the student's gradient against the float64
 reference at the largest N ≤ 4096. A backend that runs out of memory or time is recorded as such
 and its larger sizes are skipped; nothing crashes the run. Writes
-``<out>/<device-slug>-<date>.{json,md,png}``; progress goes to stderr.
+``<out>/<device-slug>-<date>.{json,md,png}`` (never over an earlier run's: a second run of the day
+takes ``-2``, ``-3``, ...); progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cases, isolate, measure, report
+from benchmarks import cases, isolate, measure, report, result_files
 from mmkd_kernels import chunked, gram
 
 CPU_SIZES = (1024, 2048, 4096, 8192, 16384)
@@ -191,6 +192,8 @@ class Runner:
         wall = time.perf_counter() - start
         entry = {"loss": series.loss, "backend": series.backend, "d": series.d, "n": n, "status": answer["status"],
                  "rel_err_loss": answer.get("rel_err_loss"), "rel_err_grad": answer.get("rel_err_grad")}
+        if "traceback" in answer:  # as a failed size keeps its own
+            entry["traceback"] = answer["traceback"]
         self.errors.append(entry)
         text = (f"rel. error loss {entry['rel_err_loss']:.1e}, gradient {entry['rel_err_grad']:.1e}"
                 if entry["status"] == "ok" else entry["status"])
@@ -254,8 +257,10 @@ class Runner:
             return (f"skipped: over time budget (predicted {predicted:.0f} s from N={last_n}, "
                     f"budget {self.args.time_budget:.0f} s)")
         if self.device.type == "cpu":
-            # Quadratic growth, the reference's: never start what would page out the whole machine.
-            need = last_mib * (n / last_n) ** 2
+            # Never start what would page out the whole machine. Memory grows as N² where the
+            # backend materializes N×N (reference, compile, mnrl), else as N: a quadratic guess for
+            # every backend skipped linear ones on hosts of little memory.
+            need = last_mib * (n / last_n) ** (2 if cases.materializes(series.backend) else 1)
             available = _available_mib()
             if available is not None and need > 0.7 * available:
                 return f"skipped: predicted out of memory ({need / 1024:.1f} GiB of {available / 1024:.1f} GiB free)"
@@ -331,8 +336,19 @@ def main(argv=None) -> int:
         log("nothing to run")
         return 2
 
-    log(f"measuring the ceilings of {report.device_name(device)} ...")
-    ceilings = measure.ceilings(device, args.sizes, args.dims, chunked.row_block, quick=args.quick)
+    # Where the files go, decided and checked before anything is measured: an output folder that
+    # cannot be written lost a whole run at its end, and a second run of the day overwrote the first.
+    try:
+        stem = result_files.free_stem(args.out, report.file_stem(device, date) + args.suffix)
+    except OSError as error:
+        log(f"--out {args.out}: cannot write there ({error})")
+        return 2
+    try:
+        log(f"measuring the ceilings of {report.device_name(device)} ...")
+        ceilings = measure.ceilings(device, args.sizes, args.dims, chunked.row_block, quick=args.quick)
+    except KeyboardInterrupt:
+        log("interrupted before anything was measured: no files written")
+        return 130
     log("  " + ", ".join(report.ceiling_summary(ceilings)))
 
     runner = Runner(args, device, ceilings)
@@ -377,7 +393,7 @@ def main(argv=None) -> int:
     )
     result = {"schema": 1, "meta": meta, "ceilings": ceilings, "rows": runner.rows, "errors": runner.errors,
               "autotune": runner.autotune}
-    paths = report.write_all(result, args.out, report.file_stem(device, date) + args.suffix, cases.ALL_BACKENDS)
+    paths = report.write_all(result, args.out, stem, cases.ALL_BACKENDS)
     log(f"done in {meta['elapsed_s']:.0f} s: " + ", ".join(str(p) for p in paths.values()))
     return 130 if interrupted else 0
 

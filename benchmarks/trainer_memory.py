@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import isolate, report
+from benchmarks import isolate, report, result_files
 from benchmarks.run import _available_mib
 
 DEFAULT_BATCHES = (32, 64, 128, 256)
@@ -308,8 +308,8 @@ def main(argv=None) -> int:
         elapsed_s=round(time.perf_counter() - started, 1),
     )
     result = {"schema": 1, "meta": meta, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"trainer-memory-{args.date or datetime.date.today().isoformat()}"
+    stem = result_files.free_stem(args.out, f"trainer-memory-{args.date or datetime.date.today().isoformat()}",
+                                  ("json", "md"))
     report.write_json(args.out / f"{stem}.json", result)
     md = args.out / f"{stem}.md"
     md.with_suffix(".md.tmp").write_text(markdown(result))

@@ -34,6 +34,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from benchmarks import result_files  # noqa: E402
 from mmkd_kernels.triton import contrastive, structure  # noqa: E402
 
 ARCH = 90
@@ -192,8 +193,7 @@ def main(argv=None) -> int:
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 triton=triton.__version__, ptxas=ptxas.splitlines()[-1] if ptxas else "ptxas", arch=f"sm_{ARCH}a")
     result = dict(meta=meta, rows=rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"triton-sm{ARCH}-{meta['date'][:10]}"
+    stem = args.out / result_files.free_stem(args.out, f"triton-sm{ARCH}-{meta['date'][:10]}", ("json", "md"))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
     print(f"wrote {stem}.json and .md", file=sys.stderr)

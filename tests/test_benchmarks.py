@@ -335,3 +335,53 @@ def test_the_demo_answers_help_without_running():
     bad = subprocess.run([sys.executable, "-m", "benchmarks.demo", "--bogus"], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+
+
+def test_a_run_never_overwrites_an_earlier_one(tmp_path):
+    """A second run of the day used to replace the first's files, which the README cites by name."""
+    from benchmarks.result_files import free_stem
+
+    assert free_stem(tmp_path, "cpu-x-2026-12-07") == "cpu-x-2026-12-07"
+    (tmp_path / "cpu-x-2026-12-07.md").write_text("an earlier run")
+    assert free_stem(tmp_path, "cpu-x-2026-12-07") == "cpu-x-2026-12-07-2"
+    (tmp_path / "cpu-x-2026-12-07-2.png").write_bytes(b"")
+    assert free_stem(tmp_path, "cpu-x-2026-12-07") == "cpu-x-2026-12-07-3"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu-x-2026-12-07-2.png", "cpu-x-2026-12-07.md"]
+
+
+def test_an_output_folder_that_cannot_be_written_stops_before_measuring(tmp_path, capsys, monkeypatch):
+    from benchmarks import run
+
+    monkeypatch.setattr(run.measure, "ceilings", lambda *a, **k: pytest.fail("measured before checking --out"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert run.main(["--quick", "--losses", "contrastive", "--backends", "reference", "--device", "cpu",
+                     "--out", str(blocker / "results")]) == 2
+    assert f"--out {blocker / 'results'}: cannot write there" in capsys.readouterr().err
+
+
+def test_a_run_cut_short_before_any_size_writes_no_plot(tmp_path, monkeypatch):
+    """Interrupted before a size was measured: the JSON and Markdown say so; an empty figure used to
+    raise inside matplotlib and lose the exit status 130."""
+    from benchmarks import report
+
+    result = {"schema": 1, "rows": [], "errors": [], "autotune": [], "ceilings": {},
+              "meta": {"settings": {"losses": ["contrastive"]}}}
+    monkeypatch.setattr(report, "markdown", lambda result, order: "partial")
+    paths = report.write_all(result, tmp_path, "stem")
+    assert sorted(paths) == ["json", "md"] and sorted(p.name for p in tmp_path.iterdir()) == ["stem.json", "stem.md"]
+
+
+def test_the_memory_guess_grows_as_the_backend_does(monkeypatch):
+    """N² for what materializes N×N, N for the others: a quadratic guess skipped linear backends on
+    hosts of little memory."""
+    from types import SimpleNamespace
+
+    from benchmarks import run
+
+    runner = run.Runner(SimpleNamespace(sizes=[1024, 8192], time_budget=1e9, dtype="float32"), torch.device("cpu"), {})
+    monkeypatch.setattr(run, "_available_mib", lambda: 10_000.0)
+    last = (1024, 0.01, 200.0)  # 200 MiB at N = 1024: 1.6 GiB at 8192 if linear, 12.5 GiB if quadratic
+    assert runner._predicted_skip(run.Series("contrastive", "native", 384), 8192, last) is None
+    skip = runner._predicted_skip(run.Series("contrastive", "reference", 384), 8192, last)
+    assert skip.startswith("skipped: predicted out of memory (12.5 GiB")

@@ -104,6 +104,8 @@ def load_or_build(directory: str, key: dict, build) -> tuple[TeacherCache, str]:
         try:
             with safe_open(path, framework="pt") as handle:
                 stored = json.loads((handle.metadata() or {}).get("key", "{}"))
+            if not isinstance(stored, dict):
+                raise ValueError(f"its key is not a JSON object: {stored!r:.80}")
             if stored == key:
                 tensors = load_file(path)
                 return TeacherCache(tensors["states"], tensors["offsets"]), "reused"
@@ -114,6 +116,10 @@ def load_or_build(directory: str, key: dict, build) -> tuple[TeacherCache, str]:
     cache = build()
     os.makedirs(directory, exist_ok=True)
     staging = f"{path}.tmp-{os.getpid()}"
-    save_file({"states": cache.states, "offsets": cache.offsets}, staging, metadata={"key": json.dumps(key)})
-    os.replace(staging, path)
+    try:
+        save_file({"states": cache.states, "offsets": cache.offsets}, staging, metadata={"key": json.dumps(key)})
+        os.replace(staging, path)
+    finally:  # a failed write (a full disk) leaves no staging file of the cache's size behind
+        if os.path.exists(staging):
+            os.unlink(staging)
     return cache, why

@@ -28,6 +28,8 @@ import hashlib
 import json
 import os
 import re
+import string
+import zlib
 
 # printf-style (%s, %(name)s, %d, %%) and str.format-style ({0}, {name}) placeholders: a pair that
 # has them teaches the model to align format codes, not words.
@@ -215,7 +217,7 @@ def read_file(path: str, lang: str, skip_bad_lines: bool = False) -> tuple[list[
                     bad += 1
                     continue
                 pairs.append(Pair(src, tgt, line_lang or lang, alignment))
-        except (OSError, EOFError) as error:
+        except (OSError, EOFError, zlib.error) as error:  # zlib.error: a corrupt .gz stream
             raise DataError(f"{path}: cannot read ({error})") from None
     return pairs, bad
 
@@ -225,9 +227,16 @@ def read_file(path: str, lang: str, skip_bad_lines: bool = False) -> tuple[list[
 # --------------------------------------------------------------------------------------------------
 
 
+def holdout_key(text: str) -> str:
+    """A sentence as the split compares it: case-folded, without punctuation or spaces at its ends.
+    The teacher's tokenizer is uncased, so "User" and "user" are one input to it, and "Delete?"
+    and "Delete" nearly one: the split must not train on one and evaluate on the other."""
+    return text.casefold().strip(string.punctuation + string.whitespace)
+
+
 def holdout_score(src: str) -> float:
-    """A fixed pseudo-random number in [0, 1) for an English sentence (its SHA-1)."""
-    return int.from_bytes(hashlib.sha1(src.encode("utf-8")).digest()[:8], "big") / 2**64
+    """A fixed pseudo-random number in [0, 1) for an English sentence (the SHA-1 of its key)."""
+    return int.from_bytes(hashlib.sha1(holdout_key(src).encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def split_pairs(pairs: list[Pair], eval_fraction: float, eval_size: int) -> tuple[list[Pair], dict[str, list[Pair]]]:
@@ -235,8 +244,9 @@ def split_pairs(pairs: list[Pair], eval_fraction: float, eval_size: int) -> tupl
 
     A pair is held out when its English side scores below ``eval_fraction``; per language the
     ``eval_size`` lowest-scoring such pairs with distinct sources and targets are kept (retrieval
-    needs one right answer). Training pairs are deduplicated and never share an English side with
-    a held-out pair of any language.
+    needs one right answer). Training pairs are deduplicated and share neither an English side with
+    a held-out pair of any language nor a target with a held-out pair of their language, as
+    ``holdout_key`` compares them (case and end punctuation aside).
     """
     train, held = [], {}
     seen = set()
@@ -248,6 +258,8 @@ def split_pairs(pairs: list[Pair], eval_fraction: float, eval_size: int) -> tupl
             held.setdefault(pair.lang, []).append(pair)
         else:
             train.append(pair)
+    held_targets = {(pair.lang, holdout_key(pair.tgt)) for candidates in held.values() for pair in candidates}
+    train = [pair for pair in train if (pair.lang, holdout_key(pair.tgt)) not in held_targets]
     evaluation = {}
     for lang, candidates in held.items():
         chosen, srcs, tgts = [], set(), set()

@@ -49,14 +49,22 @@ def load_tokenizer(path: str, role: str):
     return tokenizer
 
 
-def check_max_length(max_length: int, tokenizer, role: str) -> None:
+def check_max_length(max_length: int, tokenizer, role: str, config=None) -> None:
     """ModelError unless ``max_length`` tokens leave at least one to a sentence's words once the
-    tokenizer's special tokens ([CLS], [SEP]) are in: else every sentence is only those, and the word
-    level has nothing to align."""
+    tokenizer's special tokens ([CLS], [SEP]) are in (else every sentence is only those, and the word
+    level has nothing to align), and fit the model: its tokenizer's ``model_max_length`` and its
+    ``config``'s position embeddings (past them, the first long sentence stopped the run inside the
+    model, with an error naming no option)."""
     special = tokenizer.num_special_tokens_to_add(pair=False)
     if max_length <= special:
         raise ModelError(f"--max-length {max_length} leaves no token for a sentence's words: the {role}'s "
                          f"tokenizer adds {special} special tokens; use at least {special + 1}")
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    # Tokenizers that state no limit say 1e30 (transformers' VERY_LARGE_INTEGER).
+    limits = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 10**9]
+    if limits and max_length > min(limits):
+        raise ModelError(f"--max-length {max_length} is more tokens than the {role} takes ({min(limits)}: its "
+                         "position embeddings and its tokenizer's model_max_length); use at most that")
 
 
 def load_teacher(path: str) -> nn.Module:

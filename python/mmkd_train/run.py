@@ -5,7 +5,7 @@ import os
 import time
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import AutoConfig, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import cache as teacher_cache
@@ -99,8 +99,9 @@ def run(args, objective: Objective, corpus: Corpus, teacher_path: str, student_p
     check_devices(training)
     teacher_tokenizer = load_tokenizer(teacher_path, "teacher")
     student_tokenizer = load_tokenizer(student_path, "student")
-    for role, tokenizer in (("teacher", teacher_tokenizer), ("student", student_tokenizer)):
-        check_max_length(args.max_length, tokenizer, role)
+    for role, path, tokenizer in (("teacher", teacher_path, teacher_tokenizer),
+                                  ("student", student_path, student_tokenizer)):
+        check_max_length(args.max_length, tokenizer, role, AutoConfig.from_pretrained(path, local_files_only=True))
     same = same_tokenization(student_tokenizer, teacher_tokenizer, [p.src for p in corpus.train[:64]])
     objective, changed = resolve_levels(objective, args.levels is not None, same)
     if changed:

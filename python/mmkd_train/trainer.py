@@ -8,6 +8,7 @@ ours) to a staging name and renamed, and resume from them.
 
 import os
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -32,13 +33,20 @@ class EpochSampler(LengthGroupedSampler):
     - The structure level compares a batch's pairs with each other and needs ``min_batch`` of them
       (3 for pearson): a last batch of fewer pairs, the remainder of the pairs by ``batch_size``,
       is left out of the epoch, at most ``min_batch − 1`` pairs, different ones every epoch.
+    - No English sentence twice in one step's batch (``keys``: each pair's ``src_id``; a step's
+      batch is ``batch_size × world_size`` consecutive indices, one ``batch_size`` per rank): a
+      corpus pairs one English sentence with several languages, and the contrastive levels scored
+      its second copy, the same teacher row, as a negative of the first. ``repeats`` counts the
+      pairs that no swap could separate (a corpus made mostly of one sentence), with a warning.
     """
 
-    def __init__(self, batch_size: int, group_size: int, lengths: list[int], seed: int, min_batch: int):
+    def __init__(self, batch_size: int, group_size: int, lengths: list[int], seed: int, min_batch: int,
+                 keys: list[int] | None = None, world_size: int = 1):
         super().__init__(group_size, lengths=lengths, generator=torch.Generator())
         self.seed, self.epoch = seed, 0
         remainder = len(lengths) % batch_size
         self.left_out = remainder if remainder < min_batch else 0
+        self.keys, self.step_size, self.repeats = keys, batch_size * world_size, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -48,7 +56,43 @@ class EpochSampler(LengthGroupedSampler):
 
     def __iter__(self):
         self.generator.manual_seed(self.seed + self.epoch)
-        return iter(list(super().__iter__())[: len(self)])
+        order = list(super().__iter__())
+        if self.keys is not None:
+            self.repeats = separate_repeats(order, self.keys, self.step_size)
+            if self.repeats:
+                warnings.warn(f"{self.repeats} pairs share their English sentence with another pair of their step's "
+                              "batch: no later pair could take their place", RuntimeWarning, stacklevel=2)
+        return iter(order[: len(self)])
+
+
+def separate_repeats(order: list[int], keys: list[int], step: int) -> int:
+    """Swap, in place, each index of ``order`` whose key is already in its step (the ``step``
+    consecutive positions it falls in) with the nearest later index of another step whose key is
+    not there, else with the nearest earlier one that trades without a repeat in either step (the
+    last steps have no later ones). Returns how many repeats were left, where no index could trade.
+    Deterministic; every index stays once."""
+    left = 0
+    done: list[set] = []  # the keys of each finished step
+    for start in range(0, len(order), step):
+        end = min(start + step, len(order))
+        seen = set()
+        for i in range(start, end):
+            key = keys[order[i]]
+            if key in seen:
+                partner = next((j for j in range(end, len(order)) if keys[order[j]] not in seen), None)
+                if partner is None:
+                    partner = next((j for j in range(start - 1, -1, -1)
+                                    if keys[order[j]] not in seen and key not in done[j // step]), None)
+                    if partner is not None:
+                        done[partner // step].discard(keys[order[partner]])
+                        done[partner // step].add(key)
+                if partner is None:
+                    left += 1
+                    continue
+                order[i], order[partner] = order[partner], order[i]
+            seen.add(keys[order[i]])
+        done.append(seen)
+    return left
 
 
 class MMKDTrainer(Trainer):
@@ -74,7 +118,8 @@ class MMKDTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         return EpochSampler(self.args.train_batch_size, self.args.train_batch_size * self.args.gradient_accumulation_steps,
                             dataset.lengths, self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-                            self.objective.min_batch())
+                            self.objective.min_batch(), keys=getattr(dataset, "src_ids", None),
+                            world_size=self.args.world_size)
 
     # ---- the objective --------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The teacher cache: equal to running the teacher, reused when its key matches, rebuilt when not."""
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -57,3 +58,31 @@ def test_the_tokenizer_digest_ignores_call_options_and_follows_the_splitting(tin
     assert cache.cache_key(tiny_teacher, tokenizer, ["a"], 32)["tokenizer"] == before
     tokenizer.backend_tokenizer.normalizer = normalizers.BertNormalizer(lowercase=False)
     assert cache.cache_key(tiny_teacher, tokenizer, ["a"], 32)["tokenizer"] != before
+
+
+def test_a_stored_key_of_another_shape_and_a_failed_write(tmp_path, monkeypatch):
+    """A cache whose stored key is JSON but not an object is rebuilt, not a traceback; a write that
+    fails (a full disk) leaves no staging file behind."""
+    from safetensors.torch import save_file
+
+    states = cache.TeacherCache(torch.zeros(3, 2), torch.tensor([0, 1, 3]))
+    path = tmp_path / cache.FILENAME
+    save_file({"states": states.states, "offsets": states.offsets}, str(path), metadata={"key": "[1]"})
+    _, what = cache.load_or_build(str(tmp_path), {"data": "x"}, lambda: states)
+    assert what.startswith("rebuilt (unreadable: its key is not a JSON object")
+
+    import safetensors.torch
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    path.unlink()
+    try:
+        cache.load_or_build(str(tmp_path), {"data": "x"}, lambda: states)
+    except OSError as error:
+        assert "No space left" in str(error)
+    else:
+        raise AssertionError("the failed write raised nothing")
+    assert os.listdir(tmp_path) == []

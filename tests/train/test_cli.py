@@ -55,6 +55,16 @@ def test_max_length_must_leave_room_for_words(monkeypatch, corpus_file, tiny_tea
             "special tokens; use at least 3") in capsys.readouterr().err
 
 
+def test_max_length_must_fit_the_models_positions(monkeypatch, corpus_file, tiny_teacher, tiny_student, tmp_path,
+                                                 capsys):
+    """The tiny models have 128 position embeddings: past them, the first long sentence stopped the
+    run inside the model ("The expanded size of the tensor ..."), naming no option."""
+    monkeypatch.setattr(run, "load_teacher", lambda *a: pytest.fail("a model loaded"))
+    assert cli.main(tiny_args(corpus_file, tiny_teacher, tiny_student, tmp_path, "--max-length", "129")) == 2
+    assert ("--max-length 129 is more tokens than the teacher takes (128: its position embeddings and its "
+            "tokenizer's model_max_length); use at most that") in capsys.readouterr().err
+
+
 def test_a_step_without_aligned_words_is_an_error_not_a_traceback(tiny_teacher, tiny_student, tmp_path, capsys):
     """Every pair's given alignment empty: the word level's first step has no link to learn from."""
     from mmkd_train_test_support import make_pairs

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from mmkd_train.data import (DataError, Pair, load_corpus, parse_alignment, parse_source, read_django, read_file,
-                             split_pairs)
+from mmkd_train.data import (DataError, Pair, holdout_key, load_corpus, parse_alignment, parse_source, read_django,
+                             read_file, split_pairs)
 
 
 def test_tsv_jsonl_and_gz_read_alike(tmp_path):
@@ -149,6 +149,23 @@ def test_split_is_deterministic_and_holds_out_english_sentences_in_every_languag
     assert not {p.src for p in train} & {p.src for v in held.values() for p in v}
 
 
+def test_no_near_copy_of_a_held_out_pair_is_trained_on():
+    """The teacher is uncased: "User" and "user" are one input to it. A sentence held out in one
+    form is not trained on in another (case, end punctuation), nor is a held-out target of the
+    same language trained on under another English side."""
+    pairs = [Pair(f"sentence {i}", f"satz {i}", "de") for i in range(200)]
+    _, held = split_pairs(pairs, 0.2, 100)
+    src, tgt = held["de"][0].src, held["de"][0].tgt
+    near = [Pair(src.upper(), "anders", "de"), Pair(f" {src}?", "noch anders", "de"),
+            Pair("another sentence entirely", tgt.capitalize() + ".", "de"),
+            Pair("yet another sentence", tgt, "fr")]
+    train, held_again = split_pairs(pairs + near, 0.2, 100)
+    keys = {holdout_key(p.src) for p in train}
+    assert holdout_key(src) not in keys and "another sentence entirely" not in keys
+    assert "yet another sentence" in keys  # another language's target: no overlap there
+    assert {holdout_key(p.src) for p in held_again["de"]} >= {holdout_key(src)}
+
+
 def test_files_train_on_their_languages_but_those_held_out_for_evaluation(tmp_path):
     """--eval-languages are "not trained on": with files and no --languages, the others are trained."""
     files = []
@@ -163,3 +180,15 @@ def test_files_train_on_their_languages_but_those_held_out_for_evaluation(tmp_pa
     with pytest.raises(DataError, match="--eval-languages names every language of the data files \\(de, it\\): give "
                                         "the ones to train on with --languages"):
         load_corpus(files, None, ["de", "it"])
+
+
+def test_a_corrupt_gz_file_is_a_data_error_naming_it(tmp_path):
+    path = tmp_path / "de.tsv.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write("".join(f"sentence number {i}\tSatz Nummer {i}\n" for i in range(2000)))
+    data = bytearray(path.read_bytes())
+    for at in range(40, len(data) - 20, 7):  # past the header, before the trailer
+        data[at] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"de.tsv.gz: cannot read"):
+        read_file(str(path), "de")
