@@ -5,12 +5,19 @@ O(N·D²) work and O(N·D + D²) memory replace the O(N²·D) tiles. Inputs are 
 t (N, Dt) in any float dtype; x = ŝ and y = t̂ are their L2-normalized rows where ``normalize``
 (else s and t themselves), formed block by block (``_Rows``), never as whole copies.
 
-- mse: Σ_{j≠i}(G^S_ij − G^T_ij)² = x_iᵀA x_i + y_iᵀB y_i − 2 x_iᵀC y_i − (a_i − b_i)²,
-  A = xᵀx, B = yᵀy, C = xᵀy, a_i = ‖x_i‖², b_i = ‖y_i‖².
+Both kinds center the columns, xc = x − x̄ and yc = y − ȳ (the means over all N rows), and build
+on Ac = xcᵀxc, Bc = ycᵀyc, Cc = xcᵀyc. Embeddings share a large common direction, so the
+similarities share a large common part; from uncentred statistics each row's sum is a small
+difference of quadratic forms of order N, and the centring takes that common part off first.
+
+- mse: with Δ_ij = x_i·x_j − y_i·y_j = c_ij + α_i, c_ij = x_i·xc_j − y_i·yc_j (Σ_j c_ij = 0) and
+  α_i = x_i·x̄ − y_i·ȳ:
+  Σ_{j≠i} Δ_ij² = x_iᵀAc x_i + y_iᵀBc y_i − 2 x_iᵀCc y_i + N α_i² − δ_i²,  δ_i = Δ_ii = ‖x_i‖² − ‖y_i‖².
+  (From A = xᵀx, B = yᵀy, C = xᵀy uncentred, rows of mean cosine 0.999 and a student 3e-3 from
+  its teacher gave a loss 1.2e-4 off, even in float64: tests/test_structure.py.)
 - pearson: a row's variance and covariance do not change when every column vector is shifted by
-  the same vector, so we center the columns, xc = x − mean(x), which removes the large common
-  part of the similarities (the cancellation of Σw² − (Σw)²/n). With u_i = x_i·xc_i,
-  v_i = y_i·yc_i, κ = 1 + 1/(N−1), Ac = xcᵀxc, Bc = ycᵀyc, Cc = xcᵀyc:
+  the same vector, so the centring also removes the cancellation of Σw² − (Σw)²/n. With
+  u_i = x_i·xc_i, v_i = y_i·yc_i, κ = 1 + 1/(N−1):
   cov_i = x_iᵀCc y_i − κ u_i v_i,  var^S_i = x_iᵀAc x_i − κ u_i²,  var^T_i = y_iᵀBc y_i − κ v_i².
 
 The algebra runs in float64 whatever the inputs' dtype, over blocks of rows. When the student is
@@ -144,70 +151,13 @@ def _gradient_buffers(x, y, need_x, need_y):
             y.raw.new_empty(y.raw.shape, dtype=acc) if need_y else None)
 
 
-# --------------------------------------------------------------------------------------------------
-# mse
-# --------------------------------------------------------------------------------------------------
-
-
-def _mse_statistics(x, y, blocks, reduce):
-    """A = xᵀx, B = yᵀy, C = xᵀy in float64."""
-    ds, dt = x.raw.shape[1], y.raw.shape[1]
-
-    def pairs(block):
-        xb, yb = x[block], y[block]
-        return (xb, xb), (yb, yb), (xb, yb)
-
-    return _summed_products(pairs, blocks, [(ds, ds), (dt, dt), (ds, dt)], x.raw, reduce)
-
-
-def _mse_rows(xb, yb, a, b, c):
-    diag = (xb * xb).sum(dim=1) - (yb * yb).sum(dim=1)
-    return _quadratic(xb, a, xb) + _quadratic(yb, b, yb) - 2 * _quadratic(xb, c, yb) - diag * diag, diag
-
-
-def _mse_forward(x, y, n_total, blocks, reduce):
-    a, b, c = _mse_statistics(x, y, blocks, reduce)
-    rows = x.raw.new_empty(x.raw.shape[0], dtype=accumulation_dtype(x.raw, y.raw))
-    for block in blocks:
-        rows[block] = _mse_rows(x[block], y[block], a, b, c)[0] / (n_total - 1)
-    return rows
-
-
-def _mse_backward(h, x, y, n_total, need_x, need_y, blocks, reduce):
-    """h = grad / (N − 1) (N,). Gradients of Σ_i h_i·rows_i, rows_i the sum before the division."""
-    a, b, c = _mse_statistics(x, y, blocks, reduce)
-    da, db, dc, _, _ = _statistic_gradients(x, y, h, h, h, need_x, need_y, blocks, reduce)
-    dc = dc.mul_(-2)
-    rows = x.raw.new_empty(x.raw.shape[0], dtype=accumulation_dtype(x.raw, y.raw))
-    dx, dy = _gradient_buffers(x, y, need_x, need_y)
-    for block in blocks:
-        xb, yb, hb = x[block], y[block], h[block].to(WIDE)
-        block_rows, diag = _mse_rows(xb, yb, a, b, c)
-        rows[block] = block_rows / (n_total - 1)
-        hx, hy, h_diag = xb * hb[:, None], yb * hb[:, None], (4 * hb * diag)[:, None]
-        if need_x:
-            dx[block] = x.grad(block, 2 * (hx @ a - hy @ c.T) - h_diag * xb + 2 * (xb @ da) + yb @ dc.T, xb)
-        if need_y:
-            dy[block] = y.grad(block, 2 * (hy @ b - hx @ c) + h_diag * yb + 2 * (yb @ db) + xb @ dc, yb)
-    return rows, dx, dy
-
-
-# --------------------------------------------------------------------------------------------------
-# pearson
-# --------------------------------------------------------------------------------------------------
-
-
-class _Pearson:
-    """The column means and centred D×D statistics (float64, over every rank's rows), and the
-    per-row terms from them.
-
-    The block loop of ``rows`` holds only the work on (block × D) matrices; the per-row arithmetic
-    runs once on (N,) vectors after it. Each operation is a kernel launch on a GPU, so this keeps
-    the launches per block few."""
+class _Centred:
+    """The column means x̄, ȳ (over every rank's rows) and the centred D×D statistics in float64,
+    Ac = xcᵀxc, Bc = ycᵀyc, Cc = xcᵀyc with xc = x − x̄, yc = y − ȳ. Both kinds build on them: the
+    centring removes the common part of the similarities, which both would otherwise cancel."""
 
     def __init__(self, x, y, n_total, blocks, reduce):
-        self.x, self.y, self.blocks = x, y, blocks
-        self.kappa = 1 + 1 / (n_total - 1)
+        self.x, self.y, self.blocks, self.n_total = x, y, blocks, n_total
         ds, dt = x.raw.shape[1], y.raw.shape[1]
         sums = reduce(torch.cat([x.column_sum(blocks), y.column_sum(blocks)]))
         self.mean_x, self.mean_y = (sums / n_total).split([ds, dt])
@@ -221,6 +171,85 @@ class _Pearson:
     def centred(self, xb, yb):
         """xc, yc of a block's float64 rows xb, yb: the column means taken off."""
         return xb - self.mean_x, yb - self.mean_y
+
+
+# --------------------------------------------------------------------------------------------------
+# mse
+# --------------------------------------------------------------------------------------------------
+
+
+def _mse_rows(stats, xb, yb):
+    """Σ_{j≠i} Δ_ij² of a block's rows, Δ_ij = x_i·x_j − y_i·y_j (module docstring), and α_i, δ_i."""
+    alpha = xb @ stats.mean_x - yb @ stats.mean_y
+    delta = (xb * xb).sum(dim=1) - (yb * yb).sum(dim=1)
+    rows = _quadratic(xb, stats.ac, xb) + _quadratic(yb, stats.bc, yb) - 2 * _quadratic(xb, stats.cc, yb)
+    return rows.add_(stats.n_total * alpha * alpha).sub_(delta * delta), alpha, delta
+
+
+def _mse_forward(x, y, n_total, blocks, reduce):
+    stats = _Centred(x, y, n_total, blocks, reduce)
+    rows = x.raw.new_empty(x.raw.shape[0], dtype=accumulation_dtype(x.raw, y.raw))
+    for block in blocks:
+        rows[block] = _mse_rows(stats, x[block], y[block])[0] / (n_total - 1)
+    return rows
+
+
+def _mse_backward(h, x, y, n_total, need_x, need_y, blocks, reduce):
+    """h = grad / (N − 1) (N,). Gradients of Σ_i h_i·rows_i, rows_i the sum before the division.
+
+    With Δ_ij = c_ij + α_i (all j, the diagonal taken off by δ_i):
+    ∂/∂x_i = 2h_i(Ac x_i − Cc y_i + N α_i x̄) − 4h_i δ_i x_i + 2 Σ_j h_j Δ_ij x_j, and
+    Σ_j h_j Δ_ij x_j = P_xxᵀ x_i − P_yxᵀ y_i + α_i Σ_j h_j x_j with P_xx = Σ_j h_j xc_j x_jᵀ,
+    P_yx = Σ_j h_j yc_j x_jᵀ; for y the same with the roles of x and y exchanged and the signs
+    of Δ's terms turned. Every product pairs a centred factor with another, as in the forward."""
+    stats = _Centred(x, y, n_total, blocks, reduce)
+    ds, dt = x.raw.shape[1], y.raw.shape[1]
+    shapes = [(ds, ds), (dt, ds), (ds, 1)] * need_x + [(ds, dt), (dt, dt), (dt, 1)] * need_y
+
+    def pairs(block):
+        xb, yb, hb = x[block], y[block], h[block, None].to(WIDE)
+        xc, yc = stats.centred(xb, yb)
+        hx, hy = xb * hb, yb * hb
+        return [(xc, hx), (yc, hx), (xb, hb)] * need_x + [(xc, hy), (yc, hy), (yb, hb)] * need_y
+
+    mats = _summed_products(pairs, blocks, shapes, x.raw, reduce) if shapes else []
+    if need_x:
+        p_xx, p_yx, m_x = mats[0], mats[1], mats[2].view(-1)
+    if need_y:
+        p_xy, p_yy, m_y = mats[-3], mats[-2], mats[-1].view(-1)
+    rows = x.raw.new_empty(x.raw.shape[0], dtype=accumulation_dtype(x.raw, y.raw))
+    dx, dy = _gradient_buffers(x, y, need_x, need_y)
+    for block in blocks:
+        xb, yb, hb = x[block], y[block], h[block].to(WIDE)
+        block_rows, alpha, delta = _mse_rows(stats, xb, yb)
+        rows[block] = block_rows / (n_total - 1)
+        h2, n_alpha = 2 * hb[:, None], n_total * alpha[:, None]
+        if need_x:
+            own = (xb @ stats.ac).sub_(yb @ stats.cc.T).add_(n_alpha * stats.mean_x).mul_(h2)
+            spread = (xb @ p_xx).sub_(yb @ p_yx).add_(alpha[:, None] * m_x).mul_(2)
+            dx[block] = x.grad(block, own.add_(spread).sub_((2 * h2 * delta[:, None]) * xb), xb)
+        if need_y:
+            own = (yb @ stats.bc).sub_(xb @ stats.cc).sub_(n_alpha * stats.mean_y).mul_(h2)
+            spread = (xb @ p_xy).sub_(yb @ p_yy).add_(alpha[:, None] * m_y).mul_(2)
+            dy[block] = y.grad(block, own.sub_(spread).add_((2 * h2 * delta[:, None]) * yb), yb)
+    return rows, dx, dy
+
+
+# --------------------------------------------------------------------------------------------------
+# pearson
+# --------------------------------------------------------------------------------------------------
+
+
+class _Pearson(_Centred):
+    """The centred statistics and the per-row pearson terms from them.
+
+    The block loop of ``rows`` holds only the work on (block × D) matrices; the per-row arithmetic
+    runs once on (N,) vectors after it. Each operation is a kernel launch on a GPU, so this keeps
+    the launches per block few."""
+
+    def __init__(self, x, y, n_total, blocks, reduce):
+        super().__init__(x, y, n_total, blocks, reduce)
+        self.kappa = 1 + 1 / (n_total - 1)
 
     def rows(self):
         """cov, var^S, var^T (N,) and u, v, the terms they are built from."""

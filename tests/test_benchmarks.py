@@ -172,7 +172,7 @@ def test_autotune_recorder_reports_each_tuning_once_fastest_first(monkeypatch):
 
 
 def test_accuracy_table_has_every_backend_within_tolerance(tmp_path):
-    """``python -m benchmarks.accuracy`` at tiny sizes: a row per loss and backend in both regimes,
+    """``python -m benchmarks.accuracy`` at tiny sizes: a row per loss and backend in every regime,
     the triton rows (interpreter) in float32, float16 and bfloat16 (its dot repaired), and the fused
     backends' errors within DESIGN §4's tolerances at random inputs (the eager reference's are not
     checked: it is the baseline; nor the aligned regime's, where 1 − r of a pearson loss near 0
@@ -195,7 +195,9 @@ def test_accuracy_table_has_every_backend_within_tolerance(tmp_path):
             assert max(row["loss_error"], row["grad_error"]) <= tolerance[row["dtype"]], row
     assert len(rows) == len({(r["regime"], r["loss"], r["backend"], r["dtype"]) for r in rows})  # each once
     table = result.with_suffix(".md").read_text()
-    assert table.count("| structure kl | triton |") == 2 and "—" in table
+    assert table.count("| structure kl | triton |") == 3 and "—" in table
+    assert {row["regime"] for row in rows} == {"random", "aligned", "anisotropic"}
+    assert {row["loss"] for row in rows} >= {"structure mse (tile)", "structure mse (gram)"}
 
 
 def test_accuracy_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):

@@ -70,19 +70,23 @@ cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
 at::TensorOptions floats(const at::Tensor& like) { return like.options().dtype(at::kFloat); }
 
+// ‖x_i‖ accumulated and returned in float32 from x of any dtype, without a float32 copy of x.
+at::Tensor row_norms(const at::Tensor& x) {
+  return at::linalg_vector_norm(x, 2, at::IntArrayRef{1}, /*keepdim=*/false, at::kFloat);
+}
+
 // 1 / max(‖x_i‖, eps) in float32 (ones when not normalizing), as tiles.inverse_norms.
 at::Tensor inverse_norms(const at::Tensor& x, bool normalize) {
   if (!normalize) return at::ones({x.size(0)}, floats(x));
-  return at::linalg_vector_norm(x.to(at::kFloat), 2, at::IntArrayRef{1}).clamp_min_(kEps).reciprocal_();
+  return row_norms(x).clamp_min_(kEps).reciprocal_();
 }
 
 // dx (float32) from dx̂ (float32, in place), as tiles.input_grad: x̂ = x / max(‖x‖, eps) formed by
 // division; dx = (dx̂ − x̂ (x̂·dx̂)) / ‖x‖ where ‖x‖ > eps, else dx̂ / eps.
 at::Tensor input_grad(at::Tensor d_hat, const at::Tensor& x, bool normalize) {
   if (!normalize) return d_hat;
-  const at::Tensor xf = x.to(at::kFloat);
-  const at::Tensor norms = at::linalg_vector_norm(xf, 2, at::IntArrayRef{1}).clamp_min_(kEps);
-  const at::Tensor x_hat = xf / norms.unsqueeze(1);
+  const at::Tensor norms = row_norms(x).clamp_min_(kEps);
+  const at::Tensor x_hat = x / norms.unsqueeze(1);  // float32 by type promotion: no copy of x first
   const at::Tensor radial = (x_hat * d_hat).sum(1) * norms.gt(kEps).to(at::kFloat);
   return d_hat.sub_(x_hat * radial.unsqueeze(1)).div_(norms.unsqueeze(1));
 }
@@ -296,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> structure_inputs(const at::Tensor& s, const a
   auto [sc, tc] = common_dtype(s, "s", t, "t");
   TORCH_CHECK(sc.size(0) == tc.size(0), "s and t must have the same number of rows, got ", sc.sizes(), " and ",
               tc.sizes());
-  TORCH_CHECK(row_start >= 0 && row_count >= 0 && row_start + row_count <= sc.size(0),
+  TORCH_CHECK(row_start >= 0 && row_count >= 0 && row_count <= sc.size(0) - row_start,  // no overflow
               "rows [row_start, row_start + row_count) must lie in [0, ", sc.size(0), "), got row_start=", row_start,
               " row_count=", row_count);
   return {sc, tc};

@@ -393,7 +393,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kBlock;
   const int64_t do_first = static_cast<int64_t>(blockIdx.y) * kBlock * CHUNKS;
   const int64_t computed_end = row_start + row_count;
-  const bool has_rows = j0 < computed_end && j0 + kBlock > row_start;  // uniform over the block
+  // Uniform over the block; no computed rows (row_count == 0) never stream every column for nothing.
+  const bool has_rows = row_count > 0 && j0 < computed_end && j0 + kBlock > row_start;
   const int64_t lo = has_rows ? 0 : row_start;
   const int64_t hi = has_rows ? n : computed_end;
   if (tid < kBlock) {
