@@ -72,11 +72,15 @@ class TeacherCache:
 @torch.no_grad()
 def compute_states(teacher, tokenizer, sources: list[str], max_length: int, batch_size: int = 64) -> TeacherCache:
     """Run the teacher over ``sources`` (in order of length, for less padding), on the teacher's device,
-    with a progress bar on the main process."""
+    with a progress bar on the main process. The token counts come first (the tokenizer alone), so
+    the states are written into one buffer of their final size: a list of per-sentence states
+    concatenated at the end held the whole cache twice."""
     from tqdm.auto import tqdm
 
+    counts = [len(ids) for ids in tokenizer(sources, truncation=True, max_length=max_length)["input_ids"]]
+    offsets = torch.cumsum(torch.tensor([0] + counts), 0)
+    states = torch.empty(int(offsets[-1]), teacher.config.hidden_size)
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    per_sentence = [None] * len(sources)
     device = next(teacher.parameters()).device
     starts = range(0, len(order), batch_size)
     for start in tqdm(starts, desc="teacher cache", unit="batch", disable=int(os.environ.get("RANK", "0")) != 0):
@@ -84,10 +88,14 @@ def compute_states(teacher, tokenizer, sources: list[str], max_length: int, batc
         enc = tokenizer([sources[i] for i in chunk], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt").to(device)
         hidden = teacher_hidden(teacher, enc["input_ids"], enc["attention_mask"]).float().cpu()
+        mask = enc["attention_mask"].bool().cpu()
         for row, i in enumerate(chunk):
-            per_sentence[i] = hidden[row][enc["attention_mask"][row].bool().cpu()]
-    lengths = torch.tensor([0] + [s.shape[0] for s in per_sentence])
-    return TeacherCache(torch.cat(per_sentence).contiguous(), torch.cumsum(lengths, 0))
+            # A tokenizer that counted otherwise alone would misplace every later sentence: say so.
+            if int(mask[row].sum()) != counts[i]:
+                raise RuntimeError(f"teacher cache: sentence {i} has {int(mask[row].sum())} tokens in a batch and "
+                                   f"{counts[i]} alone")
+            states[int(offsets[i]):int(offsets[i + 1])] = hidden[row][mask[row]]
+    return TeacherCache(states, offsets)
 
 
 def load_or_build(directory: str, key: dict, build) -> tuple[TeacherCache, str]:
