@@ -181,10 +181,15 @@ bool one_pass(const at::Tensor& q, bool normalize, double scale) {
   return normalize && std::abs(scale) <= MMKD_FIXED_SHIFT_MAX;
 }
 
-// Targets as contiguous int64, one per row of q.
-at::Tensor row_targets(const at::Tensor& targets, const at::Tensor& q) {
+// Targets as contiguous int64, one per row of q, into the rows of k. Their range is the caller's to
+// check (functional.py; here it would cost a device sync): a target outside [0, M) gives NaN or
+// drops its term, never a read outside k, except where k has no row at all, refused here.
+at::Tensor row_targets(const at::Tensor& targets, const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, "targets must be int64, got ", targets.scalar_type());
   check_vector(targets, "targets", q.size(0), q);
-  return targets.to(at::kLong).contiguous();
+  TORCH_CHECK(k.size(0) > 0 || q.size(0) == 0, "k must have rows for q's ", q.size(0), " targets, got shape ",
+              k.sizes());
+  return targets.contiguous();
 }
 
 at::Tensor vector_f32(const at::Tensor& v, const char* name, int64_t size, const at::Tensor& like) {
@@ -201,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> contrastive_forward(c
   auto [qc, kc] = common_dtype(q, "q", k, "k");
   TORCH_CHECK(qc.size(1) == kc.size(1), "q and k must have the same width, got ", qc.sizes(), " and ", kc.sizes());
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor t = row_targets(targets, qc);
+  const at::Tensor t = row_targets(targets, qc, kc);
   const at::Tensor inv_q = inverse_norms(qc, normalize);
   const at::Tensor inv_k = inverse_norms(kc, normalize);
   TORCH_CHECK(!symmetric || kc.size(0) == qc.size(0), "symmetric needs as many rows in k as in q, got ", kc.size(0),
@@ -231,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> contrastive_backward(const at::Tensor& grad_r
   const at::Tensor inv_q = inverse_norms(qc, normalize);
   const at::Tensor inv_k = inverse_norms(kc, normalize);
   const Term row_term = make_term(vector_f32(row_lse, "row_lse", n, qc), vector_f32(grad_row, "grad_row", n, qc),
-                                  row_targets(targets, qc), vector_f32(row_loss, "row_loss", n, qc));
+                                  row_targets(targets, qc, kc), vector_f32(row_loss, "row_loss", n, qc));
   std::optional<Term> col_term;
   if (symmetric) {
     col_term = make_term(vector_f32(col_lse, "col_lse", m, qc), vector_f32(grad_col, "grad_col", m, qc),
@@ -256,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_forward_with_grad(con
   auto [qc, kc] = common_dtype(q, "q", k, "k");
   TORCH_CHECK(qc.size(1) == kc.size(1), "q and k must have the same width, got ", qc.sizes(), " and ", kc.sizes());
   const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor t = row_targets(targets, qc);
+  const at::Tensor t = row_targets(targets, qc, kc);
   const at::Tensor inv_q = inverse_norms(qc, normalize);
   const at::Tensor inv_k = inverse_norms(kc, normalize);
   const bool fused_q = need_q && one_pass(qc, normalize, scale);
