@@ -50,11 +50,11 @@ def _extensions():
         os.environ["TORCH_CUDA_ARCH_LIST"] = build.cuda_arch(
             torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
         ext = CUDAExtension("mmkd_kernels._C", build.sources(with_cuda=True, relative=True),
-                            extra_compile_args={"cxx": build.cxx_flags(), "nvcc": build.nvcc_flags()},
+                            extra_compile_args={"cxx": build.cxx_flags(True), "nvcc": build.nvcc_flags()},
                             extra_link_args=build.link_flags())
     else:
         ext = CppExtension("mmkd_kernels._C", build.sources(with_cuda=False, relative=True),
-                           extra_compile_args={"cxx": build.cxx_flags()}, extra_link_args=build.link_flags())
+                           extra_compile_args={"cxx": build.cxx_flags(False)}, extra_link_args=build.link_flags())
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -40,7 +40,7 @@ def _jit_build() -> None:
             torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
     try:
         load(name=f"mmkd_native_{torch.__version__.replace('.', '_').replace('+', '_')}",
-             sources=sources(with_cuda), extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(),
+             sources=sources(with_cuda), extra_cflags=cxx_flags(with_cuda), extra_cuda_cflags=nvcc_flags(),
              extra_ldflags=link_flags(), is_python_module=False, verbose=False)
     finally:
         if previous is None:
@@ -53,15 +53,14 @@ def _stale_build() -> str | None:
     """Why the built mmkd_kernels._C must not be loaded: it was built from other sources than
     csrc/ holds now (edited since, outside `make`, which rebuilds). None where it is current, where
     there is no built one, or where there are no sources to compare (an installed wheel)."""
-    from .native_build import CSRC, built_digest, source_digest
+    from .native_build import CSRC, built_digest, digest_is_current
 
     if "mmkd_kernels._C" in sys.modules:  # loaded already (or stood in for by a test's own build)
         return None
     spec = importlib.util.find_spec("mmkd_kernels._C")
     if spec is None or spec.origin is None or not CSRC.is_dir():
         return None
-    built = built_digest(Path(spec.origin))
-    if built == source_digest():
+    if digest_is_current(built_digest(Path(spec.origin))):
         return None
     return (f"{spec.origin} was built from other sources than {CSRC} holds now (rebuild it: make native, "
             "or pip install --no-build-isolation -e .)")

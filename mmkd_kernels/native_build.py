@@ -3,6 +3,7 @@ its sources and compiler flags. Plain Python, no torch import."""
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 # csrc/ beside the package: present in a source checkout and an editable install.
@@ -18,22 +19,24 @@ def sources(with_cuda: bool, relative: bool = False) -> list[str]:
     return [f"csrc/{f}" if relative else str(CSRC / f) for f in files]
 
 
-def source_digest(root: Path | None = None) -> str:
-    """SHA-256 (hex) of every file of csrc/ (``root``) that a build compiles or includes: names and
-    bytes, in order. The build writes it into the extension (MMKD_SOURCE_DIGEST) and native.py
-    compares, so that an extension built from older sources is never loaded as if it were current.
-    The CPU emulation of the CUDA kernels (cuda/emulation/), compiled by tests only, is left out."""
+def source_digest(with_cuda: bool, root: Path | None = None) -> str:
+    """"cpu_<hex>" or "cuda_<hex>": the SHA-256 of every file of csrc/ (``root``) that the build of
+    that kind compiles or includes, names and bytes, in order: for the CPU build everything but
+    cuda/, for the CUDA build everything but cuda/emulation/ (the CPU emulation of the CUDA kernels,
+    compiled by tests only). The build writes it into the extension (MMKD_SOURCE_DIGEST) and
+    native.py compares, so that an extension built from older sources is never loaded as if it were
+    current, and an edit a build never reads (a .cu file, for a CPU build) does not count."""
     root = CSRC if root is None else root
+    skipped = "cuda/emulation/" if with_cuda else "cuda/"
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh")):
         relative = path.relative_to(root).as_posix()
-        if relative.startswith("cuda/emulation/"):
-            continue
-        digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+        if not relative.startswith(skipped):
+            digest.update(relative.encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"{'cuda' if with_cuda else 'cpu'}_{digest.hexdigest()}"
 
 
-# How the built extension holds its digest: these bytes and 64 hex digits (csrc/bindings.cpp).
+# How the built extension holds its digest: these bytes, then the digest and a NUL (csrc/bindings.cpp).
 DIGEST_MARKER = b"MMKD_SOURCE_DIGEST:"
 
 
@@ -42,14 +45,16 @@ def built_digest(library: Path) -> str | None:
     extensions held one). Read from the file's bytes, without loading it: a loaded extension has
     registered its ops for the whole process."""
     data = library.read_bytes()
-    at = data.find(DIGEST_MARKER)
-    if at < 0:
-        return None
-    value = data[at + len(DIGEST_MARKER):at + len(DIGEST_MARKER) + 64]
-    return value.decode("ascii", "replace")
+    found = re.search(re.escape(DIGEST_MARKER) + rb"((?:cpu|cuda)_[0-9a-f]{64})\0", data)
+    return found.group(1).decode("ascii") if found else None
 
 
-def cxx_flags() -> list[str]:
+def digest_is_current(built: str | None) -> bool:
+    """Whether a built extension's digest is that of csrc/ now, for the build of its kind."""
+    return built is not None and built == source_digest(with_cuda=built.startswith("cuda_"))
+
+
+def cxx_flags(with_cuda: bool) -> list[str]:
     # -fopenmp: at::parallel_for is a header template whose threads exist only where _OPENMP is
     # defined; without it every epilogue ran on one core (csrc/cpu/common.h refuses such a build).
     # It also makes the `#pragma omp simd` loops vectorize.
@@ -58,7 +63,7 @@ def cxx_flags() -> list[str]:
     # without AVX-512's masked operations every loop holding an exponential stayed scalar. Values
     # are unchanged: it only gives up floating-point exception flags, which nothing here reads.
     return ["-O3", "-fopenmp", "-fno-trapping-math", f"-march={os.environ.get('MMKD_CPU_ARCH', 'native')}",
-            "-DMMKD_NATIVE", f"-DMMKD_SOURCE_DIGEST={source_digest()}", *sanitizer_flags()]
+            "-DMMKD_NATIVE", f"-DMMKD_SOURCE_DIGEST={source_digest(with_cuda)}", *sanitizer_flags()]
 
 
 def link_flags() -> list[str]:

@@ -143,36 +143,44 @@ def test_an_unbuilt_extension_is_looked_for_once(monkeypatch):
     assert first == second and "is not built" in first and imports == ["mmkd_kernels._C"]
 
 
-def test_the_source_digest_covers_what_the_build_reads(tmp_path):
-    """Names and bytes of every compiled or included file: an edit anywhere but the CUDA emulation
-    (compiled by tests only) gives another digest; a copy elsewhere gives the same one."""
+def test_the_source_digest_covers_what_each_build_reads(tmp_path):
+    """Names and bytes of every file the build of each kind compiles or includes: an edit there gives
+    another digest; an edit of a file it never reads (the CUDA emulation, compiled by tests only;
+    any CUDA file, for the CPU build) the same; a copy elsewhere the same."""
     import shutil
 
     copy = tmp_path / "csrc"
     shutil.copytree(native_build.CSRC, copy)
-    digest = native_build.source_digest(copy)
-    assert digest == native_build.source_digest() and len(digest) == 64
+    cpu, cuda = native_build.source_digest(False, copy), native_build.source_digest(True, copy)
+    assert (cpu, cuda) == (native_build.source_digest(False), native_build.source_digest(True))
+    assert cpu.startswith("cpu_") and cuda.startswith("cuda_") and len(cpu) == 4 + 64
     (copy / "cuda" / "emulation" / "mma.h").write_text("// edited\n", encoding="utf-8")
-    assert native_build.source_digest(copy) == digest
-    for edited in ("cpu/common.h", "cuda/tiles.cuh", "bindings.cpp"):
+    assert (native_build.source_digest(False, copy), native_build.source_digest(True, copy)) == (cpu, cuda)
+    for edited, changes_cpu in (("cpu/common.h", True), ("bindings.cpp", True), ("cuda/tiles.cuh", False),
+                                ("cuda/ops_cuda.cpp", False)):
         path = copy / edited
         original = path.read_bytes()
         path.write_bytes(original + b" ")
-        assert native_build.source_digest(copy) != digest, edited
+        assert (native_build.source_digest(False, copy) != cpu) == changes_cpu, edited
+        assert native_build.source_digest(True, copy) != cuda, edited
         path.write_bytes(original)
     (copy / "cpu" / "common.h").rename(copy / "cpu" / "common2.h")
-    assert native_build.source_digest(copy) != digest
+    assert native_build.source_digest(False, copy) != cpu
 
 
 def test_the_built_extension_holds_the_digest_of_its_sources(tmp_path):
     """make rebuilds on csrc/ edits; the digest in the library is how a build made otherwise is caught."""
     import mmkd_kernels._C as extension
 
-    assert native_build.built_digest(Path(extension.__file__)) == native_build.source_digest()
-    assert extension.source_digest == native_build.source_digest()
+    built = native_build.built_digest(Path(extension.__file__))
+    assert built == native_build.source_digest(with_cuda=native.has_cuda_kernels())
+    assert native_build.digest_is_current(built) and extension.source_digest == built
     older = tmp_path / "_C.so"
     older.write_bytes(b"\x7fELF no digest here")
-    assert native_build.built_digest(older) is None
+    assert native_build.built_digest(older) is None and not native_build.digest_is_current(None)
+    older.write_bytes(b"\x7fELF" + native_build.DIGEST_MARKER + b"cpu_" + b"0" * 64 + b"\0")
+    assert native_build.built_digest(older) == "cpu_" + "0" * 64
+    assert not native_build.digest_is_current("cpu_" + "0" * 64)
 
 
 _STALE_PROBE = """

@@ -131,12 +131,12 @@ def test_the_switch_is_address_or_unset(monkeypatch):
     from mmkd_kernels import native_build
 
     monkeypatch.delenv("MMKD_SANITIZE", raising=False)
-    assert native_build.sanitizer_flags() == [] and "-fsanitize=address" not in native_build.cxx_flags()
+    assert native_build.sanitizer_flags() == [] and "-fsanitize=address" not in native_build.cxx_flags(False)
     monkeypatch.setenv("MMKD_SANITIZE", "address")
-    assert "-fsanitize=address" in native_build.cxx_flags() and "-fsanitize=address" in native_build.link_flags()
+    assert "-fsanitize=address" in native_build.cxx_flags(False) and "-fsanitize=address" in native_build.link_flags()
     monkeypatch.setenv("MMKD_SANITIZE", "thread")
     with pytest.raises(ValueError, match="MMKD_SANITIZE must be address or unset, got 'thread'"):
-        native_build.cxx_flags()
+        native_build.cxx_flags(False)
 
 
 @needs_libasan

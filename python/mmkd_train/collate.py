@@ -24,17 +24,22 @@ import re
 import torch
 from torch.utils.data import Dataset
 
-from .data import Pair
+from .data import Pair, holdout_key
 
 
 class PairDataset(Dataset):
-    """Pairs as dicts; ``src_id`` is the index of the English side in ``sources``."""
+    """Pairs as dicts; ``src_id`` is the index of the English side in ``sources``.
+
+    ``sentence_keys`` number the English sides as ``data.holdout_key`` compares them: "User" and
+    "user" are one input to an uncased teacher, so the sampler keeps them out of one batch too."""
 
     def __init__(self, pairs: list[Pair]):
         self.pairs = pairs
         self.sources = list(dict.fromkeys(pair.src for pair in pairs))
         index = {src: i for i, src in enumerate(self.sources)}
         self.src_ids = [index[pair.src] for pair in pairs]
+        key_index: dict[str, int] = {}
+        self.sentence_keys = [key_index.setdefault(holdout_key(pair.src), len(key_index)) for pair in pairs]
         # characters of both sides: a cheap proxy of token counts for grouping batches by length
         self.lengths = [len(pair.src) + len(pair.tgt) for pair in pairs]
 

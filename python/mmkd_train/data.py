@@ -243,8 +243,8 @@ def split_pairs(pairs: list[Pair], eval_fraction: float, eval_size: int) -> tupl
     """(training pairs, held-out pairs per language).
 
     A pair is held out when its English side scores below ``eval_fraction``; per language the
-    ``eval_size`` lowest-scoring such pairs with distinct sources and targets are kept (retrieval
-    needs one right answer). Training pairs are deduplicated and share neither an English side with
+    ``eval_size`` lowest-scoring such pairs with distinct sources and targets (by ``holdout_key``)
+    are kept (retrieval needs one right answer). Training pairs are deduplicated and share neither an English side with
     a held-out pair of any language nor a target with a held-out pair of their language, as
     ``holdout_key`` compares them (case and end punctuation aside).
     """
@@ -264,10 +264,13 @@ def split_pairs(pairs: list[Pair], eval_fraction: float, eval_size: int) -> tupl
     for lang, candidates in held.items():
         chosen, srcs, tgts = [], set(), set()
         for pair in sorted(candidates, key=lambda p: (holdout_score(p.src), p.tgt)):
-            if pair.src not in srcs and pair.tgt not in tgts and len(chosen) < eval_size:
+            # Distinct as the teacher sees them: "User" and "user" embed alike, and retrieval
+            # between them is a coin toss whatever the model.
+            src, tgt = holdout_key(pair.src), holdout_key(pair.tgt)
+            if src not in srcs and tgt not in tgts and len(chosen) < eval_size:
                 chosen.append(pair)
-                srcs.add(pair.src)
-                tgts.add(pair.tgt)
+                srcs.add(src)
+                tgts.add(tgt)
         evaluation[lang] = chosen
     return train, evaluation
 

@@ -6,6 +6,7 @@ loss parts in the log, checkpoints written as transformers directories (safetens
 ours) to a staging name and renamed, and resume from them.
 """
 
+import collections
 import os
 import shutil
 import warnings
@@ -33,10 +34,11 @@ class EpochSampler(LengthGroupedSampler):
     - The structure level compares a batch's pairs with each other and needs ``min_batch`` of them
       (3 for pearson): a last batch of fewer pairs, the remainder of the pairs by ``batch_size``,
       is left out of the epoch, at most ``min_batch − 1`` pairs, different ones every epoch.
-    - No English sentence twice in one step's batch (``keys``: each pair's ``src_id``; a step's
-      batch is ``batch_size × world_size`` consecutive indices, one ``batch_size`` per rank): a
-      corpus pairs one English sentence with several languages, and the contrastive levels scored
-      its second copy, the same teacher row, as a negative of the first. ``repeats`` counts the
+    - No English sentence twice in one step's batch (``keys``: each pair's English sentence, case
+      and end punctuation aside, as ``collate.PairDataset.sentence_keys``; a step's batch is
+      ``batch_size × world_size`` consecutive indices, one ``batch_size`` per rank): a corpus
+      pairs one English sentence with several languages, and the contrastive levels scored its
+      second copy, the same teacher row, as a negative of the first. ``repeats`` counts the
       pairs that no swap could separate (a corpus made mostly of one sentence), with a warning.
     """
 
@@ -65,33 +67,42 @@ class EpochSampler(LengthGroupedSampler):
         return iter(order[: len(self)])
 
 
-def separate_repeats(order: list[int], keys: list[int], step: int) -> int:
+def separate_repeats(order: list[int], keys: list[int], step: int, window: int = 8) -> int:
     """Swap, in place, each index of ``order`` whose key is already in its step (the ``step``
     consecutive positions it falls in) with the nearest later index of another step whose key is
     not there, else with the nearest earlier one that trades without a repeat in either step (the
-    last steps have no later ones). Returns how many repeats were left, where no index could trade.
-    Deterministic; every index stays once."""
+    last steps have no later ones). Partners are looked for within ``window`` steps either way, and
+    not at all before where every earlier step holds the key: a sentence with more copies than
+    there are steps made every copy it could not place scan the whole order, quadratic in the
+    corpus. Returns how many repeats were left. Deterministic; every index stays once."""
     left = 0
     done: list[set] = []  # the keys of each finished step
+    steps_holding = collections.Counter()  # how many finished steps hold each key
+    reach = window * step
     for start in range(0, len(order), step):
         end = min(start + step, len(order))
         seen = set()
         for i in range(start, end):
             key = keys[order[i]]
             if key in seen:
-                partner = next((j for j in range(end, len(order)) if keys[order[j]] not in seen), None)
-                if partner is None:
-                    partner = next((j for j in range(start - 1, -1, -1)
+                partner = next((j for j in range(end, min(end + reach, len(order))) if keys[order[j]] not in seen),
+                               None)
+                if partner is None and steps_holding[key] < len(done):
+                    partner = next((j for j in range(start - 1, max(start - reach, 0) - 1, -1)
                                     if keys[order[j]] not in seen and key not in done[j // step]), None)
                     if partner is not None:
-                        done[partner // step].discard(keys[order[partner]])
+                        moved = keys[order[partner]]
+                        done[partner // step].discard(moved)
                         done[partner // step].add(key)
+                        steps_holding[moved] -= 1
+                        steps_holding[key] += 1
                 if partner is None:
                     left += 1
                     continue
                 order[i], order[partner] = order[partner], order[i]
             seen.add(keys[order[i]])
         done.append(seen)
+        steps_holding.update(seen)
     return left
 
 
@@ -118,7 +129,7 @@ class MMKDTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         return EpochSampler(self.args.train_batch_size, self.args.train_batch_size * self.args.gradient_accumulation_steps,
                             dataset.lengths, self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-                            self.objective.min_batch(), keys=getattr(dataset, "src_ids", None),
+                            self.objective.min_batch(), keys=getattr(dataset, "sentence_keys", None),
                             world_size=self.args.world_size)
 
     # ---- the objective --------------------------------------------------------------------------

@@ -164,6 +164,10 @@ def test_no_near_copy_of_a_held_out_pair_is_trained_on():
     assert holdout_key(src) not in keys and "another sentence entirely" not in keys
     assert "yet another sentence" in keys  # another language's target: no overlap there
     assert {holdout_key(p.src) for p in held_again["de"]} >= {holdout_key(src)}
+    # the evaluation set holds one of each: two that embed alike make retrieval a coin toss
+    for pairs_of_lang in held_again.values():
+        assert len({holdout_key(p.src) for p in pairs_of_lang}) == len(pairs_of_lang)
+        assert len({holdout_key(p.tgt) for p in pairs_of_lang}) == len(pairs_of_lang)
 
 
 def test_files_train_on_their_languages_but_those_held_out_for_evaluation(tmp_path):
