@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     device_name = report.device_name(device)
     meta = dict(date=date, n=args.n, d=args.d, interpreter_n=args.interpreter_n, torch=torch.__version__,
                 cuda=torch.version.cuda, python=platform.python_version(), device=device_name, regimes=REGIMES,
+                git_commit=report.git_commit(),
                 command=(f"python -m benchmarks.accuracy --device {device.type} --n {args.n} --d {args.d} "
                          f"--interpreter-n {args.interpreter_n}"))
     rows = []
@@ -132,7 +133,8 @@ def write(stem: Path, meta: dict, rows: list[dict], backends, interpreted: bool,
     """``stem``.json and .md of the rows measured so far; returns the Markdown's lines."""
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [f"# Accuracy against the float64 reference, {device.type.upper()} ({meta['device']}, {meta['date']})", "",
-             f"`{meta['command']}`: N = {meta['n']}, D = {meta['d']}, worst of 3 seeds; relative error ‖out − ref‖/‖ref‖ "
+             f"`{meta['command']}` (git {str(meta.get('git_commit'))[:12]}): N = {meta['n']}, D = {meta['d']}, worst "
+             "of 3 seeds; relative error ‖out − ref‖/‖ref‖ "
              "of the loss / of the student's gradient, the float64 reference on the same rounded inputs (its "
              "gradient rounded to the inputs' dtype). "
              "`reference` rows: the eager PyTorch losses in the inputs' dtype (float32 for half inputs). "

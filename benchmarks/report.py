@@ -81,6 +81,12 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def git_commit() -> str | None:
+    """The checkout's commit; on a GPU machine, which gets the working tree without .git, the one
+    benchmarks/gpu/run.sh passes as MMKD_GIT_COMMIT."""
+    return _git("rev-parse", "HEAD") or os.environ.get("MMKD_GIT_COMMIT")
+
+
 def environment(device: torch.device) -> dict:
     # Results written by earlier runs are not code: a run beside them is still of a clean commit.
     status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
@@ -102,8 +108,7 @@ def environment(device: torch.device) -> dict:
         "platform": platform.platform(),
         # Timings on a shared machine are only as good as its quiet: say how busy it was.
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-        # A GPU machine gets the working tree without .git: benchmarks/gpu/run.sh passes the commit.
-        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("MMKD_GIT_COMMIT"),
+        "git_commit": git_commit(),
         "git_dirty": bool(status) if status is not None else None,
     }
 
