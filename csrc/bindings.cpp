@@ -9,11 +9,12 @@
 
 #include "ops.h"
 
-// The SHA-256 of the sources this extension was built from (mmkd_kernels/native_build.py
-// source_digest, passed by the build as -DMMKD_SOURCE_DIGEST). native.py reads it from the file's
-// bytes, after the marker, before loading: an extension built from older sources is never loaded.
+// The kind and SHA-256 of the sources this extension was built from, cpu_<hex> or cuda_<hex>
+// (mmkd_kernels/native_build.py source_digest, passed by the build as -DMMKD_SOURCE_DIGEST).
+// native.py reads it from the file's bytes, after the marker, before loading: an extension built
+// from older sources is never loaded.
 #ifndef MMKD_SOURCE_DIGEST
-#error "build with -DMMKD_SOURCE_DIGEST=<hex> (mmkd_kernels/native_build.py cxx_flags)"
+#error "build with -DMMKD_SOURCE_DIGEST=<kind>_<hex> (mmkd_kernels/native_build.py cxx_flags)"
 #endif
 #define MMKD_STRING(x) #x
 #define MMKD_EXPANDED_STRING(x) MMKD_STRING(x)

@@ -77,7 +77,10 @@ def compute_states(teacher, tokenizer, sources: list[str], max_length: int, batc
     concatenated at the end held the whole cache twice."""
     from tqdm.auto import tqdm
 
-    counts = [len(ids) for ids in tokenizer(sources, truncation=True, max_length=max_length)["input_ids"]]
+    counts = []  # in slices: a whole corpus's token ids at once are Python ints by the tens of millions
+    for start in range(0, len(sources), 4096):
+        encoded = tokenizer(sources[start : start + 4096], truncation=True, max_length=max_length)
+        counts += [len(ids) for ids in encoded["input_ids"]]
     offsets = torch.cumsum(torch.tensor([0] + counts), 0)
     states = torch.empty(int(offsets[-1]), teacher.config.hidden_size)
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))

@@ -243,10 +243,10 @@ def split_pairs(pairs: list[Pair], eval_fraction: float, eval_size: int) -> tupl
     """(training pairs, held-out pairs per language).
 
     A pair is held out when its English side scores below ``eval_fraction``; per language the
-    ``eval_size`` lowest-scoring such pairs with distinct sources and targets (by ``holdout_key``)
-    are kept (retrieval needs one right answer). Training pairs are deduplicated and share neither an English side with
-    a held-out pair of any language nor a target with a held-out pair of their language, as
-    ``holdout_key`` compares them (case and end punctuation aside).
+    ``eval_size`` lowest-scoring such pairs with distinct sources and targets are kept (retrieval
+    needs one right answer). Training pairs are deduplicated and share neither an English side
+    with a held-out pair of any language nor a target with a held-out pair of their language.
+    Sentences are compared as ``holdout_key`` gives them (case and end punctuation aside).
     """
     train, held = [], {}
     seen = set()
