@@ -63,7 +63,10 @@ def measure(n: int, d: int, backend: str, dtype: torch.dtype, loss, regime: tupl
     worst = (0.0, 0.0)
     for seed in seeds:
         gen = torch.Generator().manual_seed(seed)
-        student = (torch.randn(n, d, generator=gen) + common * torch.randn(d, generator=gen)).to(device)
+        student = torch.randn(n, d, generator=gen)
+        if common:  # drawn only here: the other regimes keep the inputs of the files before 2026-12-08
+            student += common * torch.randn(d, generator=gen)
+        student = student.to(device)
         teacher = student + noise * torch.randn(n, d, generator=gen).to(device)
         s = student.to(dtype).requires_grad_()
         t = teacher.to(dtype)

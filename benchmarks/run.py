@@ -126,6 +126,14 @@ def _fill_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         args.error_n = max(fitting) if fitting else min(ERROR_MAX_N, min(args.sizes))
     if args.error_n != 0 and args.error_n < 3:
         parser.error(f"--error-n must be 0 (no accuracy check) or N >= 3 (pearson needs 3 rows), got {args.error_n}")
+    # The float64 truth is made in this process: one that cannot fit would lose the whole run, not a
+    # series. The reference structure losses peak at about 8 N×N matrices (508 MiB at N = 4096 in
+    # float32 in the committed CPU runs); in float64, 8 bytes each.
+    available = _available_mib() if not gpu else None
+    truth_mib = 8 * args.error_n**2 * 8 / 2**20
+    if available is not None and truth_mib > 0.7 * available:
+        parser.error(f"--error-n {args.error_n}: its float64 truth needs about {truth_mib / 1024:.1f} GiB, more "
+                     f"than this machine has free ({available / 1024:.1f} GiB); choose a smaller N or 0")
 
 
 def log(message: str) -> None:

@@ -387,3 +387,14 @@ def test_the_memory_guess_grows_as_the_backend_does(monkeypatch):
     assert runner._predicted_skip(run.Series("contrastive", "native", 384), 8192, last) is None
     skip = runner._predicted_skip(run.Series("contrastive", "reference", 384), 8192, last)
     assert skip.startswith("skipped: predicted out of memory (12.5 GiB")
+
+
+def test_an_accuracy_truth_that_cannot_fit_stops_before_anything_runs(monkeypatch, capsys):
+    """The float64 truth is made in the parent process: out of memory there lost the whole run."""
+    from benchmarks import run
+
+    monkeypatch.setattr(run, "_available_mib", lambda: 1024.0)
+    with pytest.raises(SystemExit):
+        run.parse_args(["--device", "cpu", "--error-n", "8192"])
+    assert "--error-n 8192: its float64 truth needs about 4.0 GiB" in capsys.readouterr().err
+    assert run.parse_args(["--device", "cpu", "--error-n", "1024"]).error_n == 1024
